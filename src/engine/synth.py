@@ -1,0 +1,123 @@
+"""Synthetic Llama GGUF files with random weights: tiny ones for tests, real shapes for scaling.
+
+Weights are scaled to keep activations O(1), so logits are peaked and greedy tokens are stable
+across float implementations. Q/K are written as they come (random), which a converter's RoPE
+permutation maps onto itself in distribution; every reader applies the same un-permutation.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from engine.errors import InputError
+
+
+@dataclass(frozen=True)
+class Shape:
+    n_layers: int
+    dim: int
+    n_heads: int
+    n_kv_heads: int
+    ffn_dim: int
+    vocab_size: int
+    context_length: int = 2048
+    rope_base: float = 10000.0
+
+
+SHAPES = {
+    "tiny": Shape(2, 64, 4, 2, 128, 384, 256),
+    "small": Shape(4, 128, 8, 2, 256, 512, 512),
+    "135m": Shape(30, 576, 9, 3, 1536, 49152, 8192, 100000.0),  # SmolLM2-135M
+    "360m": Shape(32, 960, 15, 5, 2560, 49152, 8192, 100000.0),  # SmolLM2-360M
+    "1b": Shape(16, 2048, 32, 8, 8192, 128256, 8192, 500000.0),  # Llama-3.2-1B
+}
+QTYPES = ("f32", "f16", "bf16", "q8_0", "q4_0", "q4_1")
+SPECIALS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
+MERGES = (("Ġ", "t"), ("h", "e"), ("i", "n"), ("t", "h"), ("Ġt", "he"))
+
+
+def _vocab(size: int) -> tuple[list[str], list[int], list[str]]:
+    from tokenizers.pre_tokenizers import ByteLevel
+
+    tokens = list(SPECIALS) + sorted(ByteLevel.alphabet()) + ["".join(m) for m in MERGES]
+    if size < len(tokens):
+        raise InputError(f"vocab_size must be at least {len(tokens)}")
+    tokens += [f"[extra_{i}]" for i in range(size - len(tokens))]
+    types = [3] * len(SPECIALS) + [1] * (size - len(SPECIALS))
+    return tokens, types, [" ".join(m) for m in MERGES]
+
+
+def write_synthetic(path: str | os.PathLike, shape: Shape | str = "tiny", qtype: str = "f32", seed: int = 0,
+                    tied: bool = True, architecture: str = "llama") -> Path:
+    import gguf
+
+    if isinstance(shape, str):
+        if shape not in SHAPES:
+            raise InputError(f"unknown shape {shape!r} (known: {', '.join(SHAPES)})")
+        shape = SHAPES[shape]
+    if qtype not in QTYPES:
+        raise InputError(f"unknown qtype {qtype!r} (known: {', '.join(QTYPES)})")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    s = shape
+    hd = s.dim // s.n_heads
+    w = gguf.GGUFWriter(str(path), architecture)
+    w.add_name(f"synthetic-{s.n_layers}x{s.dim}")
+    w.add_block_count(s.n_layers)
+    w.add_context_length(s.context_length)
+    w.add_embedding_length(s.dim)
+    w.add_feed_forward_length(s.ffn_dim)
+    w.add_head_count(s.n_heads)
+    w.add_head_count_kv(s.n_kv_heads)
+    w.add_rope_dimension_count(hd)
+    w.add_rope_freq_base(s.rope_base)
+    w.add_layer_norm_rms_eps(1e-5)
+    w.add_vocab_size(s.vocab_size)
+    file_type = {"f32": 0, "f16": 1, "bf16": 32, "q8_0": 7, "q4_0": 2, "q4_1": 3}[qtype]
+    w.add_file_type(file_type)
+    tokens, types, merges = _vocab(s.vocab_size)
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre("default")
+    w.add_token_list(tokens)
+    w.add_token_types(types)
+    w.add_token_merges(merges)
+    w.add_bos_token_id(1)
+    w.add_eos_token_id(2)
+    w.add_add_bos_token(False)
+
+    def matrix(rows: int, cols: int, scale: float) -> np.ndarray:
+        return (rng.standard_normal((rows, cols)) * scale).astype(np.float32)
+
+    def add(name: str, arr: np.ndarray, quantize: bool = True) -> None:
+        if not quantize or qtype == "f32":
+            w.add_tensor(name, arr)
+        elif qtype == "f16":
+            w.add_tensor(name, arr.astype(np.float16))
+        else:
+            q = getattr(gguf.GGMLQuantizationType, qtype.upper())
+            w.add_tensor(name, gguf.quants.quantize(arr, q), raw_dtype=q)
+
+    add("token_embd.weight", matrix(s.vocab_size, s.dim, 1.0))
+    add("output_norm.weight", np.ones(s.dim, np.float32), quantize=False)
+    if not tied:
+        add("output.weight", matrix(s.vocab_size, s.dim, s.dim**-0.5))
+    for i in range(s.n_layers):
+        add(f"blk.{i}.attn_norm.weight", (1 + 0.1 * rng.standard_normal(s.dim)).astype(np.float32), quantize=False)
+        add(f"blk.{i}.attn_q.weight", matrix(s.dim, s.dim, s.dim**-0.5))
+        add(f"blk.{i}.attn_k.weight", matrix(s.n_kv_heads * hd, s.dim, s.dim**-0.5))
+        add(f"blk.{i}.attn_v.weight", matrix(s.n_kv_heads * hd, s.dim, s.dim**-0.5))
+        add(f"blk.{i}.attn_output.weight", matrix(s.dim, s.dim, 0.5 * s.dim**-0.5))
+        add(f"blk.{i}.ffn_norm.weight", (1 + 0.1 * rng.standard_normal(s.dim)).astype(np.float32), quantize=False)
+        add(f"blk.{i}.ffn_gate.weight", matrix(s.ffn_dim, s.dim, s.dim**-0.5))
+        add(f"blk.{i}.ffn_up.weight", matrix(s.ffn_dim, s.dim, s.dim**-0.5))
+        add(f"blk.{i}.ffn_down.weight", matrix(s.dim, s.ffn_dim, 0.5 * s.ffn_dim**-0.5))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path

@@ -1,0 +1,30 @@
+"""The prompt a cell runs: given text, or a fixed number of tokens from a seeded stream."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from engine.errors import InputError
+from engine.gguf_model import ModelSpec
+from engine.tokenizer import CONTROL, USER_DEFINED, Tokenizer
+
+
+def seeded_prompt(spec: ModelSpec, n_tokens: int, seed: int) -> list[int]:
+    """`n_tokens` ordinary token ids (no control tokens) drawn from a generator seeded with `seed`:
+    the same ids for every framework and every run of the cell."""
+    if n_tokens < 1:
+        raise InputError(f"prompt_tokens must be at least 1, got {n_tokens}")
+    types = spec.field("tokenizer.ggml.token_type")
+    vocab = spec.config.vocab_size
+    ordinary = np.arange(vocab) if types is None else np.flatnonzero(
+        ~np.isin(np.asarray(types[:vocab]), (CONTROL, USER_DEFINED)))
+    return [int(t) for t in np.random.default_rng(seed).choice(ordinary, size=n_tokens)]
+
+
+def prompt_ids(spec: ModelSpec, n_tokens: int, text: str, seed: int) -> list[int]:
+    if text:
+        ids = Tokenizer.from_spec(spec).encode(text)
+        if not ids:
+            raise InputError("--prompt encodes to no tokens")
+        return ids
+    return seeded_prompt(spec, n_tokens, seed)
