@@ -2,12 +2,14 @@
 
 Every module in this package that defines a `Backend` subclass with a `name` is a framework;
 adding one is adding a file. Modules import their framework lazily (inside methods), so listing
-them and `bench --help` work with no framework installed.
+them and `bench --help` work with no framework installed. Out-of-tree backends load from the
+modules named in BENCH_BACKEND_MODULES (comma-separated), which child processes inherit.
 """
 
 from __future__ import annotations
 
 import importlib
+import os
 import pkgutil
 from functools import cache
 
@@ -18,10 +20,14 @@ from engine.errors import InputError
 @cache
 def registry() -> dict[str, type[Backend]]:
     found: dict[str, type[Backend]] = {}
-    for mod in pkgutil.iter_modules(__path__):
-        if mod.name == "base" or mod.name.startswith("_"):
-            continue
-        module = importlib.import_module(f"{__name__}.{mod.name}")
+    modules = [f"{__name__}.{m.name}" for m in pkgutil.iter_modules(__path__)
+               if m.name != "base" and not m.name.startswith("_")]
+    modules += [m.strip() for m in os.environ.get("BENCH_BACKEND_MODULES", "").split(",") if m.strip()]
+    for name in modules:
+        try:
+            module = importlib.import_module(name)
+        except ImportError as e:
+            raise InputError(f"cannot import backend module {name}: {e}") from e
         for obj in vars(module).values():
             if (isinstance(obj, type) and issubclass(obj, Backend) and obj.__module__ == module.__name__
                     and getattr(obj, "name", None)):

@@ -222,7 +222,8 @@ class ModelSpec:
             arr = gguf.quants.dequantize(t.data, t.tensor_type)
         except NotImplementedError as e:
             raise ModelError(f"{self.path}: tensor type {t.tensor_type.name} cannot be dequantized") from e
-        return np.ascontiguousarray(arr, dtype=np.float32)
+        arr = np.ascontiguousarray(arr, dtype=np.float32)
+        return arr if arr.flags.writeable else arr.copy()  # F32 tensors come straight from the read-only mmap
 
     def raw_tensor(self, name: str) -> Any:
         """The gguf ReaderTensor (quantized blocks, type, shape) for backends that run them natively."""

@@ -1,0 +1,68 @@
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from backends.base import LoadOptions
+from engine.gguf_model import ModelSpec, default_model_path
+from engine.synth import write_synthetic
+
+ROOT = Path(__file__).resolve().parents[1]
+TESTS = Path(__file__).resolve().parent
+
+
+@pytest.fixture(scope="session")
+def synth_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("synth")
+
+
+@pytest.fixture(scope="session")
+def tiny_models(synth_dir):
+    """Tiny random Llama GGUFs the tests write themselves, one per tensor type."""
+    return {q: str(write_synthetic(synth_dir / f"tiny-{q}.gguf", "tiny", q, seed=1)) for q in
+            ("f32", "f16", "q8_0", "q4_0", "q4_1")}
+
+
+@pytest.fixture(scope="session")
+def tiny_f32(tiny_models):
+    return tiny_models["f32"]
+
+
+@pytest.fixture(scope="session")
+def default_model():
+    return default_model_path()
+
+
+@pytest.fixture(scope="session")
+def default_spec(default_model):
+    return ModelSpec.open(default_model)
+
+
+def load_backend(name, path, precision="auto", max_seq=64, **kw):
+    import backends
+
+    spec = ModelSpec.open(path)
+    cls = backends.get(name)
+    b = cls()
+    b.load(spec, LoadOptions(precision=cls.resolve_precision(spec, precision), device=cls.resolve_device("auto"),
+                             max_seq_len=max_seq, **kw))
+    return b
+
+
+def reference_logits(path, prompt, steps):
+    """numpy reference: prefill logits, then logits after each greedy decode step."""
+    ref = load_backend("numpy", path)
+    out = [ref.prefill(prompt)]
+    for _ in range(steps):
+        out.append(ref.decode(int(np.argmax(out[-1]))))
+    return out
+
+
+def bench(*args, env=None, timeout=600, cwd=None):
+    """Run the CLI as a user would; returns CompletedProcess with text output."""
+    full_env = {**os.environ, **(env or {})}
+    return subprocess.run([sys.executable, "-m", "engine", *args], capture_output=True, text=True,
+                          timeout=timeout, env=full_env, cwd=cwd)

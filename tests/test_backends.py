@@ -1,0 +1,97 @@
+"""Every backend against the numpy reference on tiny synthetic GGUFs the tests write."""
+
+import numpy as np
+import pytest
+
+import backends
+from conftest import load_backend, reference_logits
+from engine.engine import GenerationConfig, InferenceEngine
+from engine.gguf_model import ModelSpec
+
+PROMPT = [5, 17, 99, 42, 7, 300, 12, 250]
+STEPS = 6
+# relative tolerance on logits (max abs diff / max abs reference logit) per compute precision
+TOLERANCE = {"f32": 2e-4, "f16": 2e-2, "bf16": 6e-2}
+
+
+def _requires(name):
+    avail = backends.get(name).availability()
+    if not avail.ok:
+        pytest.skip(f"{name} unavailable here: {avail.reason}")
+
+
+def float_cases():
+    """(framework, precision) for every float backend and precision it runs on tiny models."""
+    cases = []
+    for name, cls in backends.registry().items():
+        if name in ("numpy", "llamacpp", "metal"):
+            continue
+        for prec in ("f32", "bf16", "f16"):
+            cases.append((name, prec))
+    return cases
+
+
+def _supported(name, path, precision):
+    cls = backends.get(name)
+    if precision not in cls.precisions(ModelSpec.open(path)):
+        pytest.skip(f"{name} does not run {precision}")
+
+
+def _rel(a, b):
+    return float(np.abs(a - b).max() / np.abs(b).max())
+
+
+@pytest.mark.parametrize("name,precision", float_cases())
+def test_logits_match_reference(tiny_f32, name, precision):
+    _requires(name)
+    _supported(name, tiny_f32, precision)
+    ref = reference_logits(tiny_f32, PROMPT, STEPS)
+    b = load_backend(name, tiny_f32, precision)
+    got = [b.prefill(PROMPT)]
+    for r in ref[:-1]:
+        got.append(b.decode(int(np.argmax(r))))  # follow the reference's tokens
+    for i, (g, r) in enumerate(zip(got, ref)):
+        assert g.shape == r.shape and g.dtype == np.float32
+        assert _rel(g, r) < TOLERANCE[precision], f"step {i}: rel err {_rel(g, r):.2e}"
+    b.close()
+
+
+@pytest.mark.parametrize("name", [n for n, _ in float_cases() if _ == "f32"])
+@pytest.mark.parametrize("qtype", ["q8_0", "q4_1"])
+def test_quantized_files_match_reference_on_same_weights(tiny_models, name, qtype):
+    _requires(name)
+    path = tiny_models[qtype]
+    ref = reference_logits(path, PROMPT, 2)
+    b = load_backend(name, path, "f32")
+    assert _rel(b.prefill(PROMPT), ref[0]) < TOLERANCE["f32"]
+
+
+@pytest.mark.parametrize("name", [n for n in backends.names() if n != "metal"])
+def test_greedy_tokens_equal_reference(tiny_f32, name):
+    _requires(name)
+    cfg = GenerationConfig(max_new_tokens=12, ignore_eos=True)
+    want = InferenceEngine(load_backend("numpy", tiny_f32)).generate(PROMPT, cfg).tokens
+    b = load_backend(name, tiny_f32, "f32" if name != "llamacpp" else "auto")
+    eng = InferenceEngine(b)
+    assert eng.generate(PROMPT, cfg).tokens == want
+    assert eng.generate(PROMPT, cfg).tokens == want, "a second run after reset differs"
+
+
+@pytest.mark.parametrize("name", [n for n in backends.names() if n != "metal"])
+def test_incremental_prefill_equals_one_prefill(tiny_f32, name):
+    """Chat appends turns to the KV cache: prefill(a); prefill(b) == prefill(a + b)."""
+    _requires(name)
+    b = load_backend(name, tiny_f32, "f32" if name != "llamacpp" else "auto")
+    whole = b.prefill(PROMPT)
+    b.reset()
+    b.prefill(PROMPT[:3])
+    split = b.prefill(PROMPT[3:])
+    assert _rel(split, whole) < 1e-3
+
+
+def test_context_overflow_is_a_clear_error(tiny_f32):
+    from engine.errors import InputError
+
+    b = load_backend("numpy", tiny_f32, max_seq=8)
+    with pytest.raises(InputError, match="exceeds the context of 8"):
+        b.prefill(list(range(9)))

@@ -1,0 +1,74 @@
+import pytest
+
+from engine.errors import ModelError
+from engine.tokenizer import Tokenizer
+
+TEXTS = [
+    "Hello world",
+    "  leading spaces\n\n\ttabs  and   runs   of whitespace\n\n\n",
+    "12345 3.14159 1,000,000 and 2024-11-24",
+    "héllo wörld ñ 日本語 😀 emoji Ελληνικά",
+    "def f(x):\n    return x**2  # comment\n\nclass A:\n\tpass\n",
+    "<|im_start|>user\nhi there<|im_end|>\n<|im_start|>assistant\n",
+    "I'm you're they'll CAPS'S don't",
+    "a\r\nb\u00a0c\u200bd",
+    "",
+]
+
+
+@pytest.fixture(scope="module")
+def tok(default_spec):
+    return Tokenizer.from_spec(default_spec)
+
+
+def test_known_ids(tok):
+    # ids from llama.cpp for this file, kept here so the check stands without llama.cpp too
+    assert tok.encode("Hello world") == [19556, 905]
+    assert tok.encode("12345") == [33, 34, 35, 36, 37]  # smollm splits digits one by one
+    assert tok.encode("<|im_start|>user\nhi<|im_end|>\n") == [1, 4093, 198, 6004, 2, 198]
+
+
+@pytest.fixture(scope="module")
+def llama_vocab(default_model):
+    llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python is the oracle for this check")
+    llm = llama_cpp.Llama(default_model, vocab_only=True, verbose=False)
+    yield llm
+    llm.close()
+
+
+@pytest.mark.parametrize("text", TEXTS)
+def test_ids_equal_llama_cpp(tok, llama_vocab, text):
+    assert tok.encode(text) == llama_vocab.tokenize(text.encode(), add_bos=False, special=True)
+
+
+@pytest.mark.parametrize("text", TEXTS)
+def test_decode_round_trips(tok, text):
+    assert tok.decode(tok.encode(text)) == text
+
+
+def test_special_tokens_and_stops(tok):
+    assert tok.eos_id == 2 and tok.bos_id == 1 and not tok.add_bos
+    assert tok.stop_ids == (2,)
+
+
+def test_chat_template(tok):
+    text = tok.apply_chat_template([{"role": "user", "content": "Hi"}])
+    assert text == ("<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face"
+                    "<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n")
+
+
+def test_chat_template_is_sandboxed(tok):
+    evil = Tokenizer.__new__(Tokenizer)
+    evil.__dict__.update(tok.__dict__)
+    evil.__dict__.pop("_template", None)
+    evil.chat_template = "{{ messages.__class__.__mro__[1].__subclasses__() }}"
+    with pytest.raises(ModelError, match="chat template"):
+        evil.apply_chat_template([{"role": "user", "content": "x"}])
+
+
+def test_synthetic_tokenizer(tiny_f32):
+    from engine.gguf_model import ModelSpec
+
+    t = Tokenizer.from_spec(ModelSpec.open(tiny_f32))
+    ids = t.encode("the <|im_end|>")
+    assert ids[-1] == 2 and t.decode(ids) == "the <|im_end|>"
