@@ -50,6 +50,9 @@ class NumpyOps:
     def silu_mul(self, gate, up):
         return gate / (1.0 + np.exp(-gate)) * up
 
+    def residual(self, x, delta):
+        return x + delta
+
 
 class NumpyBackend(ArrayLlamaBackend):
     name = "numpy"

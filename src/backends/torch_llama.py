@@ -113,6 +113,9 @@ class TorchOps:
     def silu_mul(self, gate, up):
         import torch.nn.functional as F
 
+    def residual(self, x, delta):
+        return x + delta
+
         return F.silu(gate) * up
 
 

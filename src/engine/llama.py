@@ -2,7 +2,7 @@
 
 numpy, torch, MLX, tinygrad and the hybrid backend each implement `LlamaOps` with their own
 fastest primitives and wrap `forward` in their own JIT; the arithmetic and its order live here.
-Arrays only need `.reshape`, `+` and `[-1:]`; everything else goes through the ops.
+Arrays only need `.reshape` and `[-1:]`; everything else goes through the ops.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ class LlamaOps(Protocol):
     def attend(self, layer: int, q: Array, k: Array, v: Array, start: Any) -> Array: ...
     # ^ writes k, v to the KV cache at [start, start+T), attends causally, returns (T, heads*head_dim)
     def silu_mul(self, gate: Array, up: Array) -> Array: ...
+    def residual(self, x: Array, delta: Array) -> Array: ...  # x + delta: where lazy frameworks materialise
 
 
 def forward(ops: LlamaOps, w: LlamaWeights, cfg: LlamaConfig, tokens: Array, start: Any, n_tokens: int) -> Array:
@@ -35,9 +36,9 @@ def forward(ops: LlamaOps, w: LlamaWeights, cfg: LlamaConfig, tokens: Array, sta
         q = ops.rope(ops.linear(h, layer.wq).reshape(n_tokens, cfg.n_heads, hd), start)
         k = ops.rope(ops.linear(h, layer.wk).reshape(n_tokens, cfg.n_kv_heads, hd), start)
         v = ops.linear(h, layer.wv).reshape(n_tokens, cfg.n_kv_heads, hd)
-        x = x + ops.linear(ops.attend(i, q, k, v, start), layer.wo)
+        x = ops.residual(x, ops.linear(ops.attend(i, q, k, v, start), layer.wo))
         h = ops.rms_norm(x, layer.ffn_norm)
-        x = x + ops.linear(ops.silu_mul(ops.linear(h, layer.w_gate), ops.linear(h, layer.w_up)), layer.w_down)
+        x = ops.residual(x, ops.linear(ops.silu_mul(ops.linear(h, layer.w_gate), ops.linear(h, layer.w_up)), layer.w_down))
     return ops.linear(ops.rms_norm(x[-1:], w.output_norm), w.output)
 
 
