@@ -113,10 +113,10 @@ class TorchOps:
     def silu_mul(self, gate, up):
         import torch.nn.functional as F
 
+        return F.silu(gate) * up
+
     def residual(self, x, delta):
         return x + delta
-
-        return F.silu(gate) * up
 
 
 class TorchBackend(ArrayLlamaBackend):
