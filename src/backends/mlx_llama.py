@@ -1,0 +1,178 @@
+"""`mlx`: the shared Llama forward on MLX arrays, float or natively quantized.
+
+At the file's own quantization (Q4_0, Q4_1, Q8_0) the weights load through `mx.load` on the .gguf
+as MLX quantized matrices (packed values, scales, biases) and run with `mx.quantized_matmul`: the
+very blocks llama.cpp runs, not a re-quantized copy. MLX is lazy: `step` evaluates everything
+before the host reads logits, so nothing unevaluated is timed as done.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import numpy as np
+
+from backends.base import (FLOAT_PRECISIONS, ArrayLlamaBackend, LoadInfo, LoadOptions, Requirement,
+                           float_load_info, pip_extra)
+from engine.errors import InputError, UnavailableError
+from engine.gguf_model import unpermute_rope_rows
+from engine.llama import forward
+
+MLX = Requirement("mlx", "mlx", pip_extra("mlx"))
+NATIVE_QUANT = {"q4_0": 4, "q4_1": 4, "q8_0": 8}  # GGUF types MLX loads as quantized matrices
+GROUP_SIZE = 32
+
+
+@dataclass
+class QuantizedMatrix:
+    weight: Any  # packed uint32
+    scales: Any
+    biases: Any
+    bits: int
+
+    @property
+    def nbytes(self) -> int:
+        return self.weight.nbytes + self.scales.nbytes + self.biases.nbytes
+
+
+class MlxOps:
+    def __init__(self, cfg, max_seq: int, dtype):
+        import mlx.core as mx
+
+        self.mx, self.cfg, self.dtype = mx, cfg, dtype
+        shape = (1, cfg.n_kv_heads, max_seq, cfg.head_dim)
+        self.k_cache = [mx.zeros(shape, dtype=dtype) for _ in range(cfg.n_layers)]
+        self.v_cache = [mx.zeros(shape, dtype=dtype) for _ in range(cfg.n_layers)]
+
+    def embed(self, table, tokens):
+        if isinstance(table, QuantizedMatrix):  # dequantize only the looked-up rows
+            return self.mx.dequantize(table.weight[tokens], table.scales[tokens], table.biases[tokens],
+                                      group_size=GROUP_SIZE, bits=table.bits).astype(self.dtype)
+        return table[tokens]
+
+    def rms_norm(self, x, weight):
+        return self.mx.fast.rms_norm(x, weight, self.cfg.rms_eps)
+
+    def linear(self, x, weight):
+        if isinstance(weight, QuantizedMatrix):
+            return self.mx.quantized_matmul(x, weight.weight, weight.scales, weight.biases, transpose=True,
+                                            group_size=GROUP_SIZE, bits=weight.bits)
+        return x @ weight.T
+
+    def rope(self, x, start):
+        # (T, H, D) -> (H, T, D): mx.fast.rope rotates along the second-to-last axis
+        rotated = self.mx.fast.rope(x.transpose(1, 0, 2), self.cfg.head_dim, traditional=False,
+                                    base=self.cfg.rope_base, scale=1.0, offset=start)
+        return rotated.transpose(1, 0, 2)
+
+    def attend(self, layer, q, k, v, start):
+        t = q.shape[0]
+        end = start + t
+        kc, vc = self.k_cache[layer], self.v_cache[layer]
+        kc[:, :, start:end, :] = k.transpose(1, 0, 2)[None]
+        vc[:, :, start:end, :] = v.transpose(1, 0, 2)[None]
+        out = self.mx.fast.scaled_dot_product_attention(
+            q.transpose(1, 0, 2)[None], kc[:, :, :end, :], vc[:, :, :end, :], scale=self.cfg.head_dim ** -0.5,
+            mask="causal" if t > 1 else None)  # causal aligned to the end of the keys
+        return out[0].transpose(1, 0, 2).reshape(t, -1)
+
+    def silu_mul(self, gate, up):
+        return gate * self.mx.sigmoid(gate) * up
+
+    def residual(self, x, delta):
+        return x + delta
+
+
+class MlxBackend(ArrayLlamaBackend):
+    name = "mlx"
+    description = "MLX Llama: float, or the GGUF's Q4_0/Q4_1/Q8_0 blocks run natively"
+    requires = (MLX,)
+    devices = ("gpu", "cpu")
+
+    @classmethod
+    def precisions(cls, spec):
+        native = (spec.file_type,) if spec.file_type in NATIVE_QUANT else ()
+        return FLOAT_PRECISIONS + native
+
+    @classmethod
+    def resolve_device(cls, device: str) -> str:
+        import mlx.core as mx
+
+        gpu = mx.metal.is_available()
+        if device == "auto":
+            return "gpu" if gpu else "cpu"
+        if device not in cls.devices:
+            raise InputError(f"framework mlx has no device {device!r} (devices: gpu, cpu, auto)")
+        if device == "gpu" and not gpu:
+            raise UnavailableError("mlx device gpu needs Metal (Apple silicon); this host has none")
+        return device
+
+    def build(self, spec, opts: LoadOptions) -> LoadInfo:
+        import mlx.core as mx
+
+        mx.set_default_device(mx.gpu if opts.device == "gpu" else mx.cpu)
+        self.mx = mx
+        if opts.precision in NATIVE_QUANT:
+            self.weights, dtype = self._load_native(spec), mx.float32
+        else:
+            dtype = {"f32": mx.float32, "bf16": mx.bfloat16, "f16": mx.float16}[opts.precision]
+            self.weights = spec.load_weights(lambda a: mx.array(a).astype(dtype))
+        mx.eval(_leaves(self.weights))
+        self.ops = MlxOps(spec.config, opts.max_seq_len, dtype)
+        if opts.precision in NATIVE_QUANT:
+            held = sum(x.nbytes for x in _leaves_with_quant(self.weights))
+            info = float_load_info(spec, self, "f32", opts.device, native_gguf=True)
+            info.precision, info.weight_bytes = opts.precision, held
+            info.decode_bytes = spec.decode_read_bytes(spec.file_bytes)
+        else:
+            info = float_load_info(spec, self, opts.precision, opts.device)
+        mx.reset_peak_memory()
+        return info
+
+    def _load_native(self, spec):
+        """Quantized tensors as MLX loads them from the GGUF; Q/K rows moved to rotate-half order."""
+        mx = self.mx
+        arrays = mx.load(spec.path)
+        heads = {"attn_q": spec.config.n_heads, "attn_k": spec.config.n_kv_heads}
+
+        def tensor(name: str):
+            base = name.removesuffix(".weight")
+            n_heads = heads.get(base.rsplit(".", 1)[-1])
+            fix = (lambda a: mx.array(unpermute_rope_rows(np.array(a), n_heads))) if n_heads else (lambda a: a)
+            if f"{base}.scales" not in arrays:
+                return fix(arrays[name].astype(mx.float32))
+            bits = NATIVE_QUANT.get(spec.tensor_type(name))
+            if bits is None:
+                raise UnavailableError(f"mlx cannot run tensor {name} of type {spec.tensor_type(name)} natively")
+            return QuantizedMatrix(fix(arrays[name]), fix(arrays[f"{base}.scales"]), fix(arrays[f"{base}.biases"]), bits)
+
+        return spec.load_weights(lambda a: a, tensor=tensor)
+
+    def step(self, tokens: Sequence[int], start: int) -> np.ndarray:
+        mx = self.mx
+        logits = forward(self.ops, self.weights, self.config, mx.array(list(tokens)), start, len(tokens))
+        out = logits[0].astype(mx.float32)
+        mx.eval(out, *self.ops.k_cache, *self.ops.v_cache)
+        return np.array(out)
+
+    def reset(self) -> None:
+        super().reset()
+        self.mx.reset_peak_memory()
+
+    def memory(self) -> dict[str, int]:
+        return {"active_bytes": self.mx.get_active_memory(), "peak_bytes": self.mx.get_peak_memory()}
+
+
+def _leaves_with_quant(w) -> list:
+    out = [w.tok_embd, w.output_norm] + ([] if w.output is w.tok_embd else [w.output])
+    for layer in w.layers:
+        out += list(vars(layer).values())
+    return out
+
+
+def _leaves(w) -> list:
+    flat = []
+    for x in _leaves_with_quant(w):
+        flat += [x.weight, x.scales, x.biases] if isinstance(x, QuantizedMatrix) else [x]
+    return flat
