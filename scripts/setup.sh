@@ -23,7 +23,7 @@ llama_cmake_args() {
   flags="$(grep -m1 '^flags' /proc/cpuinfo 2>/dev/null || true)"
   case "$flags" in *amx_int8*) ;; *) return 0 ;; esac
   local args="-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON"
-  for f in avx512f:AVX512 avx512_vbmi:AVX512_VBMI avx512_vnni:AVX512_VNNI avx512_bf16:AVX512_BF16; do
+  for f in avx512f:AVX512 avx512vbmi:AVX512_VBMI avx512_vnni:AVX512_VNNI avx512_bf16:AVX512_BF16; do
     case " $flags " in *" ${f%%:*} "*) args="$args -DGGML_${f##*:}=ON" ;; esac
   done
   echo "$args"

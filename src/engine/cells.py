@@ -121,7 +121,7 @@ def load_config(path: str | os.PathLike, model_default: str, overrides: Mapping[
     sweep.setdefault("model", model_default)
     sweep["model"] = [resolve_model(m) for m in sweep["model"]] if isinstance(sweep["model"], list) \
         else resolve_model(sweep["model"])
-    if "options" in sweep:
+    if isinstance(sweep.get("options"), dict):
         sweep["options"] = tuple(sorted(sweep["options"].items()))
     axes = {k: v for k, v in sweep.items() if isinstance(v, list)}
     fixed = {k: v for k, v in sweep.items() if not isinstance(v, list)}

@@ -270,6 +270,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted; rows already written are kept", file=sys.stderr)
         return 130
+    except Exception as e:  # a bug or an unexpected library error: one line, the trace with --debug
+        if args.debug:
+            traceback.print_exc()
+        print(f"error: {type(e).__name__}: {e} (run with --debug for the traceback)", file=sys.stderr)
+        return 1
     parser.error(f"unknown command {args.command}")
     return 2
 

@@ -1,0 +1,36 @@
+"""A test-only backend for fault injection, loaded through BENCH_BACKEND_MODULES.
+
+Its behaviour comes from the cell option `fault`: raise, abort, hang, oom, or none (it then wraps
+the numpy reference, so a healthy cell produces real rows). With `fault_prompt=N` the fault only
+hits prompts of N tokens, so one cell of a load group can fail while its neighbours succeed."""
+
+import os
+import time
+
+from backends.numpy_ref import NumpyBackend
+
+
+class FaultyBackend(NumpyBackend):
+    name = "faulty"
+    description = "fault injection for tests"
+    is_reference = False
+
+    def build(self, spec, opts):
+        self.fault = opts.options.get("fault", "none")
+        self.fault_prompt = opts.options.get("fault_prompt")
+        return super().build(spec, opts)
+
+    def step(self, tokens, start):
+        if self.fault_prompt is not None and len(tokens) != self.fault_prompt:
+            return super().step(tokens, start)
+        if self.fault == "raise":
+            raise RuntimeError("injected failure")
+        if self.fault == "abort":
+            os.abort()
+        if self.fault == "hang":
+            time.sleep(3600)
+        if self.fault == "oom":
+            hog = []
+            while True:
+                hog.append(bytearray(64 * 2**20))
+        return super().step(tokens, start)

@@ -1,0 +1,119 @@
+"""The CLI as a user runs it: exit codes, one-line errors, CSV/JSONL contents."""
+
+import json
+
+import pandas as pd
+import pytest
+
+from conftest import bench
+from engine.results import BenchmarkResult
+
+
+def test_run_writes_complete_rows(tiny_f32, tmp_path):
+    out = tmp_path / "r.csv"
+    r = bench("run", "-f", "numpy", "-f", "torch", "-m", tiny_f32, "--prompt-tokens", "8", "-n", "6", "-r", "3",
+              "-O", str(out))
+    assert r.returncode == 0, r.stderr
+    assert "decode tok/s" in r.stdout and "numpy" in r.stdout and "torch" in r.stdout
+    df = pd.read_csv(out)
+    assert list(df.columns) == BenchmarkResult.csv_columns()
+    assert len(df) == 6 and set(df.framework) == {"numpy", "torch"} and (df.status == "ok").all()
+    assert (df.decode_tps > 0).all() and (df.prefill_tps > 0).all() and (df.ttft_s > 0).all()
+    assert df.roofline_frac.between(0, 1, inclusive="neither").all()
+    assert (df.itl_p50_s <= df.itl_p99_s).all() and (df.min_token_time <= df.max_token_time).all()
+    assert (df.gen_tokens == 6).all() and (df.prompt_tokens == 8).all() and (df.iterations == 3).all()
+    assert (df.match_tokens == 6).all(), "torch must agree with the reference on every token"
+    assert (df.tokens.str.split().str.len() == 6).all()
+    assert df.decode_tps_ci95_low.le(df.decode_tps_mean).all() and df.decode_tps_ci95_high.ge(df.decode_tps_mean).all()
+    for col in ("host", "cpu", "os", "python", "framework_version", "timestamp", "run_id", "cell_id"):
+        assert df[col].notna().all() and (df[col].astype(str) != "").all(), col
+    assert (df.peak_rss_bytes > 10e6).all() and (df.model_bytes > 0).all()
+    rows = [json.loads(line) for line in out.with_suffix(".jsonl").read_text().splitlines()]
+    assert len(rows) == 6 and all(len(x["itl_s"]) == 5 for x in rows)
+
+
+def test_jsonl_and_csv_to_stdout(tiny_f32, tmp_path):
+    r = bench("run", "-f", "numpy", "-m", tiny_f32, "-n", "3", "-r", "2", "--format", "jsonl", "-O", str(tmp_path / "a.csv"))
+    assert r.returncode == 0, r.stderr
+    lines = [json.loads(x) for x in r.stdout.splitlines()]
+    assert len(lines) == 2 and {x["repeat"] for x in lines} == {0, 1}
+    r = bench("run", "-f", "numpy", "-m", tiny_f32, "-n", "3", "-r", "2", "--format", "csv", "-O", str(tmp_path / "b.csv"))
+    assert r.stdout.splitlines()[0].startswith("run_id,cell_id,repeat,status")
+
+
+def test_prompt_text(tiny_f32, tmp_path):
+    r = bench("run", "-f", "numpy", "-m", tiny_f32, "--prompt", "the the the", "-n", "2", "-r", "1",
+              "-O", str(tmp_path / "p.csv"))
+    assert r.returncode == 0, r.stderr
+    df = pd.read_csv(tmp_path / "p.csv")
+    assert df.prompt_tokens.iloc[0] == 4  # 't' 'he' 'Ġthe' 'Ġthe' under the synthetic vocab's merges
+    assert df.prompt_ids.iloc[0] == "86 260 263 263"
+
+
+@pytest.mark.parametrize("args,message", [
+    (["run", "-f", "nosuch"], "unknown framework 'nosuch'; known: numpy"),
+    (["run", "-f", "numpy", "-p", "q9_9"], "does not run precision 'q9_9'"),
+    (["run", "-f", "numpy", "-m", "/nonexistent/model.gguf"], "model file not found: /nonexistent/model.gguf"),
+    (["run", "-f", "numpy", "-m", "synth:nosuch"], "unknown shape 'nosuch'"),
+    (["run", "-f", "numpy", "--resume"], "--resume needs --output"),
+    (["sweep", "/nonexistent.toml"], "sweep config not found"),
+])
+def test_bad_input_is_one_line_and_exit_2(tiny_f32, args, message):
+    if "-m" not in args and args[0] == "run":
+        args = [*args, "-m", tiny_f32]
+    r = bench(*args)
+    assert r.returncode == 2, (r.returncode, r.stderr)
+    assert message in r.stderr
+    assert "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
+
+
+def test_corrupt_and_truncated_models(tmp_path, tiny_f32):
+    garbage = tmp_path / "garbage.gguf"
+    garbage.write_bytes(b"\x00" * 1000)
+    trunc = tmp_path / "trunc.gguf"
+    trunc.write_bytes(open(tiny_f32, "rb").read()[:-4000])
+    for path, msg in ((garbage, "not a readable GGUF"), (trunc, "truncated")):
+        r = bench("run", "-f", "numpy", "-m", str(path))
+        assert r.returncode == 2 and msg in r.stderr and "Traceback" not in r.stderr
+
+
+def test_unknown_option_is_argparse_error():
+    r = bench("run", "--no-such-option")
+    assert r.returncode == 2 and "unrecognized arguments: --no-such-option" in r.stderr
+
+
+def test_prompt_longer_than_context_is_an_error_row(tiny_f32, tmp_path):
+    out = tmp_path / "ctx.csv"
+    r = bench("run", "-f", "numpy", "-m", tiny_f32, "--prompt-tokens", "300", "-n", "8", "-O", str(out))
+    assert r.returncode == 1
+    df = pd.read_csv(out)
+    assert df.status.tolist() == ["error"] and "exceed the model's context of 256" in df.error.iloc[0]
+
+
+def test_existing_rows_survive_a_later_failure(tiny_f32, tmp_path):
+    out = tmp_path / "keep.csv"
+    assert bench("run", "-f", "numpy", "-m", tiny_f32, "-n", "2", "-r", "1", "-O", str(out)).returncode == 0
+    before = out.read_text()
+    r = bench("run", "-f", "numpy", "-m", tiny_f32, "--prompt-tokens", "999", "-O", str(out))
+    assert r.returncode == 1 and out.read_text().startswith(before)
+
+
+def test_doctor(tmp_path):
+    r = bench("doctor", env={"BENCH_CACHE_DIR": str(tmp_path)})
+    assert r.returncode == 0, r.stderr
+    assert "memory bandwidth:" in r.stdout and "GB/s" in r.stdout
+    for name in ("numpy", "torch", "transformers", "mlx", "tinygrad", "llamacpp", "metal", "hybrid"):
+        assert name in r.stdout
+    assert "no Apple GPU on this host" in r.stdout or "ok" in r.stdout.split("metal", 1)[1].split("\n", 1)[0]
+    cached = json.loads(next(tmp_path.glob("bandwidth-*.json")).read_text())
+    assert cached["host_gbps"] > 0.5
+
+
+def test_synth(tmp_path):
+    out = tmp_path / "s.gguf"
+    r = bench("synth", "--shape", "small", "--qtype", "q8_0", "--out", str(out))
+    assert r.returncode == 0 and out.exists()
+    from engine.gguf_model import ModelSpec
+
+    spec = ModelSpec.open(out)
+    assert spec.config.n_layers == 4 and spec.file_type == "q8_0"

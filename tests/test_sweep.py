@@ -1,0 +1,120 @@
+"""Sweeps survive anything: faults become rows, kills lose nothing, resume completes exactly once."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pandas as pd
+import pytest
+
+from conftest import TESTS, bench
+from engine.cells import Cell, expand, load_config
+from engine.errors import InputError
+
+FAULT_ENV = {"BENCH_BACKEND_MODULES": "faulty_backend",
+             "PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")])}
+
+
+def test_every_fault_becomes_a_row_and_the_sweep_goes_on(tiny_f32, tmp_path):
+    cfg = tmp_path / "faults.toml"
+    cfg.write_text(f"""
+[sweep]
+framework = "faulty"
+model = "{tiny_f32}"
+prompt_tokens = 4
+gen_tokens = 4
+repeats = 2
+warmup = 0
+timeout_s = 20
+memory_limit_mb = 1500
+""")
+    csv = tmp_path / "faults.csv"
+    codes = {}
+    for fault in ("raise", "abort", "hang", "oom", "none"):
+        r = bench("sweep", str(cfg), "-o", f"fault={fault}", "-O", str(csv), env=FAULT_ENV, timeout=120)
+        codes[fault] = r.returncode
+    assert codes == {"raise": 1, "abort": 1, "hang": 1, "oom": 1, "none": 0}
+    df = pd.read_csv(csv)
+    assert df["status"].value_counts().to_dict() == {"ok": 2, "error": 1, "crash": 1, "timeout": 1, "oom": 1}
+    assert "injected failure" in df[df.status == "error"].iloc[0].error
+    assert "SIGABRT" in df[df.status == "crash"].iloc[0].error
+    assert "20 s" in df[df.status == "timeout"].iloc[0].error
+    ok = df[df.status == "ok"]
+    assert (ok.decode_tps > 0).all() and (ok.match_tokens == 4).all()
+
+
+def test_a_crash_costs_one_cell_and_its_group_continues_in_a_fresh_child(tiny_f32, monkeypatch):
+    from engine.isolation import run_cells
+
+    for k, v in FAULT_ENV.items():
+        monkeypatch.setenv(k, v)
+    options = (("fault", "abort"), ("fault_prompt", 5))  # one load group; only the 5-token prompt aborts
+    cells = [Cell(framework="faulty", model=tiny_f32, prompt_tokens=n, gen_tokens=2, repeats=1, warmup=0,
+                  timeout_s=30, options=options) for n in (4, 5, 6, 7)]
+    assert len({c.load_key for c in cells}) == 1
+    got = [(c.prompt_tokens, rows[0].status) for c, rows in run_cells(cells, 30.0, "t")]
+    assert got == [(4, "ok"), (5, "crash"), (6, "ok"), (7, "ok")]
+
+
+def test_sigkill_mid_sweep_then_resume_gives_every_cell_once(tiny_f32, tmp_path):
+    csv = tmp_path / "resume.csv"
+    args = [sys.executable, "-m", "engine", "run", "-f", "numpy", "-m", tiny_f32, "--prompt-tokens", "4",
+            "-n", "2", "-n", "3", "-n", "4", "-n", "5", "-n", "6", "-n", "7", "-r", "3", "--warmup", "0",
+            "--min-time", "0.5", "-O", str(csv)]
+    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + 120
+    while time.time() < deadline:  # kill once some but not all cells are written
+        if csv.exists() and 2 <= csv.read_text().count("\n") - 1:
+            break
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    partial = pd.read_csv(csv)
+    assert 0 < partial.cell_id.nunique() < 6
+    r = bench(*args[3:], "--resume")
+    assert r.returncode == 0, r.stderr
+    df = pd.read_csv(csv)
+    assert sorted(df.gen_tokens.unique()) == [2, 3, 4, 5, 6, 7]
+    per_cell = df.groupby("cell_id").size()
+    assert (per_cell == df.groupby("cell_id").iterations.first()).all(), "a cell has missing or duplicate rows"
+    jsonl = pd.read_json(csv.with_suffix(".jsonl"), lines=True)
+    assert len(jsonl) == len(df) and set(jsonl.cell_id) == set(df.cell_id)
+
+
+def test_config_expansion_and_order(tmp_path, tiny_f32):
+    cfg = tmp_path / "s.toml"
+    cfg.write_text(f"""
+[sweep]
+framework = ["numpy", "torch"]
+model = "{tiny_f32}"
+precision = ["f32"]
+prompt_tokens = [16, 128]
+gen_tokens = [8]
+repeats = 5
+""")
+    cells = load_config(cfg, tiny_f32)
+    assert len(cells) == 4 and all(c.repeats == 5 for c in cells)
+    # cells sharing a loaded model are adjacent
+    assert [c.framework for c in cells] == ["numpy", "numpy", "torch", "torch"]
+    assert len({c.cell_id for c in cells}) == 4
+    assert cells[0].cell_id == load_config(cfg, tiny_f32)[0].cell_id  # stable
+
+
+def test_config_errors(tmp_path, tiny_f32):
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[sweep]\nframework = ['numpy']\nbogus = 3\n")
+    with pytest.raises(InputError, match="unknown sweep setting.*bogus"):
+        load_config(bad, tiny_f32)
+    bad.write_text("not toml [")
+    with pytest.raises(InputError, match="not valid TOML"):
+        load_config(bad, tiny_f32)
+    with pytest.raises(InputError, match="gen_tokens must be at least 1"):
+        expand({"framework": ["numpy"]}, {"model": tiny_f32, "gen_tokens": 0})
+
+
+@pytest.mark.parametrize("config", sorted(p.name for p in (TESTS.parent / "configs").glob("*.toml")))
+def test_shipped_configs_expand(config):
+    cells = load_config(TESTS.parent / "configs" / config, "default.gguf")
+    assert cells and len({c.cell_id for c in cells}) == len(cells)
