@@ -1,0 +1,136 @@
+"""Figures and tables over results CSVs, shared by `bench report` and notebooks/analysis.ipynb."""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+from pathlib import Path
+from typing import Iterable
+
+import numpy as np
+import pandas as pd
+
+CELL = ["framework", "precision", "device", "model", "prompt_tokens", "gen_tokens", "threads", "optimization_level"]
+
+
+def latest_results(directory: str | os.PathLike = "results") -> Path:
+    files = sorted(glob.glob(os.path.join(directory, "**", "*.csv"), recursive=True), key=os.path.getmtime)
+    if not files:
+        raise FileNotFoundError(f"no results CSV under {directory}/: run `bench run` first")
+    return Path(files[-1])
+
+
+def load_results(paths: Iterable[str | os.PathLike]) -> pd.DataFrame:
+    frames = [pd.read_csv(p).assign(source=str(p)) for p in paths]
+    return pd.concat(frames, ignore_index=True)
+
+
+def load_latencies(paths: Iterable[str | os.PathLike]) -> pd.DataFrame:
+    """One row per inter-token latency, from the JSONL beside each CSV (empty if none)."""
+    rows = []
+    for p in paths:
+        jl = Path(p).with_suffix(".jsonl")
+        if not jl.exists():
+            continue
+        for line in jl.read_text().splitlines():
+            try:
+                r = json.loads(line)
+            except ValueError:
+                continue
+            rows += [{"framework": r["framework"], "precision": r["precision"], "itl_s": x} for x in r.get("itl_s", [])]
+    return pd.DataFrame(rows, columns=["framework", "precision", "itl_s"])
+
+
+def cell_summary(df: pd.DataFrame) -> pd.DataFrame:
+    """One row per measured cell: means, the 95% CI of decode tok/s, memory, correctness, flags."""
+    ok = df[df.status == "ok"]
+    if ok.empty:
+        return pd.DataFrame(columns=CELL)
+    g = ok.groupby(CELL, dropna=False)
+    out = g.agg(decode_tps=("decode_tps", "mean"), ci_low=("decode_tps_ci95_low", "first"),
+                ci_high=("decode_tps_ci95_high", "first"), ttft_s=("ttft_s", "mean"),
+                prefill_tps=("prefill_tps", "mean"), peak_rss_mb=("peak_rss_bytes", lambda s: s.max() / 1e6),
+                roofline_frac=("roofline_frac", "mean"), match_tokens=("match_tokens", "min"),
+                flags=("flags", lambda s: ";".join(sorted({f for v in s.dropna() for f in str(v).split(";") if f}))),
+                repeats=("repeat", "count")).reset_index()
+    return out.sort_values(["model", "prompt_tokens", "gen_tokens", "decode_tps"], ascending=[True, True, True, False])
+
+
+def _label(r) -> str:
+    return f"{r.framework} {r.precision}" + (" compiled" if r.optimization_level == "compile" else "")
+
+
+def fig_decode(summary: pd.DataFrame):
+    import matplotlib.pyplot as plt
+
+    s = summary.sort_values("decode_tps")
+    fig, ax = plt.subplots(figsize=(8, 0.45 * len(s) + 1.5))
+    labels = [f"{_label(r)} p{r.prompt_tokens}/g{r.gen_tokens}" for r in s.itertuples()]
+    err = np.vstack([s.decode_tps - s.ci_low.fillna(s.decode_tps), s.ci_high.fillna(s.decode_tps) - s.decode_tps])
+    ax.barh(labels, s.decode_tps, xerr=np.clip(err, 0, None), color="tab:blue", capsize=3)
+    ax.set_xlabel("decode tokens/s (mean, 95% CI)")
+    ax.set_title("Decode throughput")
+    fig.tight_layout()
+    return fig
+
+
+def fig_prefill(summary: pd.DataFrame):
+    import matplotlib.pyplot as plt
+
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4))
+    for key, grp in summary.groupby(["framework", "precision"]):
+        grp = grp.groupby("prompt_tokens", as_index=False)[["ttft_s", "prefill_tps"]].mean()
+        a1.plot(grp.prompt_tokens, grp.ttft_s * 1e3, marker="o", label=" ".join(key))
+        a2.plot(grp.prompt_tokens, grp.prefill_tps, marker="o", label=" ".join(key))
+    a1.set(xlabel="prompt tokens", ylabel="TTFT (ms)", title="Time to first token")
+    a2.set(xlabel="prompt tokens", ylabel="prefill tokens/s", title="Prefill throughput")
+    a1.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def fig_itl_cdf(latencies: pd.DataFrame):
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for key, grp in latencies.groupby(["framework", "precision"]):
+        x = np.sort(grp.itl_s.to_numpy() * 1e3)
+        ax.plot(x, np.arange(1, len(x) + 1) / len(x), label=" ".join(key))
+    ax.set(xlabel="inter-token latency (ms)", ylabel="fraction of tokens", title="Per-token latency CDF")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def fig_memory(summary: pd.DataFrame):
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for r in summary.itertuples():
+        ax.scatter(r.peak_rss_mb, r.decode_tps)
+        ax.annotate(_label(r), (r.peak_rss_mb, r.decode_tps), fontsize=7)
+    ax.set(xlabel="peak RSS (MB)", ylabel="decode tokens/s", title="Memory against throughput")
+    fig.tight_layout()
+    return fig
+
+
+def fig_roofline(summary: pd.DataFrame):
+    import matplotlib.pyplot as plt
+
+    s = summary.groupby(["framework", "precision"], as_index=False).roofline_frac.mean().sort_values("roofline_frac")
+    fig, ax = plt.subplots(figsize=(7, 0.4 * len(s) + 1.5))
+    ax.barh([f"{a} {b}" for a, b in zip(s.framework, s.precision)], s.roofline_frac, color="tab:green")
+    ax.axvline(1.0, color="k", lw=0.8)
+    ax.set(xlabel="fraction of the host's memory-bandwidth roofline", title="Decode roofline fraction")
+    fig.tight_layout()
+    return fig
+
+
+FIGURES = {"decode_tps": fig_decode, "prefill_ttft": fig_prefill, "memory_vs_throughput": fig_memory,
+           "roofline": fig_roofline}
+
+
+def correctness_table(summary: pd.DataFrame) -> pd.DataFrame:
+    t = summary[["framework", "precision", "prompt_tokens", "gen_tokens", "decode_tps", "match_tokens", "flags"]]
+    return t.rename(columns={"match_tokens": "tokens equal to reference"})

@@ -1,0 +1,73 @@
+"""`bench report RESULTS.csv... --out DIR`: PNG figures and a markdown summary."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from engine.errors import InputError
+
+
+def _markdown_table(df) -> str:
+    cols = list(df.columns)
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    for row in df.itertuples(index=False):
+        lines.append("| " + " | ".join(f"{v:.3g}" if isinstance(v, float) else str(v) for v in row) + " |")
+    return "\n".join(lines)
+
+
+def write_report(paths: list[str], out: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from engine.analysis import FIGURES, cell_summary, correctness_table, fig_itl_cdf, load_latencies, load_results
+
+    missing = [p for p in paths if not Path(p).exists()]
+    if missing:
+        raise InputError(f"results file not found: {missing[0]}")
+    try:
+        df = load_results(paths)
+    except Exception as e:
+        raise InputError(f"cannot read results: {e}") from e
+    if "status" not in df.columns:
+        raise InputError(f"{paths[0]}: not a bench results CSV (no status column)")
+    out.mkdir(parents=True, exist_ok=True)
+    summary = cell_summary(df)
+    figures = []
+    if not summary.empty:
+        for name, make in FIGURES.items():
+            fig = make(summary)
+            fig.savefig(out / f"{name}.png", dpi=110)
+            plt.close(fig)
+            figures.append(name)
+        lat = load_latencies(paths)
+        if not lat.empty:
+            fig = fig_itl_cdf(lat)
+            fig.savefig(out / "itl_cdf.png", dpi=110)
+            plt.close(fig)
+            figures.append("itl_cdf")
+    md = [f"# Benchmark report\n\nSources: {', '.join(paths)}  \nRows: {len(df)}, cells: {df.cell_id.nunique()}, "
+          f"failed cells: {df[df.status != 'ok'].cell_id.nunique()}\n"]
+    if not summary.empty:
+        host = df.host.dropna().unique().tolist()
+        md.append(f"Host: {', '.join(map(str, host))}; memory bandwidth {df.host_gbps.dropna().mean():.1f} GB/s\n")
+        md.append("## Cells\n\n" + _markdown_table(summary.round(4)) + "\n")
+        md.append("## Winner per workload (decode tokens/s)\n")
+        best = summary.loc[summary.groupby(["model", "prompt_tokens", "gen_tokens"]).decode_tps.idxmax()]
+        md.append(_markdown_table(best[["model", "prompt_tokens", "gen_tokens", "framework", "precision", "decode_tps"]]) + "\n")
+        md.append("## Correctness against the reference\n\n" + _markdown_table(correctness_table(summary)) + "\n")
+    flagged = df[(df.status != "ok") | df["flags"].fillna("").astype(bool)].drop_duplicates("cell_id")
+    md.append("## Flagged cells\n")
+    md.append(_markdown_table(flagged[["framework", "precision", "prompt_tokens", "gen_tokens", "status", "flags", "error"]]
+                              .fillna("")) if len(flagged) else "None.")
+    md.append("\n## Figures\n\n" + "\n".join(f"![{f}]({f}.png)" for f in figures) + "\n")
+    path = out / "report.md"
+    path.write_text("\n".join(md))
+    return path
+
+
+def cmd_report(args) -> int:
+    path = write_report(args.results, Path(args.out))
+    print(path)
+    return 0
