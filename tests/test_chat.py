@@ -1,0 +1,70 @@
+"""`bench chat` driven through a pseudo-terminal, as a person would use it."""
+
+import sys
+
+import pandas as pd
+import pexpect
+import pytest
+
+
+def spawn(*args, timeout=120):
+    child = pexpect.spawn(sys.executable, ["-m", "engine", "chat", *args], encoding="utf-8", timeout=timeout)
+    child.expect(r"/help for commands")
+    child.expect_exact(">>> ")
+    return child
+
+
+def test_two_turns_switch_framework_stats_save_quit(tiny_f32, tmp_path):
+    c = spawn("-f", "numpy", "-m", tiny_f32, "--max-tokens", "6", "--context", "200")
+    c.sendline("hello there")
+    c.expect(r"\[numpy f32 cpu\] TTFT \d+ ms \| decode [\d.]+ tok/s \| \d+ tokens \| RSS \d+ MB")
+    c.expect_exact(">>> ")
+    c.sendline("/framework torch")
+    c.expect(r"now on torch \(f32, cpu\); conversation kept")
+    c.expect_exact(">>> ")
+    c.sendline("and again")
+    c.expect(r"\[torch f32 cpu\] TTFT")
+    c.expect_exact(">>> ")
+    c.sendline("/stats")
+    c.expect(r"numpy.*\n.*torch")
+    c.expect_exact(">>> ")
+    out = tmp_path / "chat.csv"
+    c.sendline(f"/save {out}")
+    c.expect(r"saved 2 row\(s\)")
+    c.expect_exact(">>> ")
+    c.sendline("/temp -1")
+    c.expect("needs a number")
+    c.sendline("/quit")
+    c.expect(pexpect.EOF)
+    c.close()
+    assert c.exitstatus == 0
+    df = pd.read_csv(out)
+    assert df.framework.tolist() == ["numpy", "torch"] and (df.gen_tokens > 0).all()
+    assert df.prompt_tokens.iloc[1] > df.prompt_tokens.iloc[0]  # the second turn carries the first
+
+
+def test_context_overflow_drops_oldest_turns(tiny_f32):
+    c = spawn("-f", "numpy", "-m", tiny_f32, "--max-tokens", "4", "--context", "90")
+    for i in range(4):
+        c.sendline("the the the the the the the the the the")
+        c.expect(r"TTFT")
+        c.expect_exact(">>> ")
+    c.sendline("the the the the the the the the the the")
+    c.expect(r"context full: dropped the \d+ oldest turn")
+    c.expect_exact(">>> ")
+    c.sendeof()
+    c.expect(pexpect.EOF)
+    c.close()
+    assert c.exitstatus == 0
+
+
+def test_answers_on_the_default_model():
+    c = spawn("-f", "numpy", "--max-tokens", "16")
+    c.sendline("What is the capital of France?")
+    c.expect("Paris")
+    c.expect(r"decode [\d.]+ tok/s")
+    c.expect_exact(">>> ")
+    c.sendline("/reset")
+    c.expect("cleared")
+    c.sendline("/quit")
+    c.expect(pexpect.EOF)
