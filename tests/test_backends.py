@@ -6,7 +6,6 @@ import pytest
 import backends
 from conftest import load_backend, reference_logits
 from engine.engine import GenerationConfig, InferenceEngine
-from engine.gguf_model import ModelSpec
 
 PROMPT = [5, 17, 99, 42, 7, 300, 12, 250]
 STEPS = 6
@@ -20,21 +19,14 @@ def _requires(name):
         pytest.skip(f"{name} unavailable here: {avail.reason}")
 
 
+class _F32File:
+    file_type = "f32"
+
+
 def float_cases():
-    """(framework, precision) for every float backend and precision it runs on tiny models."""
-    cases = []
-    for name, cls in backends.registry().items():
-        if name in ("numpy", "llamacpp", "metal"):
-            continue
-        for prec in ("f32", "bf16", "f16"):
-            cases.append((name, prec))
-    return cases
-
-
-def _supported(name, path, precision):
-    cls = backends.get(name)
-    if precision not in cls.precisions(ModelSpec.open(path)):
-        pytest.skip(f"{name} does not run {precision}")
+    """(framework, precision) for every float backend and each float precision it runs."""
+    return [(name, prec) for name, cls in backends.registry().items() if name not in ("numpy", "llamacpp", "metal")
+            for prec in cls.precisions(_F32File()) if prec in TOLERANCE]
 
 
 def _rel(a, b):
@@ -44,7 +36,6 @@ def _rel(a, b):
 @pytest.mark.parametrize("name,precision", float_cases())
 def test_logits_match_reference(tiny_f32, name, precision):
     _requires(name)
-    _supported(name, tiny_f32, precision)
     ref = reference_logits(tiny_f32, PROMPT, STEPS)
     b = load_backend(name, tiny_f32, precision)
     got = [b.prefill(PROMPT)]
