@@ -119,9 +119,9 @@ class TorchOps:
         return x + delta
 
 
-class TorchBackend(ArrayLlamaBackend):
-    name = "torch"
-    description = "compact PyTorch Llama (static KV cache, SDPA, optional torch.compile)"
+class TorchBased(ArrayLlamaBackend):
+    """What every backend running on torch shares: devices, threads, inference mode, memory."""
+
     requires = (TORCH,)
     devices = ("cpu", "cuda", "mps")
 
@@ -129,12 +129,25 @@ class TorchBackend(ArrayLlamaBackend):
     def resolve_device(cls, device: str) -> str:
         return torch_device(device)
 
+    def prepare_torch(self, opts: LoadOptions) -> None:
+        import torch
+
+        set_threads(opts.threads)  # before any op runs
+        torch.set_grad_enabled(False)
+        self.device = opts.device
+
+    def memory(self) -> dict[str, int]:
+        return torch_memory(self.device)
+
+
+class TorchBackend(TorchBased):
+    name = "torch"
+    description = "compact PyTorch Llama (static KV cache, SDPA, optional torch.compile)"
+
     def build(self, spec, opts: LoadOptions) -> LoadInfo:
         import torch
 
-        set_threads(opts.threads)
-        torch.set_grad_enabled(False)
-        self.device = opts.device
+        self.prepare_torch(opts)
         dtype = getattr(torch, TORCH_DTYPES[opts.precision])
         if opts.precision == "f16" and self.device == "cpu" and not _cpu_half_works():
             raise UnavailableError("torch f16 matmul is not supported on this CPU build; use bf16 or f32")
@@ -168,9 +181,6 @@ class TorchBackend(ArrayLlamaBackend):
             logits = self._forward(t, pos)
         synchronize(self.device)
         return logits[0].float().cpu().numpy()
-
-    def memory(self) -> dict[str, int]:
-        return torch_memory(self.device)
 
 
 def _cpu_half_works() -> bool:

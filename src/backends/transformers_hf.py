@@ -7,9 +7,8 @@ from typing import Sequence
 
 import numpy as np
 
-from backends.base import (ArrayLlamaBackend, LoadInfo, LoadOptions, Requirement, float_load_info,
-                           pip_extra)
-from backends.torch_llama import TORCH, TORCH_DTYPES, set_threads, synchronize, torch_device, torch_memory
+from backends.base import LoadInfo, LoadOptions, Requirement, float_load_info, pip_extra
+from backends.torch_llama import TORCH, TORCH_DTYPES, TorchBased, synchronize
 
 TRANSFORMERS = Requirement("transformers", "transformers", pip_extra("transformers"))
 
@@ -59,22 +58,15 @@ def build_hf_model(spec, precision: str, device: str):
     return model.to(device=device, dtype=dtype).eval()
 
 
-class TransformersBackend(ArrayLlamaBackend):
+class TransformersBackend(TorchBased):
     name = "transformers"
     description = "Hugging Face LlamaForCausalLM, stepped through its own KV cache"
     requires = (TRANSFORMERS, TORCH)
-    devices = ("cpu", "cuda", "mps")
-
-    @classmethod
-    def resolve_device(cls, device: str) -> str:
-        return torch_device(device)
 
     def build(self, spec, opts: LoadOptions) -> LoadInfo:
         import torch
 
-        set_threads(opts.threads)
-        torch.set_grad_enabled(False)
-        self.device = opts.device
+        self.prepare_torch(opts)
         self.model = build_hf_model(spec, opts.precision, self.device)
         self.cache = None
         return float_load_info(spec, self, opts.precision, self.device, torch_threads=torch.get_num_threads(),
@@ -94,6 +86,3 @@ class TransformersBackend(ArrayLlamaBackend):
         out = self.model(input_ids=ids, past_key_values=self.cache, use_cache=True, logits_to_keep=1)
         synchronize(self.device)
         return out.logits[0, -1].float().cpu().numpy()
-
-    def memory(self) -> dict[str, int]:
-        return torch_memory(self.device)

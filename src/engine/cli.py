@@ -189,16 +189,9 @@ def cmd_run(args: argparse.Namespace, config: str | None = None) -> int:
     bw = host_bandwidth()["host_gbps"]
     display.stderr.print(f"{len(cells)} cell(s) -> {out}  (host memory bandwidth {bw:.1f} GB/s)")
 
-    started = time.monotonic()
-
-    def on_cell(cell, rows, done, total):
-        elapsed = time.monotonic() - started
-        eta = elapsed / done * (total - done)
-        display.stderr.print(f"{display.progress_line(cell, rows, done, total)}  "
-                             f"[dim]elapsed {elapsed:.0f}s, ETA {eta:.0f}s[/]")
-
-    outcome = run_sweep(cells, writer, bw, new_run_id(), resume=args.resume, check_reference=not args.no_check,
-                        delay_s=args.delay, debug=args.debug, on_cell=on_cell)
+    with display.SweepProgress(len(cells)) as progress:
+        outcome = run_sweep(cells, writer, bw, new_run_id(), resume=args.resume, check_reference=not args.no_check,
+                            delay_s=args.delay, debug=args.debug, on_cell=progress.finish, on_start=progress.start)
     if outcome.skipped:
         display.stderr.print(f"resumed: {outcome.skipped} cell(s) already in {out}")
     display.write_rows(outcome.rows, args.format)

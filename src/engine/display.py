@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import sys
+import time
 from typing import Iterable
 
 from rich.console import Console
@@ -71,3 +72,48 @@ def write_rows(rows: list[BenchmarkResult], fmt: str) -> None:
         sys.stdout.write(csv_text((r.as_dict() for r in rows), BenchmarkResult.csv_columns(), header=True))
     else:
         stdout.print(results_table(rows))
+
+
+class SweepProgress:
+    """Progress on stderr: when it is a terminal, a live bar (current cell, done/total, elapsed,
+    ETA) above a table of finished cells; otherwise one line per finished cell."""
+
+    def __init__(self, total: int):
+        self.total, self.rows, self.started = total, [], time.monotonic()
+        self.live = stderr.is_terminal
+        if self.live:
+            from rich.console import Group
+            from rich.live import Live
+            from rich.progress import (BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn,
+                                       TimeElapsedColumn, TimeRemainingColumn)
+
+            self._group = Group
+            self.progress = Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(),
+                                     MofNCompleteColumn(), TimeElapsedColumn(), TextColumn("ETA"),
+                                     TimeRemainingColumn(), console=stderr)
+            self.task = self.progress.add_task("starting", total=total)
+            self._live = Live(self.progress, console=stderr, refresh_per_second=4)
+
+    def __enter__(self) -> "SweepProgress":
+        if self.live:
+            self._live.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.live:
+            self._live.stop()
+
+    def start(self, cell: Cell) -> None:
+        if self.live:
+            self.progress.update(self.task, description=f"{cell.framework} {cell.precision} "
+                                                        f"prompt {cell.prompt_tokens} gen {cell.gen_tokens}")
+
+    def finish(self, cell: Cell, rows: list[BenchmarkResult], done: int, total: int) -> None:
+        self.rows += rows
+        if self.live:
+            self.progress.update(self.task, completed=done)
+            self._live.update(self._group(self.progress, results_table(self.rows)))
+            return
+        elapsed = time.monotonic() - self.started
+        stderr.print(f"{progress_line(cell, rows, done, total)}  "
+                     f"[dim]elapsed {elapsed:.0f}s, ETA {elapsed / done * (total - done):.0f}s[/]")

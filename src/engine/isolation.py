@@ -16,7 +16,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from typing import Iterator
+from typing import Callable, Iterator
 
 from engine.cells import Cell
 from engine.results import BenchmarkResult
@@ -36,17 +36,19 @@ def child_env(cell: Cell) -> dict[str, str]:
     return env
 
 
-def run_cells(cells: list[Cell], host_gbps: float, run_id: str, debug: bool = False) -> Iterator[tuple[Cell, list[BenchmarkResult]]]:
+def run_cells(cells: list[Cell], host_gbps: float, run_id: str, debug: bool = False,
+              on_start: Callable[[Cell], None] | None = None) -> Iterator[tuple[Cell, list[BenchmarkResult]]]:
     """Yield (cell, rows) for every cell, in order, each measured in a child process."""
     for _, group in itertools.groupby(cells, key=lambda c: c.load_key):
         pending = list(group)
         while pending:
-            for cell, rows in _run_child(list(pending), host_gbps, run_id, debug):
+            for cell, rows in _run_child(list(pending), host_gbps, run_id, debug, on_start):
                 pending.remove(cell)
                 yield cell, rows
 
 
-def _run_child(cells: list[Cell], host_gbps: float, run_id: str, debug: bool) -> Iterator[tuple[Cell, list[BenchmarkResult]]]:
+def _run_child(cells: list[Cell], host_gbps: float, run_id: str, debug: bool,
+               on_start: Callable[[Cell], None] | None) -> Iterator[tuple[Cell, list[BenchmarkResult]]]:
     by_id = {c.cell_id: c for c in cells}
     job = json.dumps({"cells": [c.to_json() for c in cells], "host_gbps": host_gbps, "run_id": run_id, "debug": debug})
     read_fd, write_fd = os.pipe()
@@ -87,6 +89,8 @@ def _run_child(cells: list[Cell], host_gbps: float, run_id: str, debug: bool) ->
                 cell = by_id[msg["cell_id"]]
                 if msg["event"] == "start":
                     current, started = cell, time.monotonic()
+                    if on_start is not None:
+                        on_start(cell)
                     continue
                 current = None
                 reported.add(cell.cell_id)

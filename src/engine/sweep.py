@@ -63,7 +63,8 @@ class ReferenceTokens:
 
 def run_sweep(cells: list[Cell], writer: ResultWriter, host_gbps: float, run_id: str, *, resume: bool = False,
               check_reference: bool = True, delay_s: float = 0.0, debug: bool = False,
-              on_cell: Callable[[Cell, list[BenchmarkResult], int, int], None] | None = None) -> SweepOutcome:
+              on_cell: Callable[[Cell, list[BenchmarkResult], int, int], None] | None = None,
+              on_start: Callable[[Cell], None] | None = None) -> SweepOutcome:
     outcome = SweepOutcome()
     done = writer.completed_cells() if resume else set()
     todo = [c for c in cells if c.cell_id not in done]
@@ -73,7 +74,7 @@ def run_sweep(cells: list[Cell], writer: ResultWriter, host_gbps: float, run_id:
     todo.sort(key=lambda c: c.framework != reference.name)
     if check_reference:
         reference.prefetch(todo)
-    for i, (cell, rows) in enumerate(run_cells(todo, host_gbps, run_id, debug)):
+    for i, (cell, rows) in enumerate(run_cells(todo, host_gbps, run_id, debug, on_start)):
         reference.offer(cell, rows)
         if check_reference and rows[0].status == "ok":
             ref = reference.get(cell)

@@ -8,32 +8,24 @@ permutation maps onto itself in distribution; every reader applies the same un-p
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from engine.errors import InputError
+from engine.gguf_model import LlamaConfig
 
 
-@dataclass(frozen=True)
-class Shape:
-    n_layers: int
-    dim: int
-    n_heads: int
-    n_kv_heads: int
-    ffn_dim: int
-    vocab_size: int
-    context_length: int = 2048
-    rope_base: float = 10000.0
+def _shape(n_layers, dim, n_heads, n_kv_heads, ffn_dim, vocab_size, context_length, rope_base=10000.0):
+    return LlamaConfig(n_layers, dim, n_heads, n_kv_heads, ffn_dim, vocab_size, context_length, rope_base, 1e-5)
 
 
 SHAPES = {
-    "tiny": Shape(2, 64, 4, 2, 128, 384, 256),
-    "small": Shape(4, 128, 8, 2, 256, 512, 512),
-    "135m": Shape(30, 576, 9, 3, 1536, 49152, 8192, 100000.0),  # SmolLM2-135M
-    "360m": Shape(32, 960, 15, 5, 2560, 49152, 8192, 100000.0),  # SmolLM2-360M
-    "1b": Shape(16, 2048, 32, 8, 8192, 128256, 8192, 500000.0),  # Llama-3.2-1B
+    "tiny": _shape(2, 64, 4, 2, 128, 384, 256),
+    "small": _shape(4, 128, 8, 2, 256, 512, 512),
+    "135m": _shape(30, 576, 9, 3, 1536, 49152, 8192, 100000.0),  # SmolLM2-135M
+    "360m": _shape(32, 960, 15, 5, 2560, 49152, 8192, 100000.0),  # SmolLM2-360M
+    "1b": _shape(16, 2048, 32, 8, 8192, 128256, 8192, 500000.0),  # Llama-3.2-1B
 }
 QTYPES = ("f32", "f16", "bf16", "q8_0", "q4_0", "q4_1")
 SPECIALS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
@@ -51,7 +43,7 @@ def _vocab(size: int) -> tuple[list[str], list[int], list[str]]:
     return tokens, types, [" ".join(m) for m in MERGES]
 
 
-def write_synthetic(path: str | os.PathLike, shape: Shape | str = "tiny", qtype: str = "f32", seed: int = 0,
+def write_synthetic(path: str | os.PathLike, shape: LlamaConfig | str = "tiny", qtype: str = "f32", seed: int = 0,
                     tied: bool = True, architecture: str = "llama") -> Path:
     import gguf
 
@@ -76,7 +68,7 @@ def write_synthetic(path: str | os.PathLike, shape: Shape | str = "tiny", qtype:
     w.add_head_count_kv(s.n_kv_heads)
     w.add_rope_dimension_count(hd)
     w.add_rope_freq_base(s.rope_base)
-    w.add_layer_norm_rms_eps(1e-5)
+    w.add_layer_norm_rms_eps(s.rms_eps)
     w.add_vocab_size(s.vocab_size)
     file_type = {"f32": 0, "f16": 1, "bf16": 32, "q8_0": 7, "q4_0": 2, "q4_1": 3}[qtype]
     w.add_file_type(file_type)
