@@ -5,6 +5,7 @@ import pytest
 
 import backends
 from conftest import load_backend, reference_logits
+from engine.gguf_model import ModelSpec
 from engine.engine import GenerationConfig, InferenceEngine
 
 PROMPT = [5, 17, 99, 42, 7, 300, 12, 250]
@@ -86,3 +87,37 @@ def test_context_overflow_is_a_clear_error(tiny_f32):
     b = load_backend("numpy", tiny_f32, max_seq=8)
     with pytest.raises(InputError, match="exceeds the context of 8"):
         b.prefill(list(range(9)))
+
+
+def _accelerators():
+    """(framework, device, why it cannot run here or None) for every accelerator path."""
+    import importlib.util
+
+    cases = []
+    torch = importlib.util.find_spec("torch") and __import__("torch")
+    for name in ("torch", "transformers"):
+        for dev, present in (("cuda", torch and torch.cuda.is_available()),
+                             ("mps", torch and torch.backends.mps.is_available())):
+            cases.append((name, dev, None if present else f"no {dev.upper()} device on this host"))
+    mlx_gpu = False
+    if importlib.util.find_spec("mlx"):
+        import mlx.core as mx
+
+        mlx_gpu = mx.metal.is_available()
+    cases.append(("mlx", "gpu", None if mlx_gpu else "no Metal GPU for MLX on this host"))
+    return cases
+
+
+@pytest.mark.parametrize("name,device,missing", _accelerators())
+def test_accelerator_paths_match_reference(tiny_f32, name, device, missing):
+    if missing:
+        pytest.skip(missing)
+    from backends.base import LoadOptions
+
+    ref = reference_logits(tiny_f32, PROMPT, 2)
+    cls = backends.get(name)
+    b = cls()
+    b.load(ModelSpec.open(tiny_f32), LoadOptions(precision="f32", device=cls.resolve_device(device), max_seq_len=64))
+    got = [b.prefill(PROMPT), b.decode(int(np.argmax(ref[0])))]
+    for g, r in zip(got, ref):
+        assert _rel(g, r) < 1e-3  # TF32 or fast-math kernels on accelerators: a little looser

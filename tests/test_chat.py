@@ -4,7 +4,6 @@ import sys
 
 import pandas as pd
 import pexpect
-import pytest
 
 
 def spawn(*args, timeout=120):
@@ -45,7 +44,7 @@ def test_two_turns_switch_framework_stats_save_quit(tiny_f32, tmp_path):
 
 def test_context_overflow_drops_oldest_turns(tiny_f32):
     c = spawn("-f", "numpy", "-m", tiny_f32, "--max-tokens", "4", "--context", "90")
-    for i in range(4):
+    for _ in range(4):
         c.sendline("the the the the the the the the the the")
         c.expect(r"TTFT")
         c.expect_exact(">>> ")

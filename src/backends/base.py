@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Mapping, Sequence
 
 import numpy as np
 
-from engine.errors import InputError, UnavailableError
+from engine.errors import InputError
 from engine.llama import check_tokens
 
 if TYPE_CHECKING:
@@ -191,8 +191,3 @@ def float_load_info(spec: "ModelSpec", backend: ArrayLlamaBackend, precision: st
 
 def _numpy_version() -> str:
     return np.__version__
-
-
-def require_device(ok: bool, backend: str, device: str, why: str) -> None:
-    if not ok:
-        raise UnavailableError(f"framework {backend}: device {device} is not available here ({why})")

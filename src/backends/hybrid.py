@@ -56,6 +56,7 @@ class HybridBackend(ArrayLlamaBackend):
         cfg = spec.config
         self.weights = spec.load_weights(lambda a: torch.from_numpy(a))  # the one copy
         self.torch_ops = TorchOps(cfg, opts.max_seq_len, torch.float32, "cpu")
+        self.torch_ops.fuse(self.weights.layers)  # still one copy: the layer weights become views
         self.tiny_ops = TinyOps(cfg, opts.max_seq_len, _tiny_f32(), "CPU")
         self.tiny_layers: dict[int, LayerWeights] = {}
         self.fallbacks: dict[int, str] = {}

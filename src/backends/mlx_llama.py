@@ -17,7 +17,7 @@ from backends.base import (FLOAT_PRECISIONS, ArrayLlamaBackend, LoadInfo, LoadOp
                            float_load_info, pip_extra)
 from engine.errors import InputError, UnavailableError
 from engine.gguf_model import unpermute_rope_rows
-from engine.llama import forward
+from engine.llama import SeparateProjections, forward
 
 MLX = Requirement("mlx", "mlx", pip_extra("mlx"))
 NATIVE_QUANT = {"q4_0": 4, "q4_1": 4, "q8_0": 8}  # GGUF types MLX loads as quantized matrices
@@ -36,7 +36,7 @@ class QuantizedMatrix:
         return self.weight.nbytes + self.scales.nbytes + self.biases.nbytes
 
 
-class MlxOps:
+class MlxOps(SeparateProjections):
     def __init__(self, cfg, max_seq: int, dtype):
         import mlx.core as mx
 

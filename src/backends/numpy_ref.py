@@ -7,10 +7,10 @@ from typing import Sequence
 import numpy as np
 
 from backends.base import ArrayLlamaBackend, LoadInfo, LoadOptions, float_load_info
-from engine.llama import forward, rope_tables
+from engine.llama import SeparateProjections, forward, rope_tables
 
 
-class NumpyOps:
+class NumpyOps(SeparateProjections):
     def __init__(self, cfg, max_seq: int):
         self.cfg = cfg
         self.cos, self.sin = rope_tables(cfg, max_seq)

@@ -14,12 +14,12 @@ import numpy as np
 
 from backends.base import ArrayLlamaBackend, LoadInfo, LoadOptions, Requirement, float_load_info, pip_extra
 from engine.errors import InputError, UnavailableError
-from engine.llama import forward, rope_tables
+from engine.llama import SeparateProjections, forward, rope_tables
 
 TINYGRAD = Requirement("tinygrad", "tinygrad", pip_extra("tinygrad"))
 
 
-class TinyOps:
+class TinyOps(SeparateProjections):
     def __init__(self, cfg, max_seq: int, dtype, device: str):
         from tinygrad import Tensor
 
@@ -105,8 +105,10 @@ class TinygradBackend(ArrayLlamaBackend):
         self._jit = TinyJit(self._step)
         self._start_var = UOp.variable("start", 1, opts.max_seq_len - 1)
         self._Tensor, self._int32 = Tensor, dtypes.int32
-        return float_load_info(spec, self, opts.precision, opts.device, beam=os.environ.get("BEAM", "0"),
-                               cache_db=os.environ.get("CACHEDB", ""))
+        from tinygrad.helpers import CACHEDB
+
+        return float_load_info(spec, self, opts.precision, opts.device, beam=int(os.environ.get("BEAM", "0")),
+                               kernel_cache=CACHEDB)
 
     def _step(self, tokens, start):
         return forward(self.ops, self.weights, self.config, tokens, start, tokens.shape[0]).float().realize()

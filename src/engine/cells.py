@@ -7,7 +7,7 @@ import itertools
 import json
 import os
 import tomllib
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
@@ -68,7 +68,6 @@ class Cell:
 
 
 CELL_FIELDS = {f.name for f in fields(Cell)}
-AXES = ("framework", "model", "precision", "device", "prompt_tokens", "gen_tokens", "threads", "compile")
 
 
 def expand(axes: Mapping[str, Any], fixed: Mapping[str, Any]) -> list[Cell]:

@@ -43,7 +43,7 @@ def results_table(rows: Iterable[BenchmarkResult], title: str = "") -> Table:
             t.add_row(r.framework, r.precision, r.device, str(r.prompt_tokens), str(r.gen_tokens),
                       *["-"] * 8, f"[red]{r.status}[/]: {r.error[:80]}")
             continue
-        mean = lambda f: sum(getattr(x, f) for x in cell_rows) / len(cell_rows)  # noqa: E731
+        mean = lambda f, rows=cell_rows: sum(getattr(x, f) for x in rows) / len(rows)  # noqa: E731
         ci = (f" ±{_fmt((r.decode_tps_ci95_high - r.decode_tps_ci95_low) / 2)}"
               if not math.isnan(r.decode_tps_ci95_high) else "")
         match = "-" if r.match_tokens < 0 else f"{r.match_tokens}/{r.gen_tokens}"

@@ -64,8 +64,7 @@ class InferenceEngine:
         self.backend = backend
         self.clock = clock
 
-    def stream(self, prompt_ids: Sequence[int], cfg: GenerationConfig, reset: bool = True,
-               cancel: Callable[[], bool] | None = None) -> Iterator[TokenEvent]:
+    def stream(self, prompt_ids: Sequence[int], cfg: GenerationConfig, reset: bool = True) -> Iterator[TokenEvent]:
         """Generate after `prompt_ids`. With reset=False the KV cache is kept and the prompt is
         appended to it (multi-turn chat). A stop id ends the stream and is not yielded."""
         backend, clock = self.backend, self.clock
@@ -86,8 +85,6 @@ class InferenceEngine:
             if token in stops:
                 return
             yield TokenEvent(token, index, now, dt)
-            if cancel is not None and cancel():
-                return
 
     def generate(self, prompt_ids: Sequence[int], cfg: GenerationConfig) -> Generation:
         gen = Generation()

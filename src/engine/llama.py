@@ -25,18 +25,28 @@ class LlamaOps(Protocol):
     # ^ writes k, v to the KV cache at [start, start+T), attends causally, returns (T, heads*head_dim)
     def silu_mul(self, gate: Array, up: Array) -> Array: ...
     def residual(self, x: Array, delta: Array) -> Array: ...  # x + delta: where lazy frameworks materialise
+    def project(self, layer: int, kind: str, x: Array, weights: tuple) -> tuple: ...
+    # ^ several linears of one input ("qkv", "gate_up"); a framework may run them as one fused matmul
+
+
+class SeparateProjections:
+    """`project` as one `linear` per weight: for ops tables without fused weights."""
+
+    def project(self, layer: int, kind: str, x: Array, weights: tuple) -> tuple:
+        return tuple(self.linear(x, w) for w in weights)
 
 
 def block(ops: LlamaOps, i: int, layer: Any, cfg: LlamaConfig, x: Array, start: Any, n_tokens: int) -> Array:
     """Transformer block `i`: attention then SwiGLU feed-forward, each with a pre-norm and residual."""
     hd = cfg.head_dim
     h = ops.rms_norm(x, layer.attn_norm)
-    q = ops.rope(ops.linear(h, layer.wq).reshape(n_tokens, cfg.n_heads, hd), start)
-    k = ops.rope(ops.linear(h, layer.wk).reshape(n_tokens, cfg.n_kv_heads, hd), start)
-    v = ops.linear(h, layer.wv).reshape(n_tokens, cfg.n_kv_heads, hd)
-    x = ops.residual(x, ops.linear(ops.attend(i, q, k, v, start), layer.wo))
+    q, k, v = ops.project(i, "qkv", h, (layer.wq, layer.wk, layer.wv))
+    q = ops.rope(q.reshape(n_tokens, cfg.n_heads, hd), start)
+    k = ops.rope(k.reshape(n_tokens, cfg.n_kv_heads, hd), start)
+    x = ops.residual(x, ops.linear(ops.attend(i, q, k, v.reshape(n_tokens, cfg.n_kv_heads, hd), start), layer.wo))
     h = ops.rms_norm(x, layer.ffn_norm)
-    return ops.residual(x, ops.linear(ops.silu_mul(ops.linear(h, layer.w_gate), ops.linear(h, layer.w_up)), layer.w_down))
+    gate, up = ops.project(i, "gate_up", h, (layer.w_gate, layer.w_up))
+    return ops.residual(x, ops.linear(ops.silu_mul(gate, up), layer.w_down))
 
 
 def head(ops: LlamaOps, w: LlamaWeights, x: Array) -> Array:

@@ -15,7 +15,6 @@ import os
 import platform
 import socket
 import subprocess
-import sys
 import time
 import uuid
 from dataclasses import asdict, dataclass, field, fields

@@ -3,7 +3,6 @@ greedy tokens checked against the reference backend, progress on stderr."""
 
 from __future__ import annotations
 
-import sys
 import time
 from collections import Counter
 from dataclasses import dataclass, field, replace
