@@ -51,23 +51,27 @@ def ours(name: str, framework: str, precision: str, gen: int, repeats: int, comp
     return Figure(name, med("decode_tps"), med("roofline_frac"), rows[0].peak_rss_bytes / 1e6, rows[0].compile_s)
 
 
-def _in_child(fn, *args) -> float:
+def _in_child(fn, *args):
     ctx = multiprocessing.get_context("spawn")
     with ProcessPoolExecutor(max_workers=1, mp_context=ctx, max_tasks_per_child=1) as pool:
         return pool.submit(fn, *args).result()
 
 
-def hf_generate_decode_tps(gen: int, repeats: int) -> float:
-    """Hugging Face `model.generate()` greedy decode tok/s at f32, timed per token by a streamer."""
+def hf_generate_and_engine_decode_tps(gen: int, repeats: int) -> tuple[float, float]:
+    """HF `generate()` and the same model stepped by our engine, alternated in one process, so the
+    ratio measures the engine's own overhead and nothing else."""
     import torch
     from transformers.generation.streamers import BaseStreamer
 
-    from backends.transformers_hf import build_hf_model
+    from backends.base import LoadOptions
+    from backends.transformers_hf import TransformersBackend
+    from engine.engine import GenerationConfig, InferenceEngine
 
-    torch.set_grad_enabled(False)
     spec = ModelSpec.open(default_model_path())
-    model = build_hf_model(spec, "f32", "cpu")
-    ids = torch.tensor([seeded_prompt(spec, PROMPT, SEED)])
+    backend = TransformersBackend()
+    backend.load(spec, LoadOptions(precision="f32", device="cpu", max_seq_len=PROMPT + gen))
+    prompt = seeded_prompt(spec, PROMPT, SEED)
+    engine, cfg = InferenceEngine(backend), GenerationConfig(max_new_tokens=gen, ignore_eos=True)
 
     class Clock(BaseStreamer):
         def __init__(self):
@@ -79,14 +83,16 @@ def hf_generate_decode_tps(gen: int, repeats: int) -> float:
         def end(self):
             pass
 
-    runs = []
+    hf, ours = [], []
     for i in range(repeats + 1):
         clock = Clock()
-        model.generate(ids, max_new_tokens=gen, min_new_tokens=gen, do_sample=False, streamer=clock,
-                       pad_token_id=spec.field("tokenizer.ggml.eos_token_id"))
-        if i:  # the first call warms up; put() is called for the prompt, then once per new token
-            runs.append((gen - 1) / (clock.t[-1] - clock.t[1]))
-    return statistics.median(runs)
+        backend.model.generate(torch.tensor([prompt]), max_new_tokens=gen, min_new_tokens=gen, do_sample=False,
+                               streamer=clock, pad_token_id=spec.field("tokenizer.ggml.eos_token_id"))
+        run = engine.generate(prompt, cfg)
+        if i:  # the first pair warms up; put() sees the prompt first, then each new token
+            hf.append((gen - 1) / (clock.t[-1] - clock.t[1]))
+            ours.append(len(run.itl_ns) / (sum(run.itl_ns) / 1e9))
+    return statistics.median(hf), statistics.median(ours)
 
 
 def llamacpp_raw_decode_tps(gen: int, repeats: int) -> float:
@@ -150,10 +156,11 @@ def mlx_lm_decode_tps(gen: int, repeats: int) -> float:
 
 
 def section_torch(gen: int, repeats: int) -> list[tuple[Figure, str, float]]:
-    hf = Figure("HF generate() f32 (baseline)", _in_child(hf_generate_decode_tps, gen, repeats))
-    rows = [(hf, "", 0.0)]
+    hf_tps, engine_tps = _in_child(hf_generate_and_engine_decode_tps, gen, repeats)
+    hf = Figure("HF generate() f32 (baseline)", hf_tps)
+    rows = [(hf, "", 0.0), (Figure("transformers f32, our engine (same process)", engine_tps), hf.name, 1.0)]
     for name, fw, prec, comp, target in [
-        ("transformers f32, our engine", "transformers", "f32", False, 1.0),
+        ("transformers f32, our engine (isolated cell)", "transformers", "f32", False, 0.0),
         ("torch f32 eager", "torch", "f32", False, 1.5), ("torch f32 compiled", "torch", "f32", True, 1.5),
         ("torch bf16 eager", "torch", "bf16", False, 3.0), ("torch bf16 compiled", "torch", "bf16", True, 3.0),
     ]:

@@ -7,7 +7,6 @@ warm-up covers. Set BEAM=N in the environment (or --option beam=N) for kernel se
 
 from __future__ import annotations
 
-import os
 from typing import Sequence
 
 import numpy as np
@@ -32,6 +31,10 @@ class TinyOps(SeparateProjections):
         self.v_cache = [Tensor.zeros(*shape, dtype=dtype, device=device).contiguous().realize() for _ in range(cfg.n_layers)]
 
     def embed(self, table, tokens):
+        from tinygrad import UOp
+
+        if isinstance(tokens, UOp):  # decode: a symbolic token id reads one row, not the whole table
+            return table[tokens:tokens + 1]
         return table[tokens]
 
     def rms_norm(self, x, weight):
@@ -93,9 +96,11 @@ class TinygradBackend(ArrayLlamaBackend):
         return device
 
     def build(self, spec, opts: LoadOptions) -> LoadInfo:
-        if "beam" in opts.options:
-            os.environ["BEAM"] = str(opts.options["beam"])  # read by tinygrad when it compiles kernels
         from tinygrad import Tensor, TinyJit, UOp, dtypes
+        from tinygrad.helpers import BEAM, CACHEDB
+
+        if "beam" in opts.options:  # tinygrad read BEAM from the environment at import: set the live value
+            BEAM.value = int(opts.options["beam"])
 
         self.dev = opts.device.upper()
         dtype = {"f32": dtypes.float32, "f16": dtypes.float16}[opts.precision]
@@ -104,19 +109,17 @@ class TinygradBackend(ArrayLlamaBackend):
         self.ops = TinyOps(spec.config, opts.max_seq_len, dtype, self.dev)
         self._jit = TinyJit(self._step)
         self._start_var = UOp.variable("start", 1, opts.max_seq_len - 1)
+        self._token_var = UOp.variable("token", 0, spec.config.vocab_size - 1)
         self._Tensor, self._int32 = Tensor, dtypes.int32
-        from tinygrad.helpers import CACHEDB
+        return float_load_info(spec, self, opts.precision, opts.device, beam=BEAM.value, kernel_cache=CACHEDB)
 
-        return float_load_info(spec, self, opts.precision, opts.device, beam=int(os.environ.get("BEAM", "0")),
-                               kernel_cache=CACHEDB)
-
-    def _step(self, tokens, start):
-        return forward(self.ops, self.weights, self.config, tokens, start, tokens.shape[0]).float().realize()
+    def _step(self, tokens, start, n_tokens: int = 1):
+        return forward(self.ops, self.weights, self.config, tokens, start, n_tokens).float().realize()
 
     def step(self, tokens: Sequence[int], start: int) -> np.ndarray:
-        t = self._Tensor(list(tokens), dtype=self._int32, device=self.dev).realize()
-        if len(tokens) == 1 and start >= 1:
-            logits = self._jit(t, self._start_var.bind(start))
+        if len(tokens) == 1 and start >= 1:  # decode: one captured graph for every token and position
+            logits = self._jit(self._token_var.bind(tokens[0]), self._start_var.bind(start))
         else:
-            logits = self._step(t, start)
+            t = self._Tensor(list(tokens), dtype=self._int32, device=self.dev).realize()
+            logits = self._step(t, start, len(tokens))
         return logits.numpy()[0]
