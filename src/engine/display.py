@@ -14,7 +14,7 @@ from rich.table import Table
 from engine.cells import Cell
 from engine.results import BenchmarkResult, csv_text
 
-stderr = Console(stderr=True, highlight=False)
+stderr = Console(stderr=True, highlight=False, width=None if sys.stderr.isatty() else 160)
 # piped output keeps the table readable instead of folding it to 80 columns
 stdout = Console(highlight=False, width=None if sys.stdout.isatty() else 200)
 
