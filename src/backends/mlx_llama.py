@@ -118,13 +118,13 @@ class MlxBackend(ArrayLlamaBackend):
         else:
             dtype = {"f32": mx.float32, "bf16": mx.bfloat16, "f16": mx.float16}[opts.precision]
             self.weights = spec.load_weights(lambda a: mx.array(a).astype(dtype))
-        mx.eval(_leaves(self.weights))
+        mx.eval(_arrays(self.weights))
         self.ops = MlxOps(spec.config, opts.max_seq_len, dtype)
-        if opts.precision in NATIVE_QUANT:
-            held = sum(x.nbytes for x in _leaves_with_quant(self.weights))
-            info = float_load_info(spec, self, "f32", opts.device, native_gguf=True)
-            info.precision, info.weight_bytes = opts.precision, held
-            info.decode_bytes = spec.decode_read_bytes(spec.file_bytes)
+        if opts.precision in NATIVE_QUANT:  # the file's own blocks: sizes as stored in the GGUF
+            info = LoadInfo(precision=opts.precision, device=opts.device,
+                            weight_bytes=sum(x.nbytes for x in _weights(self.weights)),
+                            decode_bytes=spec.decode_read_bytes(spec.file_bytes),
+                            kv_bytes_per_token=self.kv_bytes_per_token(4), details={"native_gguf": True})
         else:
             info = float_load_info(spec, self, opts.precision, opts.device)
         mx.reset_peak_memory()
@@ -164,15 +164,16 @@ class MlxBackend(ArrayLlamaBackend):
         return {"active_bytes": self.mx.get_active_memory(), "peak_bytes": self.mx.get_peak_memory()}
 
 
-def _leaves_with_quant(w) -> list:
+def _weights(w) -> list:
+    """Every weight once (a tied output is the embedding), quantized ones as QuantizedMatrix."""
     out = [w.tok_embd, w.output_norm] + ([] if w.output is w.tok_embd else [w.output])
     for layer in w.layers:
         out += list(vars(layer).values())
     return out
 
 
-def _leaves(w) -> list:
+def _arrays(w) -> list:
     flat = []
-    for x in _leaves_with_quant(w):
+    for x in _weights(w):
         flat += [x.weight, x.scales, x.biases] if isinstance(x, QuantizedMatrix) else [x]
     return flat

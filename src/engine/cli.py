@@ -168,6 +168,7 @@ def _validate(cells: list) -> None:
         avail = cls.availability()
         if avail.ok:
             cls.resolve_precision(specs[c.model], c.precision)
+            cls.resolve_device(c.device)
 
 
 def cmd_run(args: argparse.Namespace, config: str | None = None) -> int:

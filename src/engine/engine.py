@@ -52,7 +52,6 @@ class Generation:
     tokens: list[int] = field(default_factory=list)
     ttft_ns: int = 0
     itl_ns: list[int] = field(default_factory=list)  # between consecutive tokens
-    stopped: bool = False  # ended on a stop id, not the token budget
 
     @property
     def total_ns(self) -> int:
@@ -94,5 +93,4 @@ class InferenceEngine:
                 gen.ttft_ns = ev.dt_ns
             else:
                 gen.itl_ns.append(ev.dt_ns)
-        gen.stopped = len(gen.tokens) < cfg.max_new_tokens
         return gen
