@@ -57,6 +57,7 @@ def test_prompt_text(tiny_f32, tmp_path):
     (["run", "-f", "numpy", "-m", "synth:nosuch"], "unknown shape 'nosuch'"),
     (["run", "-f", "numpy", "--resume"], "--resume needs --output"),
     (["sweep", "/nonexistent.toml"], "sweep config not found"),
+    (["run", "-f", "torch", "-d", "tpu"], "unknown torch device 'tpu'"),
 ])
 def test_bad_input_is_one_line_and_exit_2(tiny_f32, args, message):
     if "-m" not in args and args[0] == "run":
@@ -65,6 +66,17 @@ def test_bad_input_is_one_line_and_exit_2(tiny_f32, args, message):
     assert r.returncode == 2, (r.returncode, r.stderr)
     assert message in r.stderr
     assert "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
+
+
+def test_framework_unavailable_here_is_one_line(tiny_f32):
+    import backends
+
+    avail = backends.get("metal").availability()
+    if avail.ok:
+        pytest.skip("metal runs on this host")
+    r = bench("run", "-f", "metal", "-m", tiny_f32)
+    assert r.returncode != 0 and "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    assert "metal: no Apple GPU on this host" in r.stderr
 
 
 def test_corrupt_and_truncated_models(tmp_path, tiny_f32):
