@@ -195,7 +195,8 @@ def cmd_run(args: argparse.Namespace, config: str | None = None) -> int:
                             delay_s=args.delay, debug=args.debug, on_cell=progress.finish, on_start=progress.start)
     if outcome.skipped:
         display.stderr.print(f"resumed: {outcome.skipped} cell(s) already in {out}")
-    display.write_rows(outcome.rows, args.format)
+    if not (progress.live and args.format == "table"):  # the live display already shows the table
+        display.write_rows(outcome.rows, args.format)
     display.stderr.print(f"wrote {len(outcome.rows)} row(s) to {out} and {writer.jsonl_path}")
     if outcome.failed:
         display.stderr.print(f"[red]{outcome.failed} cell(s) failed:[/] " +

@@ -105,7 +105,8 @@ class SweepProgress:
 
     def start(self, cell: Cell) -> None:
         if self.live:
-            self.progress.update(self.task, description=f"{cell.framework} {cell.precision} "
+            precision = "" if cell.precision == "auto" else f" {cell.precision}"
+            self.progress.update(self.task, description=f"{cell.framework}{precision} "
                                                         f"prompt {cell.prompt_tokens} gen {cell.gen_tokens}")
 
     def finish(self, cell: Cell, rows: list[BenchmarkResult], done: int, total: int) -> None:
