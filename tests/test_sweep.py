@@ -118,3 +118,17 @@ def test_config_errors(tmp_path, tiny_f32):
 def test_shipped_configs_expand(config):
     cells = load_config(TESTS.parent / "configs" / config, "default.gguf")
     assert cells and len({c.cell_id for c in cells}) == len(cells)
+
+
+def test_a_framework_missing_here_is_an_unavailable_row_not_a_failure(tiny_f32, tmp_path):
+    cfg = tmp_path / "missing.toml"
+    cfg.write_text(f'[sweep]\nframework = ["numpy", "ghost"]\nmodel = "{tiny_f32}"\ngen_tokens = 2\nrepeats = 1\n')
+    env = {"BENCH_BACKEND_MODULES": "ghost_backend",
+           "PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")])}
+    csv = tmp_path / "missing.csv"
+    r = bench("sweep", str(cfg), "-O", str(csv), env=env)
+    assert r.returncode == 0, r.stderr
+    assert "1 cell(s) unavailable on this host" in r.stderr
+    df = pd.read_csv(csv)
+    ghost = df[df.framework == "ghost"].iloc[0]
+    assert ghost.status == "unavailable" and "pip install ghostframework" in ghost.error

@@ -198,9 +198,11 @@ def cmd_run(args: argparse.Namespace, config: str | None = None) -> int:
     if not (progress.live and args.format == "table"):  # the live display already shows the table
         display.write_rows(outcome.rows, args.format)
     display.stderr.print(f"wrote {len(outcome.rows)} row(s) to {out} and {writer.jsonl_path}")
+    if outcome.statuses.get("unavailable"):
+        display.stderr.print(f"{outcome.statuses['unavailable']} cell(s) unavailable on this host (see `bench doctor`)")
     if outcome.failed:
-        display.stderr.print(f"[red]{outcome.failed} cell(s) failed:[/] " +
-                             ", ".join(f"{s}={n}" for s, n in outcome.statuses.items() if s != "ok"))
+        display.stderr.print(f"[red]{outcome.failed} cell(s) failed:[/] " + ", ".join(
+            f"{s}={n}" for s, n in outcome.statuses.items() if s not in ("ok", "unavailable")))
         return 1
     return 0
 
