@@ -36,6 +36,32 @@ class SeparateProjections:
         return tuple(self.linear(x, w) for w in weights)
 
 
+FUSED_PROJECTIONS = (("qkv", ("wq", "wk", "wv")), ("gate_up", ("w_gate", "w_up")))
+
+
+class FusedProjections:
+    """`project` as one matmul over concatenated weights (one GEMV instead of three and two).
+
+    `fuse(layers)` concatenates each layer's Q/K/V and gate/up rows and makes the separate weights
+    views into the fused matrix, so there is still one copy in memory. The framework supplies
+    `concat_rows`, `split_rows` and `split_last`."""
+
+    def fuse(self, layers: Sequence[Any]) -> None:
+        self.fused: dict[str, list] = {kind: [] for kind, _ in FUSED_PROJECTIONS}
+        for layer in layers:
+            for kind, names in FUSED_PROJECTIONS:
+                parts = [getattr(layer, n) for n in names]
+                sizes = [int(p.shape[0]) for p in parts]
+                fused = self.concat_rows(parts)
+                for name, view in zip(names, self.split_rows(fused, sizes)):
+                    setattr(layer, name, view)
+                self.fused[kind].append((fused, sizes))
+
+    def project(self, layer: int, kind: str, x: Array, weights: tuple) -> tuple:
+        fused, sizes = self.fused[kind][layer]
+        return tuple(self.split_last(self.linear(x, fused), sizes))
+
+
 def block(ops: LlamaOps, i: int, layer: Any, cfg: LlamaConfig, x: Array, start: Any, n_tokens: int) -> Array:
     """Transformer block `i`: attention then SwiGLU feed-forward, each with a pre-norm and residual."""
     hd = cfg.head_dim
