@@ -63,32 +63,31 @@ def _run_child(cells: list[Cell], host_gbps: float, run_id: str, debug: bool,
     except BrokenPipeError:
         pass
     current: Cell | None = None
-    started = time.monotonic()
+    started = time.monotonic()  # of the current cell, or since the last event between cells
     buf = b""
-    timed_out = False
+    timed_out = eof = False
     reported: set[str] = set()
     try:
         while True:
-            wait = current.timeout_s - (time.monotonic() - started) if current else cells[0].timeout_s
+            wait = (current or cells[0]).timeout_s - (time.monotonic() - started)
             if wait <= 0:
-                _kill(proc)
                 timed_out = True
                 break
             ready, _, _ = select.select([read_fd], [], [], min(wait, 1.0))
             if not ready:
-                if current is None and proc.poll() is not None:
-                    break
                 continue
             chunk = os.read(read_fd, 1 << 20)
             if not chunk:
+                eof = True  # the child closed its end: it is exiting
                 break
             buf += chunk
             *lines, buf = buf.split(b"\n")
             for line in lines:
                 msg = json.loads(line)
                 cell = by_id[msg["cell_id"]]
+                started = time.monotonic()
                 if msg["event"] == "start":
-                    current, started = cell, time.monotonic()
+                    current = cell
                     if on_start is not None:
                         on_start(cell)
                     continue
@@ -100,12 +99,17 @@ def _run_child(cells: list[Cell], host_gbps: float, run_id: str, debug: bool,
                     yield cell, [failure_row(cell, msg["status"], msg["error"], run_id)]
     finally:
         os.close(read_fd)
-        if proc.poll() is None and not timed_out and current is not None:
-            _kill(proc)  # the consumer stopped early (Ctrl-C): leave no orphan
-        proc.wait()
-    if current is None and proc.returncode == 0:
-        return
-    victim = current or next(c for c in cells if c.cell_id not in reported)
+        if not eof:  # timed out, or the consumer stopped early (Ctrl-C): leave no orphan
+            _kill(proc)
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:  # hung while exiting
+            _kill(proc)
+            proc.wait()
+    unreported = [c for c in cells if c.cell_id not in reported]
+    if current is None and (not unreported or (proc.returncode == 0 and reported)):
+        return  # every cell reported (a crash at teardown costs nothing), or a clean early exit to retry
+    victim = current or unreported[0]
     if timed_out:
         yield victim, [failure_row(victim, "timeout", f"no result after {victim.timeout_s:g} s; killed", run_id)]
         return

@@ -37,12 +37,10 @@ class LoadedModel:
         self.version = avail.version
         self.spec = spec
         self.precision = cls.resolve_precision(self.spec, cell.precision)
-        self.device = cls.resolve_device(cell.device)
-        self.max_seq_len = max_seq_len
         self.backend: Backend = cls()
         t = time.perf_counter()
         self.info = self.backend.load(self.spec, LoadOptions(
-            precision=self.precision, device=self.device, threads=cell.threads or None,
+            precision=self.precision, device=cls.resolve_device(cell.device), threads=cell.threads or None,
             max_seq_len=max_seq_len, compile=cell.compile, options=dict(cell.options)))
         self.load_s = time.perf_counter() - t
         self.used = False
@@ -64,7 +62,7 @@ def measure(cell: Cell, loaded: LoadedModel, prompt: list[int], host_gbps: float
     engine = InferenceEngine(loaded.backend)
     gen_cfg = GenerationConfig(max_new_tokens=cell.gen_tokens, ignore_eos=True, seed=cell.seed)
     with MemoryTracker() as mem:
-        warm = [_timed(engine, prompt, gen_cfg)[1] for _ in range(cell.warmup)]
+        warm = [_timed(engine, prompt, gen_cfg) for _ in range(cell.warmup)]
         runs: list[Generation] = []
         t0 = time.perf_counter()
         while len(runs) < cell.repeats or (time.perf_counter() - t0 < cell.min_time_s and len(runs) < MAX_REPEATS):
@@ -78,10 +76,10 @@ def measure(cell: Cell, loaded: LoadedModel, prompt: list[int], host_gbps: float
     return build_rows(cell, loaded, prompt, runs, sum(warm), compile_s, mem.summary(), device_mem, host_gbps, run_id)
 
 
-def _timed(engine: InferenceEngine, prompt: list[int], cfg: GenerationConfig) -> tuple[Generation, float]:
+def _timed(engine: InferenceEngine, prompt: list[int], cfg: GenerationConfig) -> float:
     t = time.perf_counter()
-    gen = engine.generate(prompt, cfg)
-    return gen, time.perf_counter() - t
+    engine.generate(prompt, cfg)
+    return time.perf_counter() - t
 
 
 def build_rows(cell: Cell, loaded: LoadedModel, prompt: list[int], runs: list[Generation], warmup_s: float,
@@ -113,8 +111,8 @@ def build_rows(cell: Cell, loaded: LoadedModel, prompt: list[int], runs: list[Ge
         ttft = run.ttft_ns / 1e9
         total = run.total_ns / 1e9
         achieved = bytes_per_token * tps / 1e9
+        roofline = achieved / host_gbps if host_gbps else math.nan
         toks = " ".join(map(str, run.tokens))
-        flags = _flags(cell_stats.cov, cell.noise_threshold, achieved / host_gbps if host_gbps else math.nan)
         rows.append(BenchmarkResult(
             **common, repeat=i, gen_tokens=len(run.tokens), ttft_s=ttft, first_token_time=ttft,
             prefill_tps=len(prompt) / ttft, decode_tps=tps,
@@ -123,8 +121,9 @@ def build_rows(cell: Cell, loaded: LoadedModel, prompt: list[int], runs: list[Ge
             min_token_time=min(itl, default=math.nan), max_token_time=max(itl, default=math.nan),
             avg_tokens_per_second=len(run.tokens) / total,
             peak_tokens_per_second=1 / min(itl) if itl else math.nan,
-            achieved_gbps=achieved, roofline_frac=achieved / host_gbps if host_gbps else math.nan,
-            tokens=toks, tokens_sha=hashlib.sha1(toks.encode()).hexdigest()[:12], flags=flags, itl_s=itl,
+            achieved_gbps=achieved, roofline_frac=roofline, tokens=toks,
+            tokens_sha=hashlib.sha1(toks.encode()).hexdigest()[:12],
+            flags=_flags(cell_stats.cov, cell.noise_threshold, roofline), itl_s=itl,
         ))
     return rows
 
