@@ -58,9 +58,6 @@ class HybridBackend(ArrayLlamaBackend):
         self.torch_ops = TorchOps(cfg, opts.max_seq_len, torch.float32, "cpu")
         self.torch_ops.fuse(self.weights.layers)  # still one copy: the layer weights become views
         self.tiny_ops = TinyOps(cfg, opts.max_seq_len, _tiny_f32(), "CPU")
-        # tinygrad runs the fused projections on views of torch's fused matrices
-        self.tiny_ops.fused = {kind: [(tinygrad_view(f), sizes) for f, sizes in per_layer]
-                               for kind, per_layer in self.torch_ops.fused.items()}
         self.tiny_layers: dict[int, LayerWeights] = {}
         self.fallbacks: dict[int, str] = {}
         for i, layer in enumerate(self.weights.layers):

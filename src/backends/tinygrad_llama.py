@@ -13,12 +13,12 @@ import numpy as np
 
 from backends.base import ArrayLlamaBackend, LoadInfo, LoadOptions, Requirement, float_load_info, pip_extra
 from engine.errors import InputError, UnavailableError
-from engine.llama import FusedProjections, forward, rope_tables
+from engine.llama import SeparateProjections, forward, rope_tables
 
 TINYGRAD = Requirement("tinygrad", "tinygrad", pip_extra("tinygrad"))
 
 
-class TinyOps(FusedProjections):
+class TinyOps(SeparateProjections):
     def __init__(self, cfg, max_seq: int, dtype, device: str):
         from tinygrad import Tensor
 
@@ -70,15 +70,6 @@ class TinyOps(FusedProjections):
     def residual(self, x, delta):
         return (x + delta).contiguous()
 
-    def concat_rows(self, parts):
-        return parts[0].cat(*parts[1:]).contiguous().realize()
-
-    def split_rows(self, fused, sizes):
-        return fused.split(sizes)
-
-    def split_last(self, y, sizes):
-        return y.split(sizes, dim=-1)
-
 
 class TinygradBackend(ArrayLlamaBackend):
     name = "tinygrad"
@@ -115,8 +106,8 @@ class TinygradBackend(ArrayLlamaBackend):
         dtype = {"f32": dtypes.float32, "f16": dtypes.float16}[opts.precision]
         np_dtype = np.float32 if opts.precision == "f32" else np.float16
         self.weights = spec.load_weights(lambda a: Tensor(a.astype(np_dtype), device=self.dev).realize())
+        # separate projections: with BEAM=2, fused QKV/gate-up measured 10.8 tok/s against 12.4 unfused
         self.ops = TinyOps(spec.config, opts.max_seq_len, dtype, self.dev)
-        self.ops.fuse(self.weights.layers)
         self._jit = TinyJit(self._step)
         self._start_var = UOp.variable("start", 1, opts.max_seq_len - 1)
         self._token_var = UOp.variable("token", 0, spec.config.vocab_size - 1)
