@@ -1,0 +1,117 @@
+"""The generate loop, the sampler, the memory tracker and the results writer."""
+
+import json
+
+import numpy as np
+import pytest
+
+from conftest import load_backend
+from engine.engine import GenerationConfig, InferenceEngine
+from engine.errors import InputError
+from engine.memory import MemoryTracker
+from engine.results import BenchmarkResult, ResultWriter
+from engine.sampling import Sampler
+from engine.stats import summarize
+
+PROMPT = [5, 17, 99, 42]
+
+
+def test_greedy_is_argmax_with_first_index_on_ties():
+    assert Sampler()(np.array([0.0, 3.0, 3.0, 1.0], np.float32)) == 1
+
+
+def test_seeded_sampling_repeats_and_respects_top_k_and_top_p():
+    logits = np.log(np.array([0.5, 0.3, 0.15, 0.05]))
+    s1, s2 = Sampler(temperature=1.0, seed=7), Sampler(temperature=1.0, seed=7)
+    assert [s1(logits) for _ in range(50)] == [s2(logits) for _ in range(50)]
+    top2 = Sampler(temperature=1.0, top_k=2, seed=1)
+    assert {top2(logits) for _ in range(200)} == {0, 1}
+    nucleus = Sampler(temperature=1.0, top_p=0.7, seed=1)  # 0.5 + 0.3 reaches 0.7
+    assert {nucleus(logits) for _ in range(200)} == {0, 1}
+    counts = np.bincount([Sampler(temperature=1.0, seed=i)(logits) for i in range(2000)], minlength=4) / 2000
+    assert np.allclose(counts, [0.5, 0.3, 0.15, 0.05], atol=0.04)
+
+
+@pytest.mark.parametrize("kw,msg", [({"max_new_tokens": 0}, "max_new_tokens"), ({"temperature": -1}, "temperature"),
+                                    ({"top_p": 0}, "top_p"), ({"top_k": -1}, "top_k")])
+def test_generation_config_validates(kw, msg):
+    with pytest.raises(InputError, match=msg):
+        GenerationConfig(**kw)
+
+
+def test_stream_yields_every_token_with_monotonic_times(tiny_f32):
+    eng = InferenceEngine(load_backend("numpy", tiny_f32))
+    events = list(eng.stream(PROMPT, GenerationConfig(max_new_tokens=6, ignore_eos=True)))
+    assert [e.index for e in events] == list(range(6))
+    assert all(e.dt_ns > 0 for e in events)
+    assert all(a.t_ns < b.t_ns for a, b in zip(events, events[1:]))
+    gen = eng.generate(PROMPT, GenerationConfig(max_new_tokens=6, ignore_eos=True))
+    assert gen.tokens == [e.token for e in events] and len(gen.itl_ns) == 5
+    assert gen.total_ns == gen.ttft_ns + sum(gen.itl_ns)
+
+
+def test_stop_ids_end_the_stream_unless_ignored(tiny_f32):
+    eng = InferenceEngine(load_backend("numpy", tiny_f32))
+    free = eng.generate(PROMPT, GenerationConfig(max_new_tokens=8, ignore_eos=True)).tokens
+    stop = free[3]
+    cut = eng.generate(PROMPT, GenerationConfig(max_new_tokens=8, stop_ids=(stop,))).tokens
+    assert cut == free[: free.index(stop)]
+    assert eng.generate(PROMPT, GenerationConfig(max_new_tokens=8, stop_ids=(stop,), ignore_eos=True)).tokens == free
+
+
+def test_the_engine_clock_is_the_one_it_is_given(tiny_f32):
+    ticks = iter(range(0, 10_000, 10))
+    eng = InferenceEngine(load_backend("numpy", tiny_f32), clock=lambda: next(ticks))
+    gen = eng.generate(PROMPT, GenerationConfig(max_new_tokens=4, ignore_eos=True))
+    assert gen.ttft_ns == 10 and gen.itl_ns == [10, 10, 10]
+
+
+def test_memory_tracker_sees_an_allocation():
+    with MemoryTracker(interval=0.005) as mem:
+        before = mem.rss_peak
+        block = np.ones(200 * 2**20 // 8)  # 200 MiB, touched
+        block.sum()
+        import time
+
+        time.sleep(0.05)
+    s = mem.summary()
+    assert s.sampled_rss_peak_bytes - before > 150 * 2**20
+    assert s.peak_rss_bytes >= s.sampled_rss_peak_bytes * 0.95
+    del block
+
+
+def test_summary_statistics():
+    s = summarize([10.0, 12.0, 11.0, 9.0, 13.0])
+    assert s.mean == 11.0 and s.n == 5 and abs(s.std - 1.5811) < 1e-3
+    assert s.ci95_low < 11.0 < s.ci95_high and abs((s.ci95_high - s.ci95_low) / 2 - 2.776 * 1.5811 / 5**0.5) < 1e-3
+    one = summarize([4.0])
+    assert one.mean == 4.0 and one.std == 0.0
+
+
+def test_writer_appends_repairs_a_torn_line_and_refuses_other_columns(tmp_path):
+    path = tmp_path / "w.csv"
+    w = ResultWriter(path)
+    w.write([BenchmarkResult(cell_id="a", framework="numpy", iterations=1, itl_s=[0.1, 0.2])])
+    with open(path, "a") as f:
+        f.write("half,a,line")  # a writer killed mid-row
+    w2 = ResultWriter(path)
+    w2.write([BenchmarkResult(cell_id="b", framework="torch", iterations=1)])
+    lines = path.read_text().splitlines()
+    assert len(lines) == 3 and lines[2].split(",")[1] == "b"
+    assert [json.loads(x)["cell_id"] for x in path.with_suffix(".jsonl").read_text().splitlines()] == ["a", "b"]
+    assert json.loads(path.with_suffix(".jsonl").read_text().splitlines()[0])["itl_s"] == [0.1, 0.2]
+    other = tmp_path / "other.csv"
+    other.write_text("x,y\n1,2\n")
+    with pytest.raises(InputError, match="exists with other columns"):
+        ResultWriter(other)
+    with pytest.raises(InputError, match="must name a .csv"):
+        ResultWriter(tmp_path / "out.txt")
+
+
+def test_completed_cells_drops_a_cell_cut_short(tmp_path):
+    w = ResultWriter(tmp_path / "c.csv")
+    w.write([BenchmarkResult(cell_id="done", iterations=2, repeat=i) for i in range(2)])
+    w.write([BenchmarkResult(cell_id="half", iterations=3, repeat=0)])  # 1 of 3 rows
+    w.write([BenchmarkResult(cell_id="failed", status="crash", error="boom")])
+    assert w.completed_cells() == {"done", "failed"}
+    assert "half" not in (tmp_path / "c.csv").read_text() and "half" not in (tmp_path / "c.jsonl").read_text()
