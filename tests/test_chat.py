@@ -84,3 +84,20 @@ def test_every_available_backend_chats_on_the_default_model(framework):
     assert first.tokens and second.tokens and first.ttft_s > 0
     assert second.prompt_tokens > first.prompt_tokens + len(first.tokens) - 1  # the conversation is carried
     assert "Paris" in out.getvalue() or framework == "llamacpp"  # llama.cpp may take another near-tie path
+
+
+def test_ctrl_c_stops_a_reply_and_returns_to_the_prompt():
+    c = spawn("-f", "numpy", "--max-tokens", "400", "--temperature", "0.8")
+    c.sendline("Tell me a very long story about a dragon.")
+    c.expect_exact("dragon.\r\n")  # the echo of the input
+    c.expect(r"\w+ \w+ \w+ \w+")  # some words of the reply have streamed
+    c.sendintr()
+    c.expect_exact("[stopped]")
+    c.expect(r"\d+ tokens")
+    c.expect_exact(">>> ")
+    c.sendline("/stats")
+    c.expect(r"numpy")
+    c.sendline("/quit")
+    c.expect(pexpect.EOF)
+    c.close()
+    assert c.exitstatus == 0

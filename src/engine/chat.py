@@ -89,8 +89,19 @@ class ChatSession:
             raise InputError(f"the message alone ({len(ids)} tokens) does not fit the context of {self.context}")
         return ids, dropped
 
-    def reply(self, text: str, out=sys.stdout) -> Turn:
+    def reply(self, text: str, out=sys.stdout) -> Turn | None:
+        """Stream a reply; Ctrl-C stops it (the partial reply is kept, or the turn dropped if
+        nothing was generated yet) and returns None only when nothing was generated."""
         self.messages.append({"role": "user", "content": text})
+        try:
+            return self._reply(out)
+        except KeyboardInterrupt:  # before the first token: forget the unanswered turn
+            self.messages.pop()
+            self.cached = None
+            out.write(" [stopped]\n")
+            return None
+
+    def _reply(self, out) -> Turn:
         ids, dropped = self._prompt()
         if dropped:
             out.write(f"[context full: dropped the {dropped} oldest turn(s)]\n")
@@ -115,6 +126,8 @@ class ChatSession:
                 text_so_far = full
             self.cached = ids + tokens[:-1] if tokens else ids
         except KeyboardInterrupt:
+            if not tokens:
+                raise
             out.write(" [stopped]")
         out.write("\n")
         self.messages.append({"role": "assistant", "content": text_so_far})
@@ -179,7 +192,8 @@ def run_chat(args) -> int:
             continue
         if not line.startswith("/"):
             turn = session.reply(line)
-            print(status_line(turn))
+            if turn is not None:
+                print(status_line(turn))
             continue
         cmd, _, arg = line.partition(" ")
         arg = arg.strip()
