@@ -14,7 +14,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from backends.base import ArrayLlamaBackend, LoadInfo, LoadOptions, float_load_info
-from backends.tinygrad_llama import TINYGRAD, TinyOps
+from backends.tinygrad_llama import TINYGRAD, PrefillJits, TinyOps
 from backends.torch_llama import TORCH, TorchOps, set_threads
 from engine.gguf_model import LayerWeights
 from engine.llama import block, head
@@ -34,7 +34,8 @@ class Segment:
 
     tinygrad: bool
     layers: list[int] = field(default_factory=list)
-    jit: Any = None
+    jit: Any = None  # decode: one captured graph for every position
+    prefill: Any = None  # prefills from position 0, one captured graph per length
 
 
 class HybridBackend(ArrayLlamaBackend):
@@ -74,6 +75,7 @@ class HybridBackend(ArrayLlamaBackend):
         for seg in self.segments:
             if seg.tinygrad:
                 seg.jit = TinyJit(lambda x, start, _seg=seg: self._run_tiny(_seg, x, start))
+                seg.prefill = PrefillJits(lambda x, _seg=seg: self._run_tiny(_seg, x, 0))
         self._start_var = UOp.variable("start", 1, opts.max_seq_len - 1)
         return float_load_info(spec, self, "f32", "cpu", fallback_blocks=len(self.fallbacks),
                                fallback_errors=list(self.fallbacks.values())[:3])
@@ -106,8 +108,14 @@ class HybridBackend(ArrayLlamaBackend):
                 for i in seg.layers:
                     x = block(self.torch_ops, i, self.weights.layers[i], self.config, x, pos, n)
                 continue
-            xt = Tensor(x.numpy()).realize()  # activations cross by copy (a few KB); weights never do
-            out = seg.jit(xt, self._start_var.bind(start)) if n == 1 and start >= 1 else self._run_tiny(seg, xt, start)
+            host = x.numpy()  # activations cross by copy (a few KB); weights never do
+            xt = lambda h=host: Tensor(h).realize()  # noqa: E731  (a fresh input per JIT call)
+            if n == 1 and start >= 1:
+                out = seg.jit(xt(), self._start_var.bind(start))
+            elif start == 0:
+                out = seg.prefill(n, lambda: (xt(),))
+            else:
+                out = self._run_tiny(seg, xt(), start)
             x = torch.from_numpy(out.numpy())
         return head(self.torch_ops, self.weights, x)[0].numpy()
 
