@@ -113,7 +113,7 @@ class HybridBackend(ArrayLlamaBackend):
             if n == 1 and start >= 1:
                 out = seg.jit(xt(), self._start_var.bind(start))
             elif start == 0:
-                out = seg.prefill(n, lambda: (xt(),))
+                out = seg.prefill(n, lambda f=xt: (f(),))
             else:
                 out = self._run_tiny(seg, xt(), start)
             x = torch.from_numpy(out.numpy())
