@@ -72,3 +72,43 @@ def test_synthetic_tokenizer(tiny_f32):
     t = Tokenizer.from_spec(ModelSpec.open(tiny_f32))
     ids = t.encode("the <|im_end|>")
     assert ids[-1] == 2 and t.decode(ids) == "the <|im_end|>"
+
+
+SPM_TEXTS = ["hello world", "the in is it", "Hello World!", "  two  spaces", "héllo 😀 日本", "a\nb\tc",
+             "<s>hello</s> the", "", " leading", "1234 x=y+z;"]
+
+
+@pytest.fixture(scope="module")
+def spm_model(tmp_path_factory):
+    from engine.synth import write_synthetic
+
+    return str(write_synthetic(tmp_path_factory.mktemp("spm") / "spm.gguf", "tiny", "f32", tokenizer="llama"))
+
+
+@pytest.fixture(scope="module")
+def spm_llama_vocab(spm_model):
+    llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python is the oracle for this check")
+    llm = llama_cpp.Llama(spm_model, vocab_only=True, verbose=False)
+    yield llm
+    llm.close()
+
+
+@pytest.mark.parametrize("text", SPM_TEXTS)
+def test_sentencepiece_ids_equal_llama_cpp(spm_model, spm_llama_vocab, text):
+    from engine.gguf_model import ModelSpec
+
+    tok = Tokenizer.from_spec(ModelSpec.open(spm_model))
+    assert tok.encode(text, add_bos=False) == spm_llama_vocab.tokenize(text.encode(), add_bos=False, special=True)
+    assert tok.encode(text)[:1] == [1] and tok.add_bos  # SentencePiece files add BOS by default
+    if "<" not in text:
+        assert tok.decode(tok.encode(text, add_bos=False)) == text
+
+
+def test_unknown_tokenizer_model_is_a_clear_error(tiny_f32, monkeypatch):
+    from engine.gguf_model import ModelSpec
+
+    spec = ModelSpec.open(tiny_f32)
+    real = spec.field
+    monkeypatch.setattr(spec, "field", lambda key, default=None: "bert" if key == "tokenizer.ggml.model" else real(key, default))
+    with pytest.raises(ModelError, match="tokenizer model 'bert' not supported"):
+        Tokenizer.from_spec(spec)

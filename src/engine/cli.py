@@ -93,6 +93,8 @@ def build_parser() -> argparse.ArgumentParser:
     syn.add_argument("--qtype", choices=QTYPES, default="f32")
     syn.add_argument("--seed", type=int, default=0)
     syn.add_argument("--untied", action="store_true", help="write a separate output.weight")
+    syn.add_argument("--tokenizer", choices=("gpt2", "llama"), default="gpt2",
+                     help="byte-level BPE (gpt2) or SentencePiece (llama) vocabulary")
     syn.add_argument("--out", "-O", required=True)
 
     chat = sub.add_parser("chat", help="interactive multi-turn chat with live metrics")
@@ -235,7 +237,7 @@ def cmd_doctor(args: argparse.Namespace) -> int:
 def cmd_synth(args: argparse.Namespace) -> int:
     from engine.synth import write_synthetic
 
-    path = write_synthetic(args.out, args.shape, args.qtype, args.seed, tied=not args.untied)
+    path = write_synthetic(args.out, args.shape, args.qtype, args.seed, tied=not args.untied, tokenizer=args.tokenizer)
     print(path)
     return 0
 

@@ -32,6 +32,22 @@ SPECIALS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
 MERGES = (("Ġ", "t"), ("h", "e"), ("i", "n"), ("t", "h"), ("Ġt", "he"))
 
 
+SPM_PIECES = ("▁", *"abcdefghijklmnopqrstuvwxyz", "▁t", "he", "▁the", "in", "▁a", "er", "▁s", "on", "an", "▁th",
+              "▁w", "re", "▁i", "▁in", "at", "en", "▁o", "is", "▁is", "it", "▁it", "or", "ll", "▁c", "▁he", "▁hel",
+              "▁hello", "lo", "▁wor", "ld", "▁world")
+
+
+def _spm_vocab(size: int) -> tuple[list[str], list[int], list[float]]:
+    """A SentencePiece vocab as llama.cpp stores it: <unk>, <s>, </s>, 256 byte tokens, pieces."""
+    tokens = ["<unk>", "<s>", "</s>"] + [f"<0x{b:02X}>" for b in range(256)] + list(SPM_PIECES)
+    if size < len(tokens):
+        raise InputError(f"vocab_size must be at least {len(tokens)}")
+    tokens += [f"[extra_{i}]" for i in range(size - len(tokens))]
+    types = [2, 3, 3] + [6] * 256 + [1] * (size - 259)
+    scores = [0.0] * 259 + [-float(i) for i in range(size - 259)]
+    return tokens, types, scores
+
+
 def _vocab(size: int) -> tuple[list[str], list[int], list[str]]:
     from tokenizers.pre_tokenizers import ByteLevel
 
@@ -44,7 +60,7 @@ def _vocab(size: int) -> tuple[list[str], list[int], list[str]]:
 
 
 def write_synthetic(path: str | os.PathLike, shape: LlamaConfig | str = "tiny", qtype: str = "f32", seed: int = 0,
-                    tied: bool = True, architecture: str = "llama") -> Path:
+                    tied: bool = True, architecture: str = "llama", tokenizer: str = "gpt2") -> Path:
     import gguf
 
     if isinstance(shape, str):
@@ -72,15 +88,24 @@ def write_synthetic(path: str | os.PathLike, shape: LlamaConfig | str = "tiny", 
     w.add_vocab_size(s.vocab_size)
     file_type = {"f32": 0, "f16": 1, "bf16": 32, "q8_0": 7, "q4_0": 2, "q4_1": 3}[qtype]
     w.add_file_type(file_type)
-    tokens, types, merges = _vocab(s.vocab_size)
-    w.add_tokenizer_model("gpt2")
-    w.add_tokenizer_pre("default")
-    w.add_token_list(tokens)
-    w.add_token_types(types)
-    w.add_token_merges(merges)
+    if tokenizer == "llama":  # SentencePiece, as Llama 1/2 and TinyLlama files carry
+        tokens, types, scores = _spm_vocab(s.vocab_size)
+        w.add_tokenizer_model("llama")
+        w.add_token_list(tokens)
+        w.add_token_types(types)
+        w.add_token_scores(scores)
+        w.add_unk_token_id(0)
+        w.add_add_bos_token(True)
+    else:
+        tokens, types, merges = _vocab(s.vocab_size)
+        w.add_tokenizer_model("gpt2")
+        w.add_tokenizer_pre("default")
+        w.add_token_list(tokens)
+        w.add_token_types(types)
+        w.add_token_merges(merges)
+        w.add_add_bos_token(False)
     w.add_bos_token_id(1)
     w.add_eos_token_id(2)
-    w.add_add_bos_token(False)
 
     def matrix(rows: int, cols: int, scale: float) -> np.ndarray:
         return (rng.standard_normal((rows, cols)) * scale).astype(np.float32)

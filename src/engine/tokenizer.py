@@ -1,7 +1,8 @@
-"""Tokenizer from the GGUF's own metadata (gpt2-style byte-level BPE) plus its chat template.
+"""Tokenizer from the GGUF's own metadata plus its chat template.
 
-Built with the `tokenizers` library from the file's vocab and merges; the pre-tokenizer follows
-llama.cpp's `tokenizer.ggml.pre` so ids equal llama.cpp's on the same file. The chat template is
+Built with the `tokenizers` library: gpt2-style byte-level BPE from the file's vocab and merges
+(the pre-tokenizer follows llama.cpp's `tokenizer.ggml.pre`), or SentencePiece BPE from the
+vocab and scores; either way ids equal llama.cpp's on the same file. The chat template is
 untrusted input: it renders in jinja2's sandbox.
 """
 
@@ -39,27 +40,54 @@ PRE_TOKENIZERS = {
 }
 
 
-class Tokenizer:
-    def __init__(self, tokens: Sequence[str], merges: Sequence[str], token_types: Sequence[int], pre: str,
-                 bos_id: int | None, eos_id: int | None, eot_id: int | None, add_bos: bool,
-                 chat_template: str | None, source: str = "model"):
-        from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers
-        from tokenizers import Tokenizer as HFTokenizer
+def byte_level_bpe(tokens: Sequence[str], merges: Sequence[str], pre: str, source: str):
+    """gpt2-style BPE (`tokenizer.ggml.model = gpt2`): byte-level alphabet, merges from the file."""
+    from tokenizers import Regex, decoders, models, pre_tokenizers
+    from tokenizers import Tokenizer as HFTokenizer
 
-        if pre not in PRE_TOKENIZERS:
-            raise ModelError(f"{source}: pre-tokenizer {pre!r} not supported (supported: {', '.join(PRE_TOKENIZERS)})")
-        vocab = {tok: i for i, tok in enumerate(tokens)}
-        pairs = [tuple(m.split(" ", 1)) for m in merges]
-        bpe = models.BPE(vocab=vocab, merges=pairs, ignore_merges=False)
-        tk = HFTokenizer(bpe)
-        splits = [pre_tokenizers.Split(Regex(p), behavior="isolated") for p in PRE_TOKENIZERS[pre]]
-        tk.pre_tokenizer = pre_tokenizers.Sequence(
-            [*splits, pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)]
-        )
-        tk.decoder = decoders.ByteLevel()
+    if pre not in PRE_TOKENIZERS:
+        raise ModelError(f"{source}: pre-tokenizer {pre!r} not supported (supported: {', '.join(PRE_TOKENIZERS)})")
+    vocab = {tok: i for i, tok in enumerate(tokens)}
+    pairs = [tuple(m.split(" ", 1)) for m in merges]
+    tk = HFTokenizer(models.BPE(vocab=vocab, merges=pairs, ignore_merges=False))
+    splits = [pre_tokenizers.Split(Regex(p), behavior="isolated") for p in PRE_TOKENIZERS[pre]]
+    tk.pre_tokenizer = pre_tokenizers.Sequence([*splits, pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    tk.decoder = decoders.ByteLevel()
+    return tk
+
+
+def sentencepiece_bpe(tokens: Sequence[str], scores: Sequence[float], add_space_prefix: bool, unk_id: int | None):
+    """SentencePiece BPE (`tokenizer.ggml.model = llama`): merges follow the merged piece's score,
+    unknown bytes fall back to <0xNN> tokens, spaces are '▁' (as llama.cpp's SPM vocab)."""
+    from tokenizers import decoders, models, normalizers
+    from tokenizers import Tokenizer as HFTokenizer
+
+    vocab = {tok: i for i, tok in enumerate(tokens)}
+    score = dict(zip(tokens, scores))
+    merges = []
+    for piece in tokens:  # every split of a piece into two pieces is a merge, ranked by the piece's score
+        local = [(piece[:k], piece[k:]) for k in range(1, len(piece)) if piece[:k] in vocab and piece[k:] in vocab]
+        local.sort(key=lambda lr: (vocab[lr[0]], vocab[lr[1]]))
+        merges += [(left, right, score[piece]) for left, right in local]
+    merges.sort(key=lambda m: m[2], reverse=True)
+    unk = tokens[unk_id] if unk_id is not None else None
+    tk = HFTokenizer(models.BPE(vocab=vocab, merges=[(a, b) for a, b, _ in merges], unk_token=unk, fuse_unk=True,
+                                byte_fallback=True))
+    steps = [normalizers.Prepend("▁")] if add_space_prefix else []
+    tk.normalizer = normalizers.Sequence([*steps, normalizers.Replace(" ", "▁")])
+    strip = [decoders.Strip(content=" ", left=1, right=0)] if add_space_prefix else []
+    tk.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(), *strip])
+    return tk
+
+
+class Tokenizer:
+    def __init__(self, hf_tokenizer, tokens: Sequence[str], token_types: Sequence[int], bos_id: int | None,
+                 eos_id: int | None, eot_id: int | None, add_bos: bool, chat_template: str | None):
+        from tokenizers import AddedToken
+
         specials = [tokens[i] for i, t in enumerate(token_types) if t in (CONTROL, USER_DEFINED)]
-        tk.add_special_tokens([AddedToken(s, special=True, normalized=False) for s in specials])
-        self._tk = tk
+        hf_tokenizer.add_special_tokens([AddedToken(s, special=True, normalized=False) for s in specials])
+        self._tk = hf_tokenizer
         self.vocab_size = len(tokens)
         self.bos_id, self.eos_id, self.eot_id = bos_id, eos_id, eot_id
         self.add_bos = add_bos
@@ -68,27 +96,35 @@ class Tokenizer:
     @classmethod
     def from_spec(cls, spec: "ModelSpec") -> "Tokenizer":
         model = spec.field("tokenizer.ggml.model")
-        if model != "gpt2":
-            raise ModelError(f"{spec.path}: tokenizer model {model!r} not supported (supported: gpt2 byte-level BPE)")
         tokens = spec.field("tokenizer.ggml.tokens")
-        merges = spec.field("tokenizer.ggml.merges")
-        if not tokens or merges is None:
-            raise ModelError(f"{spec.path}: tokenizer vocab or merges missing")
+        if not tokens:
+            raise ModelError(f"{spec.path}: tokenizer vocab missing")
+        if model == "gpt2":
+            merges = spec.field("tokenizer.ggml.merges")
+            if merges is None:
+                raise ModelError(f"{spec.path}: tokenizer merges missing")
+            hf = byte_level_bpe(tokens, merges, spec.field("tokenizer.ggml.pre", "default"), spec.path)
+            default_bos, space_prefix = False, False
+        elif model == "llama":
+            scores = spec.field("tokenizer.ggml.scores") or [0.0] * len(tokens)
+            space_prefix = bool(spec.field("tokenizer.ggml.add_space_prefix", True))
+            hf = sentencepiece_bpe(tokens, scores, space_prefix, spec.field("tokenizer.ggml.unknown_token_id"))
+            default_bos = True
+        else:
+            raise ModelError(f"{spec.path}: tokenizer model {model!r} not supported (supported: gpt2, llama)")
         types = spec.field("tokenizer.ggml.token_type") or [1] * len(tokens)
         return cls(
-            tokens, merges, types,
-            pre=spec.field("tokenizer.ggml.pre", "default"),
+            hf, tokens, types,
             bos_id=spec.field("tokenizer.ggml.bos_token_id"),
             eos_id=spec.field("tokenizer.ggml.eos_token_id"),
             eot_id=spec.field("tokenizer.ggml.eot_token_id"),
-            add_bos=bool(spec.field("tokenizer.ggml.add_bos_token", False)),
+            add_bos=bool(spec.field("tokenizer.ggml.add_bos_token", default_bos)),
             chat_template=spec.field("tokenizer.chat_template"),
-            source=spec.path,
         )
 
     def encode(self, text: str, add_bos: bool | None = None) -> list[int]:
         """Token ids of `text`; special tokens written in the text (`<|im_start|>`) are parsed."""
-        ids = self._tk.encode(text, add_special_tokens=False).ids
+        ids = self._tk.encode(text, add_special_tokens=False).ids if text else []
         if (self.add_bos if add_bos is None else add_bos) and self.bos_id is not None:
             ids = [self.bos_id, *ids]
         return ids
