@@ -28,12 +28,17 @@ def test_known_ids(tok):
     assert tok.encode("<|im_start|>user\nhi<|im_end|>\n") == [1, 4093, 198, 6004, 2, 198]
 
 
-@pytest.fixture(scope="module")
-def llama_vocab(default_model):
+def _llama_cpp_vocab(path):
+    """llama.cpp's own tokenizer for `path`: the oracle these tests compare against."""
     llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python is the oracle for this check")
-    llm = llama_cpp.Llama(default_model, vocab_only=True, verbose=False)
+    llm = llama_cpp.Llama(path, vocab_only=True, verbose=False)
     yield llm
     llm.close()
+
+
+@pytest.fixture(scope="module")
+def llama_vocab(default_model):
+    yield from _llama_cpp_vocab(default_model)
 
 
 @pytest.mark.parametrize("text", TEXTS)
@@ -87,10 +92,7 @@ def spm_model(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def spm_llama_vocab(spm_model):
-    llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python is the oracle for this check")
-    llm = llama_cpp.Llama(spm_model, vocab_only=True, verbose=False)
-    yield llm
-    llm.close()
+    yield from _llama_cpp_vocab(spm_model)
 
 
 @pytest.mark.parametrize("text", SPM_TEXTS)
