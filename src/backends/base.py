@@ -156,8 +156,6 @@ class ArrayLlamaBackend(Backend):
 
     def prefill(self, tokens: Sequence[int]) -> np.ndarray:
         tokens = list(tokens)
-        if not tokens:
-            raise InputError("empty prompt: at least one token is needed")
         check_tokens(tokens, self.pos, self.max_seq, self.config.vocab_size)
         logits = self.step(tokens, self.pos)
         self.pos += len(tokens)
@@ -169,13 +167,8 @@ class ArrayLlamaBackend(Backend):
     def reset(self) -> None:
         self.pos = 0  # cache entries past `pos` are masked out, so nothing needs clearing
 
-    def kv_bytes_per_token(self, element_bytes: int) -> int:
-        c = self.config
-        return 2 * c.n_layers * c.n_kv_heads * c.head_dim * element_bytes
 
-
-def float_load_info(spec: "ModelSpec", backend: ArrayLlamaBackend, precision: str, device: str,
-                    **details: Any) -> LoadInfo:
+def float_load_info(spec: "ModelSpec", precision: str, device: str, **details: Any) -> LoadInfo:
     """LoadInfo for a backend holding every weight as floats of `precision`."""
     per = BYTES_PER_ELEMENT[precision]
     elements = lambda name: int(np.prod(spec.raw_tensor(name).shape))  # noqa: E731
@@ -184,7 +177,7 @@ def float_load_info(spec: "ModelSpec", backend: ArrayLlamaBackend, precision: st
         precision=precision, device=device,
         weight_bytes=sum(elements(n) for n in tensors) * per,
         decode_bytes=spec.decode_read_bytes(lambda n: elements(n) * per),
-        kv_bytes_per_token=backend.kv_bytes_per_token(per),
+        kv_bytes_per_token=spec.config.kv_bytes_per_token(per),
         details=dict(details),
     )
 

@@ -15,7 +15,7 @@ import numpy as np
 
 from backends.base import ArrayLlamaBackend, LoadInfo, LoadOptions, float_load_info
 from backends.tinygrad_llama import TINYGRAD, PrefillJits, TinyOps
-from backends.torch_llama import TORCH, TorchOps, set_threads
+from backends.torch_llama import TORCH, TorchOps, enter_inference
 from engine.gguf_model import LayerWeights
 from engine.llama import block, head
 
@@ -52,8 +52,7 @@ class HybridBackend(ArrayLlamaBackend):
         import torch
         from tinygrad import TinyJit, UOp
 
-        set_threads(opts.threads)
-        torch.set_grad_enabled(False)
+        enter_inference(opts.threads)
         cfg = spec.config
         self.weights = spec.load_weights(lambda a: torch.from_numpy(a))  # the one copy
         self.torch_ops = TorchOps(cfg, opts.max_seq_len, torch.float32, "cpu")
@@ -77,7 +76,7 @@ class HybridBackend(ArrayLlamaBackend):
                 seg.jit = TinyJit(lambda x, start, _seg=seg: self._run_tiny(_seg, x, start))
                 seg.prefill = PrefillJits(lambda x, _seg=seg: self._run_tiny(_seg, x, 0))
         self._start_var = UOp.variable("start", 1, opts.max_seq_len - 1)
-        return float_load_info(spec, self, "f32", "cpu", fallback_blocks=len(self.fallbacks),
+        return float_load_info(spec, "f32", "cpu", fallback_blocks=len(self.fallbacks),
                                fallback_errors=list(self.fallbacks.values())[:3])
 
     def tinygrad_block(self, i: int, layer: LayerWeights) -> LayerWeights:

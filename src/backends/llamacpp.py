@@ -11,6 +11,7 @@ import numpy as np
 
 from backends.base import Availability, Backend, LoadInfo, LoadOptions, Requirement, pip_extra
 from engine.errors import InputError, UnavailableError
+from engine.llama import check_tokens
 
 LLAMA_CPP = Requirement("llama_cpp", "llama-cpp-python", pip_extra("llamacpp"))
 KV_BYTES = 2  # llama.cpp's default KV cache type is f16
@@ -64,21 +65,17 @@ class LlamaCppBackend(Backend):
             logits_all=False, verbose=False,
         )
         self.max_seq = opts.max_seq_len
-        c = spec.config
         weight_bytes = sum(spec.file_bytes(n) for n in spec.tensor_names)
         return LoadInfo(
             precision=opts.precision, device=opts.device, weight_bytes=weight_bytes,
             decode_bytes=spec.decode_read_bytes(spec.file_bytes),
-            kv_bytes_per_token=2 * c.n_layers * c.n_kv_heads * c.head_dim * KV_BYTES,
+            kv_bytes_per_token=spec.config.kv_bytes_per_token(KV_BYTES),
             details={"n_threads": self.llm.n_threads, "n_gpu_layers": 0 if opts.device == "cpu" else -1},
         )
 
     def prefill(self, tokens: Sequence[int]) -> np.ndarray:
         tokens = list(tokens)
-        if not tokens:
-            raise InputError("empty prompt: at least one token is needed")
-        if self.llm.n_tokens + len(tokens) > self.max_seq:
-            raise InputError(f"sequence of {self.llm.n_tokens + len(tokens)} tokens exceeds the context of {self.max_seq}")
+        check_tokens(tokens, self.llm.n_tokens, self.max_seq, self.n_vocab)
         self.llm.eval(tokens)  # llama_decode returns after the computation is complete
         return np.ctypeslib.as_array(self.llm._ctx.get_logits(), shape=(self.n_vocab,)).copy()
 

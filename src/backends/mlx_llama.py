@@ -124,9 +124,9 @@ class MlxBackend(ArrayLlamaBackend):
             info = LoadInfo(precision=opts.precision, device=opts.device,
                             weight_bytes=sum(x.nbytes for x in _weights(self.weights)),
                             decode_bytes=spec.decode_read_bytes(spec.file_bytes),
-                            kv_bytes_per_token=self.kv_bytes_per_token(4), details={"native_gguf": True})
+                            kv_bytes_per_token=spec.config.kv_bytes_per_token(4), details={"native_gguf": True})
         else:
-            info = float_load_info(spec, self, opts.precision, opts.device)
+            info = float_load_info(spec, opts.precision, opts.device)
         mx.reset_peak_memory()
         return info
 

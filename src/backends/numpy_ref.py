@@ -66,7 +66,7 @@ class NumpyBackend(ArrayLlamaBackend):
     def build(self, spec, opts: LoadOptions) -> LoadInfo:
         self.weights = spec.load_weights(lambda a: a)
         self.ops = NumpyOps(spec.config, opts.max_seq_len)
-        return float_load_info(spec, self, "f32", "cpu")
+        return float_load_info(spec, "f32", "cpu")
 
     def step(self, tokens: Sequence[int], start: int) -> np.ndarray:
         logits = forward(self.ops, self.weights, self.config, tokens, start, len(tokens))

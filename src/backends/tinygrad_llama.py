@@ -134,7 +134,7 @@ class TinygradBackend(ArrayLlamaBackend):
         self._start_var = UOp.variable("start", 1, opts.max_seq_len - 1)
         self._token_var = UOp.variable("token", 0, spec.config.vocab_size - 1)
         self._Tensor, self._int32 = Tensor, dtypes.int32
-        return float_load_info(spec, self, opts.precision, opts.device, beam=BEAM.value, kernel_cache=CACHEDB)
+        return float_load_info(spec, opts.precision, opts.device, beam=BEAM.value, kernel_cache=CACHEDB)
 
     def _step(self, tokens, start, n_tokens: int = 1):
         return forward(self.ops, self.weights, self.config, tokens, start, n_tokens).float().realize()

@@ -40,11 +40,13 @@ def synchronize(device: str) -> None:
         torch.mps.synchronize()
 
 
-def set_threads(threads: int | None) -> None:
+def enter_inference(threads: int | None) -> None:
+    """Threads set before any op runs, autograd off: what every torch-based backend needs first."""
     import torch
 
     if threads:
         torch.set_num_threads(threads)
+    torch.set_grad_enabled(False)
 
 
 def torch_memory(device: str) -> dict[str, int]:
@@ -141,10 +143,7 @@ class TorchBased(ArrayLlamaBackend):
         return torch_device(device)
 
     def prepare_torch(self, opts: LoadOptions) -> None:
-        import torch
-
-        set_threads(opts.threads)  # before any op runs
-        torch.set_grad_enabled(False)
+        enter_inference(opts.threads)
         self.device = opts.device
 
     def memory(self) -> dict[str, int]:
@@ -172,7 +171,7 @@ class TorchBackend(TorchBased):
             t = time.perf_counter()
             self._decode = torch.compile(self._forward, fullgraph=True, dynamic=False)
             compile_s = time.perf_counter() - t  # tracing happens on the first calls: see warm-up
-        info = float_load_info(spec, self, opts.precision, self.device, torch_threads=torch.get_num_threads(),
+        info = float_load_info(spec, opts.precision, self.device, torch_threads=torch.get_num_threads(),
                                compiled=bool(opts.compile))
         info.compile_s = compile_s
         return info

@@ -69,7 +69,7 @@ class TransformersBackend(TorchBased):
         self.prepare_torch(opts)
         self.model = build_hf_model(spec, opts.precision, self.device)
         self.cache = None
-        return float_load_info(spec, self, opts.precision, self.device, torch_threads=torch.get_num_threads(),
+        return float_load_info(spec, opts.precision, self.device, torch_threads=torch.get_num_threads(),
                                attn_implementation=self.model.config._attn_implementation)
 
     def reset(self) -> None:

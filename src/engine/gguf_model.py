@@ -37,6 +37,10 @@ class LlamaConfig:
     def head_dim(self) -> int:
         return self.dim // self.n_heads
 
+    def kv_bytes_per_token(self, element_bytes: int) -> int:
+        """KV-cache bytes one position adds: K and V, every layer."""
+        return 2 * self.n_layers * self.n_kv_heads * self.head_dim * element_bytes
+
     def __post_init__(self) -> None:
         if self.dim % self.n_heads or self.n_heads % self.n_kv_heads:
             raise ModelError(

@@ -100,7 +100,9 @@ def rope_tables(cfg: LlamaConfig, max_seq: int) -> tuple[np.ndarray, np.ndarray]
 def check_tokens(tokens: Sequence[int], start: int, max_seq: int, vocab: int) -> None:
     from engine.errors import InputError
 
+    if not tokens:
+        raise InputError("empty prompt: at least one token is needed")
     if start + len(tokens) > max_seq:
         raise InputError(f"sequence of {start + len(tokens)} tokens exceeds the context of {max_seq}")
-    if len(tokens) and (min(tokens) < 0 or max(tokens) >= vocab):
+    if (min(tokens) < 0 or max(tokens) >= vocab):
         raise InputError(f"token id out of range for a vocabulary of {vocab}")
