@@ -21,11 +21,11 @@ from dataclasses import dataclass
 from rich.console import Console
 from rich.table import Table
 
-from engine.bandwidth import host_bandwidth
-from engine.cells import Cell
-from engine.gguf_model import ModelSpec, default_model_path
-from engine.isolation import run_cells
-from engine.workload import seeded_prompt
+from engine.measure.bandwidth import host_bandwidth
+from engine.sweep.cells import Cell
+from engine.model.spec import ModelSpec, default_model_path
+from engine.sweep.isolation import run_cells
+from engine.generate.prompts import seeded_prompt
 
 PROMPT, SEED = 32, 0
 
@@ -65,7 +65,7 @@ def hf_generate_and_engine_decode_tps(gen: int, repeats: int) -> tuple[float, fl
 
     from backends.base import LoadOptions
     from backends.transformers_hf import TransformersBackend
-    from engine.engine import GenerationConfig, InferenceEngine
+    from engine.generate.engine import GenerationConfig, InferenceEngine
 
     spec = ModelSpec.open(default_model_path())
     backend = TransformersBackend()
@@ -128,7 +128,7 @@ def mlx_lm_decode_tps(gen: int, repeats: int) -> float:
     from transformers import PreTrainedTokenizerFast
 
     from backends.transformers_hf import HF_LAYER_NAMES
-    from engine.tokenizer import Tokenizer
+    from engine.model.tokenizer import Tokenizer
 
     mx.set_default_device(mx.cpu)
     spec = ModelSpec.open(default_model_path())

@@ -6,9 +6,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from backends.base import LoadOptions
-from engine.gguf_model import ModelSpec, default_model_path
-from engine.synth import write_synthetic
+import backends
+from engine.model.spec import ModelSpec, default_model_path
+from engine.model.synth import write_synthetic
 
 ROOT = Path(__file__).resolve().parents[1]
 TESTS = Path(__file__).resolve().parent
@@ -42,14 +42,7 @@ def default_spec(default_model):
 
 
 def load_backend(name, path, precision="auto", max_seq=64, **kw):
-    import backends
-
-    spec = ModelSpec.open(path)
-    cls = backends.get(name)
-    b = cls()
-    b.load(spec, LoadOptions(precision=cls.resolve_precision(spec, precision), device=cls.resolve_device("auto"),
-                             max_seq_len=max_seq, **kw))
-    return b
+    return backends.open_backend(name, ModelSpec.open(path), precision, max_seq_len=max_seq, **kw).backend
 
 
 def reference_logits(path, prompt, steps):
@@ -63,6 +56,8 @@ def reference_logits(path, prompt, steps):
 
 def bench(*args, env=None, timeout=600, cwd=None):
     """Run the CLI as a user would; returns CompletedProcess with text output."""
-    full_env = {**os.environ, **(env or {})}
+    # this checkout's sources first, whichever checkout the editable install points at
+    path = os.pathsep.join(p for p in (str(ROOT / "src"), os.environ.get("PYTHONPATH", "")) if p)
+    full_env = {**os.environ, "PYTHONPATH": path, **(env or {})}
     return subprocess.run([sys.executable, "-m", "engine", *args], capture_output=True, text=True,
                           timeout=timeout, env=full_env, cwd=cwd)

@@ -7,6 +7,7 @@ hits prompts of N tokens, so one cell of a load group can fail while its neighbo
 import os
 import time
 
+from backends.base import BackendOption
 from backends.numpy_ref import NumpyBackend
 
 
@@ -14,6 +15,8 @@ class FaultyBackend(NumpyBackend):
     name = "faulty"
     description = "fault injection for tests"
     is_reference = False
+    options = (BackendOption("fault", str, "the fault to inject", choices=("raise", "abort", "hang", "oom", "none")),
+               BackendOption("fault_prompt", int, "inject only on prompts of this many tokens"))
 
     def build(self, spec, opts):
         self.fault = opts.options.get("fault", "none")

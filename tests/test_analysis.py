@@ -8,7 +8,7 @@ import pytest
 from nbclient import NotebookClient
 
 from conftest import ROOT, bench
-from engine.compare import compare
+from engine.analysis.compare import compare
 
 
 @pytest.fixture(scope="module")

@@ -5,8 +5,8 @@ import pytest
 
 import backends
 from conftest import load_backend, reference_logits
-from engine.gguf_model import ModelSpec
-from engine.engine import GenerationConfig, InferenceEngine
+from engine.model.spec import ModelSpec
+from engine.generate.engine import GenerationConfig, InferenceEngine
 
 PROMPT = [5, 17, 99, 42, 7, 300, 12, 250]
 STEPS = 6

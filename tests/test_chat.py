@@ -7,7 +7,7 @@ import pexpect
 import pytest
 
 import backends
-from engine.chat import ChatSession
+from engine.cli.chat import ChatSession
 
 
 def spawn(*args, timeout=120):
@@ -81,8 +81,8 @@ def test_every_available_backend_chats_on_the_default_model(framework):
     out = io.StringIO()
     first = session.reply("What is the capital of France?", out=out)
     second = session.reply("And of Germany?", out=out)
-    assert first.tokens and second.tokens and first.ttft_s > 0
-    assert second.prompt_tokens > first.prompt_tokens + len(first.tokens) - 1  # the conversation is carried
+    assert first.gen.tokens and second.gen.tokens and first.gen.ttft_s > 0
+    assert second.prompt_tokens > first.prompt_tokens + len(first.gen.tokens) - 1  # the conversation is carried
     assert "Paris" in out.getvalue() or framework == "llamacpp"  # llama.cpp may take another near-tie path
 
 

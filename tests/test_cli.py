@@ -6,7 +6,7 @@ import pandas as pd
 import pytest
 
 from conftest import bench
-from engine.results import BenchmarkResult
+from engine.results.rows import BenchmarkResult
 
 
 def test_run_writes_complete_rows(tiny_f32, tmp_path):
@@ -57,7 +57,10 @@ def test_prompt_text(tiny_f32, tmp_path):
     (["run", "-f", "numpy", "-m", "synth:nosuch"], "unknown shape 'nosuch'"),
     (["run", "-f", "numpy", "--resume"], "--resume needs --output"),
     (["sweep", "/nonexistent.toml"], "sweep config not found"),
-    (["run", "-f", "torch", "-d", "tpu"], "unknown torch device 'tpu'"),
+    (["run", "-f", "torch", "-d", "tpu"], "framework torch has no device 'tpu'"),
+    (["run", "-f", "numpy", "-o", "foo=bar"], "unknown option 'foo' for framework(s) numpy (their options: none)"),
+    (["run", "-f", "tinygrad", "-o", "beam=abc"], "option beam='abc' of framework tinygrad needs a int"),
+    (["run", "-f", "numpy", "-n", "0"], "Invalid value for '--gen-tokens' / '-n'"),
 ])
 def test_bad_input_is_one_line_and_exit_2(tiny_f32, args, message):
     if "-m" not in args and args[0] == "run":
@@ -89,9 +92,35 @@ def test_corrupt_and_truncated_models(tmp_path, tiny_f32):
         assert r.returncode == 2 and msg in r.stderr and "Traceback" not in r.stderr
 
 
-def test_unknown_option_is_argparse_error():
+def test_unknown_cli_option_is_one_line():
     r = bench("run", "--no-such-option")
-    assert r.returncode == 2 and "unrecognized arguments: --no-such-option" in r.stderr
+    assert r.returncode == 2 and "No such option '--no-such-option'" in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
+
+
+def test_zero_heads_names_the_file_and_key(tmp_path):
+    from engine.model.synth import write_synthetic
+
+    bad = write_synthetic(tmp_path / "zero.gguf", "tiny")
+    data = bad.read_bytes()
+    key = b"llama.attention.head_count"
+    at = data.index(key) + len(key)  # then the value type (uint32, 4 bytes) and the value itself
+    zeroed = data[:at + 4] + (0).to_bytes(4, "little") + data[at + 8:]
+    bad.write_bytes(zeroed)
+    r = bench("run", "-f", "numpy", "-m", str(bad))
+    assert r.returncode == 2, r.stderr
+    assert f"{bad}: metadata llama.attention.head_count must be at least 1, got 0" in r.stderr
+    assert "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
+
+
+def test_options_reach_only_the_frameworks_that_declare_them(tiny_f32):
+    from engine.cli.main import cells_from_options
+
+    base = dict(framework=("numpy", "tinygrad"), model=(tiny_f32,), precision=(), device=(), prompt=None,
+                prompt_tokens=(), gen_tokens=(), threads=(), compile_=False, option=(("beam", "2"),), repeats=None,
+                warmup=None, min_time=None, seed=None, timeout=None, memory_limit_mb=None)
+    cells = {c.framework: c for c in cells_from_options(base)}
+    assert cells["tinygrad"].options == (("beam", 2),) and cells["numpy"].options == ()
 
 
 def test_prompt_longer_than_context_is_an_error_row(tiny_f32, tmp_path):
@@ -125,7 +154,7 @@ def test_synth(tmp_path):
     out = tmp_path / "s.gguf"
     r = bench("synth", "--shape", "small", "--qtype", "q8_0", "--out", str(out))
     assert r.returncode == 0 and out.exists()
-    from engine.gguf_model import ModelSpec
+    from engine.model.spec import ModelSpec
 
     spec = ModelSpec.open(out)
     assert spec.config.n_layers == 4 and spec.file_type == "q8_0"

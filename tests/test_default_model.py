@@ -7,8 +7,8 @@ import pytest
 
 import backends
 from conftest import bench, load_backend
-from engine.engine import GenerationConfig, InferenceEngine
-from engine.tokenizer import Tokenizer
+from engine.generate.engine import GenerationConfig, InferenceEngine
+from engine.model.tokenizer import Tokenizer
 
 QUESTIONS = ["What is the capital of France?", "Write a haiku about the sea.", "List three prime numbers."]
 GEN = 12

@@ -1,17 +1,19 @@
 """The generate loop, the sampler, the memory tracker and the results writer."""
 
+import csv
 import json
 
 import numpy as np
 import pytest
 
 from conftest import load_backend
-from engine.engine import GenerationConfig, InferenceEngine
+from engine.generate.engine import GenerationConfig, InferenceEngine
 from engine.errors import InputError
-from engine.memory import MemoryTracker
-from engine.results import BenchmarkResult, ResultWriter
-from engine.sampling import Sampler
-from engine.stats import summarize
+from engine.measure.memory import ProcessSampler
+from engine.results.rows import BenchmarkResult, csv_record
+from engine.results.writers import ResultWriter
+from engine.generate.sampling import Sampler
+from engine.measure.stats import summarize
 
 PROMPT = [5, 17, 99, 42]
 
@@ -66,24 +68,36 @@ def test_the_engine_clock_is_the_one_it_is_given(tiny_f32):
     assert gen.ttft_ns == 10 and gen.itl_ns == [10, 10, 10]
 
 
-def test_memory_tracker_sees_an_allocation():
-    with MemoryTracker(interval=0.005) as mem:
-        before = mem.rss_peak
-        block = np.ones(200 * 2**20 // 8)  # 200 MiB, touched
-        block.sum()
-        import time
+def test_the_parent_samples_a_childs_allocation():
+    import subprocess
+    import sys
+    import time
 
-        time.sleep(0.05)
-    s = mem.summary()
-    assert s.sampled_rss_peak_bytes - before > 150 * 2**20
-    assert s.peak_rss_bytes >= s.sampled_rss_peak_bytes * 0.95
-    del block
+    code = "import numpy as np, sys; b = np.ones(200 * 2**20 // 8); b.sum(); print('ready', flush=True); sys.stdin.read()"
+    child = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        sampler = ProcessSampler(child.pid, uss_every=1)
+        sampler.sample()
+        before = sampler.rss_peak
+        assert child.stdout.readline().strip() == "ready"
+        sampler.sample()
+        assert sampler.rss_peak - before > 150 * 2**20 and sampler.uss_peak > 150 * 2**20
+        sampler.reset()
+        assert sampler.rss_peak == 0
+    finally:
+        child.communicate("", timeout=30)
+    sampler.sample()  # the process is gone: sampling keeps what it had and does not raise
+    time.sleep(0)
 
 
 def test_summary_statistics():
     s = summarize([10.0, 12.0, 11.0, 9.0, 13.0])
     assert s.mean == 11.0 and s.n == 5 and abs(s.std - 1.5811) < 1e-3
     assert s.ci95_low < 11.0 < s.ci95_high and abs((s.ci95_high - s.ci95_low) / 2 - 2.776 * 1.5811 / 5**0.5) < 1e-3
+    # no jump where a hand-written table used to end (df 30 -> 31)
+    w30, w31 = (summarize([10.0, 12.0] * (n // 2)) for n in (32, 34))
+    assert abs((w30.ci95_high - w30.mean) / w30.std * 32**0.5 - 2.040) < 2e-3
+    assert abs((w31.ci95_high - w31.mean) / w31.std * 34**0.5 - 2.035) < 2e-3
     one = summarize([4.0])
     assert one.mean == 4.0 and one.std == 0.0
 
@@ -91,7 +105,8 @@ def test_summary_statistics():
 def test_writer_appends_repairs_a_torn_line_and_refuses_other_columns(tmp_path):
     path = tmp_path / "w.csv"
     w = ResultWriter(path)
-    w.write([BenchmarkResult(cell_id="a", framework="numpy", iterations=1, itl_s=[0.1, 0.2])])
+    w.write([BenchmarkResult(cell_id="a", framework="numpy", iterations=1, itl_s=[0.1, 0.2], tokens=[5, 7],
+                             prompt_ids=[1, 2, 3], flags=("noisy", "diverged"), extra={"beam": 2})])
     with open(path, "a") as f:
         f.write("half,a,line")  # a writer killed mid-row
     w2 = ResultWriter(path)
@@ -99,7 +114,14 @@ def test_writer_appends_repairs_a_torn_line_and_refuses_other_columns(tmp_path):
     lines = path.read_text().splitlines()
     assert len(lines) == 3 and lines[2].split(",")[1] == "b"
     assert [json.loads(x)["cell_id"] for x in path.with_suffix(".jsonl").read_text().splitlines()] == ["a", "b"]
-    assert json.loads(path.with_suffix(".jsonl").read_text().splitlines()[0])["itl_s"] == [0.1, 0.2]
+    first = json.loads(path.with_suffix(".jsonl").read_text().splitlines()[0])
+    assert first["itl_s"] == [0.1, 0.2] and first["tokens"] == [5, 7] and first["prompt_ids"] == [1, 2, 3]
+    assert first["flags"] == ["noisy", "diverged"] and first["extra"] == {"beam": 2}
+    assert first["ttft_s"] is None  # not measured: null, not NaN (which is not JSON)
+    assert BenchmarkResult.from_dict(first).as_dict() == first
+    flat = next(csv.DictReader(open(path)))
+    assert flat["tokens"] == "5 7" and flat["prompt_ids"] == "1 2 3" and flat["flags"] == "noisy;diverged"
+    assert json.loads(flat["extra"]) == {"beam": 2} and flat["tokens_sha"] == csv_record(first)["tokens_sha"]
     other = tmp_path / "other.csv"
     other.write_text("x,y\n1,2\n")
     with pytest.raises(InputError, match="exists with other columns"):

@@ -2,8 +2,8 @@ import numpy as np
 import pytest
 
 from engine.errors import ModelError
-from engine.gguf_model import ModelSpec, unpermute_rope_rows
-from engine.synth import SHAPES, write_synthetic
+from engine.model.spec import ModelSpec, unpermute_rope_rows
+from engine.model.synth import SHAPES, write_synthetic
 
 
 def test_default_model_config(default_spec):

@@ -1,7 +1,7 @@
 import re
 from pathlib import Path
 
-from engine.results import JSONL_ONLY, BenchmarkResult
+from engine.results.rows import JSONL_ONLY, BenchmarkResult
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "results-schema.md"
 

@@ -10,7 +10,8 @@ import pandas as pd
 import pytest
 
 from conftest import TESTS, bench
-from engine.cells import Cell, expand, load_config
+from engine.measure.cell import Cell
+from engine.sweep.cells import expand, load_config
 from engine.errors import InputError
 
 FAULT_ENV = {"BENCH_BACKEND_MODULES": "faulty_backend",
@@ -46,7 +47,7 @@ memory_limit_mb = 1500
 
 
 def test_a_crash_costs_one_cell_and_its_group_continues_in_a_fresh_child(tiny_f32, monkeypatch):
-    from engine.isolation import run_cells
+    from engine.sweep.isolation import run_cells
 
     for k, v in FAULT_ENV.items():
         monkeypatch.setenv(k, v)

@@ -1,7 +1,7 @@
 import pytest
 
 from engine.errors import ModelError
-from engine.tokenizer import Tokenizer
+from engine.model.tokenizer import Tokenizer
 
 TEXTS = [
     "Hello world",
@@ -72,7 +72,7 @@ def test_chat_template_is_sandboxed(tok):
 
 
 def test_synthetic_tokenizer(tiny_f32):
-    from engine.gguf_model import ModelSpec
+    from engine.model.spec import ModelSpec
 
     t = Tokenizer.from_spec(ModelSpec.open(tiny_f32))
     ids = t.encode("the <|im_end|>")
@@ -85,7 +85,7 @@ SPM_TEXTS = ["hello world", "the in is it", "Hello World!", "  two  spaces", "h√
 
 @pytest.fixture(scope="module")
 def spm_model(tmp_path_factory):
-    from engine.synth import write_synthetic
+    from engine.model.synth import write_synthetic
 
     return str(write_synthetic(tmp_path_factory.mktemp("spm") / "spm.gguf", "tiny", "f32", tokenizer="llama"))
 
@@ -97,7 +97,7 @@ def spm_llama_vocab(spm_model):
 
 @pytest.mark.parametrize("text", SPM_TEXTS)
 def test_sentencepiece_ids_equal_llama_cpp(spm_model, spm_llama_vocab, text):
-    from engine.gguf_model import ModelSpec
+    from engine.model.spec import ModelSpec
 
     tok = Tokenizer.from_spec(ModelSpec.open(spm_model))
     assert tok.encode(text, add_bos=False) == spm_llama_vocab.tokenize(text.encode(), add_bos=False, special=True)
@@ -107,7 +107,7 @@ def test_sentencepiece_ids_equal_llama_cpp(spm_model, spm_llama_vocab, text):
 
 
 def test_unknown_tokenizer_model_is_a_clear_error(tiny_f32, monkeypatch):
-    from engine.gguf_model import ModelSpec
+    from engine.model.spec import ModelSpec
 
     spec = ModelSpec.open(tiny_f32)
     real = spec.field

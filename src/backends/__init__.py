@@ -11,10 +11,16 @@ from __future__ import annotations
 import importlib
 import os
 import pkgutil
+import time
+from dataclasses import dataclass
 from functools import cache
+from typing import TYPE_CHECKING, Any, Mapping
 
-from backends.base import Backend
-from engine.errors import InputError
+from engine.errors import InputError, UnavailableError
+from engine.generate.backend import Backend, LoadInfo, LoadOptions
+
+if TYPE_CHECKING:
+    from engine.model.spec import ModelSpec
 
 
 @cache
@@ -56,3 +62,45 @@ def available() -> list[str]:
 
 def reference() -> type[Backend]:
     return next(cls for cls in registry().values() if cls.is_reference)
+
+
+def parse_options(frameworks: list[str], options: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
+    """Each framework's share of `--option KEY=VALUE`, typed. A key goes to every framework that
+    declares it; a key no selected framework declares is an error naming the options they have."""
+    classes = {name: get(name) for name in frameworks}
+    for key in options:
+        if not any(key in {o.name for o in cls.options} for cls in classes.values()):
+            have = sorted({f"{o.name} ({n})" for n, cls in classes.items() for o in cls.options})
+            raise InputError(f"unknown option {key!r} for framework(s) {', '.join(frameworks)} "
+                             f"(their options: {', '.join(have) or 'none'})")
+    return {name: cls.parse_options({k: v for k, v in options.items() if k in {o.name for o in cls.options}})
+            for name, cls in classes.items()}
+
+
+@dataclass
+class Opened:
+    """A loaded backend and what its loading decided and cost."""
+
+    backend: Backend
+    info: LoadInfo
+    precision: str
+    version: str
+    load_s: float
+
+
+def open_backend(name: str, spec: "ModelSpec", precision: str = "auto", device: str = "auto", *,
+                 threads: int | None = None, max_seq_len: int = 512, compile: bool = False,
+                 options: Mapping[str, Any] | None = None) -> Opened:
+    """Check availability, resolve precision and device, load, time the load: the one sequence
+    every caller (measurement, chat, tests, scripts) uses."""
+    cls = get(name)
+    avail = cls.availability()
+    if not avail.ok:
+        raise UnavailableError(f"framework {name} is unavailable: {avail.reason}")
+    precision = cls.resolve_precision(spec, precision)
+    opts = LoadOptions(precision=precision, device=cls.resolve_device(device), threads=threads or None,
+                       max_seq_len=max_seq_len, compile=compile, options=cls.parse_options(options or {}))
+    backend = cls()
+    t = time.perf_counter()
+    info = backend.load(spec, opts)
+    return Opened(backend, info, precision, avail.version, time.perf_counter() - t)

@@ -16,8 +16,8 @@ import numpy as np
 from backends.base import ArrayLlamaBackend, LoadInfo, LoadOptions, float_load_info
 from backends.tinygrad_llama import TINYGRAD, PrefillJits, TinyOps
 from backends.torch_llama import TORCH, TorchOps, enter_inference
-from engine.gguf_model import LayerWeights
-from engine.llama import block, head
+from engine.model.spec import LayerWeights
+from engine.model.forward import block, head
 
 
 def tinygrad_view(t) -> Any:

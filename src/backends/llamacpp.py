@@ -10,8 +10,7 @@ from typing import Sequence
 import numpy as np
 
 from backends.base import Availability, Backend, LoadInfo, LoadOptions, Requirement, pip_extra
-from engine.errors import InputError, UnavailableError
-from engine.llama import check_tokens
+from engine.model.forward import check_tokens
 
 LLAMA_CPP = Requirement("llama_cpp", "llama-cpp-python", pip_extra("llamacpp"))
 KV_BYTES = 2  # llama.cpp's default KV cache type is f16
@@ -31,7 +30,7 @@ class LlamaCppBackend(Backend):
     name = "llamacpp"
     description = "llama.cpp native kernels (llama-cpp-python), the file's own quantization"
     requires = (LLAMA_CPP,)
-    devices = ("cpu", "metal", "cuda")
+    devices = ("metal", "cuda", "cpu")
 
     @classmethod
     def build_info(cls) -> str:
@@ -45,14 +44,14 @@ class LlamaCppBackend(Backend):
         return (spec.file_type,)
 
     @classmethod
-    def resolve_device(cls, device: str) -> str:
-        if device == "auto":
-            return ("metal" if _apple_silicon() else "cuda") if _gpu_offload() else "cpu"
-        if device not in cls.devices:
-            raise InputError(f"framework {cls.name} has no device {device!r} (devices: {', '.join(cls.devices)})")
-        if device != "cpu" and not _gpu_offload():
-            raise UnavailableError(f"this llama.cpp build has no GPU offload, so no device {device}")
-        return device
+    def device_missing(cls, device: str) -> str:
+        if device == "cpu":
+            return ""
+        if not _gpu_offload():
+            return "this llama.cpp build has no GPU offload"
+        if (device == "metal") != _apple_silicon():
+            return "Metal needs Apple silicon" if device == "metal" else "no CUDA on Apple silicon"
+        return ""
 
     def load(self, spec, opts: LoadOptions) -> LoadInfo:
         import llama_cpp
@@ -106,8 +105,3 @@ class MetalBackend(LlamaCppBackend):
                                 "CMAKE_ARGS='-DGGML_METAL=on' pip install --force-reinstall llama-cpp-python")
         return base
 
-    @classmethod
-    def resolve_device(cls, device: str) -> str:
-        if device not in ("auto", "metal"):
-            raise InputError(f"framework metal runs on device metal only, not {device!r}")
-        return "metal"

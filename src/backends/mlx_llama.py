@@ -15,9 +15,9 @@ import numpy as np
 
 from backends.base import (FLOAT_PRECISIONS, ArrayLlamaBackend, LoadInfo, LoadOptions, Requirement,
                            float_load_info, pip_extra)
-from engine.errors import InputError, UnavailableError
-from engine.gguf_model import unpermute_rope_rows
-from engine.llama import SeparateProjections, forward
+from engine.errors import UnavailableError
+from engine.model.spec import unpermute_rope_rows
+from engine.model.forward import SeparateProjections, forward
 
 MLX = Requirement("mlx", "mlx", pip_extra("mlx"))
 NATIVE_QUANT = {"q4_0": 4, "q4_1": 4, "q8_0": 8}  # GGUF types MLX loads as quantized matrices
@@ -96,17 +96,10 @@ class MlxBackend(ArrayLlamaBackend):
         return FLOAT_PRECISIONS + native
 
     @classmethod
-    def resolve_device(cls, device: str) -> str:
+    def device_missing(cls, device: str) -> str:
         import mlx.core as mx
 
-        gpu = mx.metal.is_available()
-        if device == "auto":
-            return "gpu" if gpu else "cpu"
-        if device not in cls.devices:
-            raise InputError(f"framework mlx has no device {device!r} (devices: gpu, cpu, auto)")
-        if device == "gpu" and not gpu:
-            raise UnavailableError("mlx device gpu needs Metal (Apple silicon); this host has none")
-        return device
+        return "mlx's gpu needs Metal (Apple silicon)" if device == "gpu" and not mx.metal.is_available() else ""
 
     def build(self, spec, opts: LoadOptions) -> LoadInfo:
         import mlx.core as mx

@@ -7,7 +7,7 @@ from typing import Sequence
 import numpy as np
 
 from backends.base import ArrayLlamaBackend, LoadInfo, LoadOptions, float_load_info
-from engine.llama import SeparateProjections, forward, rope_tables
+from engine.model.forward import SeparateProjections, forward, rope_tables
 
 
 class NumpyOps(SeparateProjections):

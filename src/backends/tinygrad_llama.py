@@ -11,9 +11,9 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from backends.base import ArrayLlamaBackend, LoadInfo, LoadOptions, Requirement, float_load_info, pip_extra
-from engine.errors import InputError, UnavailableError
-from engine.llama import SeparateProjections, forward, rope_tables
+from backends.base import (ArrayLlamaBackend, BackendOption, LoadInfo, LoadOptions, Requirement, float_load_info,
+                           pip_extra)
+from engine.model.forward import SeparateProjections, forward, rope_tables
 
 TINYGRAD = Requirement("tinygrad", "tinygrad", pip_extra("tinygrad"))
 
@@ -96,7 +96,8 @@ class TinygradBackend(ArrayLlamaBackend):
     name = "tinygrad"
     description = "tinygrad Llama, decode step under TinyJit with a symbolic KV position"
     requires = (TINYGRAD,)
-    devices = ("cpu", "cuda", "metal", "gpu", "amd")
+    devices = ("cuda", "metal", "amd", "gpu", "cpu")
+    options = (BackendOption("beam", int, "BEAM kernel-search width: 0 off, 2 typical", choices=tuple(range(0, 9))),)
 
     @classmethod
     def precisions(cls, spec):
@@ -106,15 +107,17 @@ class TinygradBackend(ArrayLlamaBackend):
     def resolve_device(cls, device: str) -> str:
         from tinygrad import Device
 
-        if device == "auto":
-            return Device.DEFAULT.lower()
-        if device not in cls.devices:
-            raise InputError(f"framework tinygrad has no device {device!r} (devices: {', '.join(cls.devices)})")
+        return Device.DEFAULT.lower() if device == "auto" else super().resolve_device(device)
+
+    @classmethod
+    def device_missing(cls, device: str) -> str:
+        from tinygrad import Device
+
         try:
             Device[device.upper()]
-        except Exception as e:
-            raise UnavailableError(f"tinygrad device {device.upper()} is not available here ({e})") from e
-        return device
+        except Exception as e:  # tinygrad raises whatever its runtime loader raised
+            return f"{type(e).__name__}: {e}"
+        return ""
 
     def build(self, spec, opts: LoadOptions) -> LoadInfo:
         from tinygrad import Tensor, TinyJit, UOp, dtypes

@@ -9,25 +9,21 @@ from typing import Sequence
 import numpy as np
 
 from backends.base import ArrayLlamaBackend, LoadInfo, LoadOptions, Requirement, float_load_info, pip_extra
-from engine.errors import InputError, UnavailableError
-from engine.llama import FusedProjections, forward, rope_tables
+from engine.errors import UnavailableError
+from engine.model.forward import FusedProjections, forward, rope_tables
 
 TORCH = Requirement("torch", "torch", pip_extra("torch"))
 TORCH_DTYPES = {"f32": "float32", "bf16": "bfloat16", "f16": "float16"}
 
 
-def torch_device(device: str) -> str:
-    """'auto' -> cuda, then mps, then cpu; a named device must exist here."""
+def torch_device_missing(device: str) -> str:
     import torch
 
-    present = {"cpu": True, "cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available()}
-    if device == "auto":
-        return next(d for d in ("cuda", "mps", "cpu") if present[d])
-    if device not in present:
-        raise InputError(f"unknown torch device {device!r} (cpu, cuda, mps, auto)")
-    if not present[device]:
-        raise UnavailableError(f"torch device {device} is not available on this host")
-    return device
+    if device == "cuda" and not torch.cuda.is_available():
+        return "torch sees no CUDA device"
+    if device == "mps" and not torch.backends.mps.is_available():
+        return "torch sees no MPS device (Apple silicon)"
+    return ""
 
 
 def synchronize(device: str) -> None:
@@ -136,11 +132,11 @@ class TorchBased(ArrayLlamaBackend):
     """What every backend running on torch shares: devices, threads, inference mode, memory."""
 
     requires = (TORCH,)
-    devices = ("cpu", "cuda", "mps")
+    devices = ("cuda", "mps", "cpu")
 
     @classmethod
-    def resolve_device(cls, device: str) -> str:
-        return torch_device(device)
+    def device_missing(cls, device: str) -> str:
+        return torch_device_missing(device)
 
     def prepare_torch(self, opts: LoadOptions) -> None:
         enter_inference(opts.threads)

@@ -11,7 +11,7 @@ from typing import Any, Protocol, Sequence
 
 import numpy as np
 
-from engine.gguf_model import LlamaConfig, LlamaWeights
+from engine.model.spec import LlamaConfig, LlamaWeights
 
 Array = Any
 

@@ -9,10 +9,11 @@ from dataclasses import dataclass, field, replace
 from typing import Callable
 
 import backends
-from engine.cells import Cell
-from engine.isolation import run_cells
-from engine.results import BenchmarkResult, ResultWriter
-from engine.runner import with_reference
+from engine.measure.cell import Cell
+from engine.sweep.isolation import run_cells
+from engine.results.rows import BenchmarkResult
+from engine.results.writers import ResultWriter
+from engine.measure.runner import with_reference
 
 
 @dataclass
@@ -42,7 +43,7 @@ class ReferenceTokens:
 
     def offer(self, cell: Cell, rows: list[BenchmarkResult]) -> None:
         if cell.framework == self.name and rows[0].status == "ok":
-            self._cache[self.key(cell)] = [int(t) for t in rows[0].tokens.split()]
+            self._cache[self.key(cell)] = list(rows[0].tokens)
 
     def prefetch(self, cells: list[Cell]) -> None:
         """Run the reference for every prompt the sweep's own reference cells do not cover.

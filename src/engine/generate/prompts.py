@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 
 from engine.errors import InputError
-from engine.gguf_model import ModelSpec
-from engine.tokenizer import CONTROL, USER_DEFINED, Tokenizer
+from engine.model.spec import ModelSpec
+from engine.model.tokenizer import CONTROL, USER_DEFINED, Tokenizer
 
 
 def seeded_prompt(spec: ModelSpec, n_tokens: int, seed: int) -> list[int]:

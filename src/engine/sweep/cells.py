@@ -1,73 +1,16 @@
-"""Cells: one benchmark configuration each, expanded from sweep axes and ordered to group loads."""
+"""Sweep cells: the product of axes, deduplicated and ordered so cells sharing a load are adjacent."""
 
 from __future__ import annotations
 
-import hashlib
 import itertools
-import json
 import os
 import tomllib
-from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from dataclasses import replace
+from typing import Any, Callable, Iterable, Mapping
 
 from engine.errors import InputError
-
-
-@dataclass(frozen=True)
-class Cell:
-    framework: str
-    model: str
-    precision: str = "auto"
-    device: str = "auto"
-    prompt_tokens: int = 32
-    prompt_text: str = ""
-    gen_tokens: int = 32
-    repeats: int = 3
-    warmup: int = 1
-    min_time_s: float = 0.0
-    threads: int = 0  # 0: the framework's default
-    compile: bool = False
-    seed: int = 0
-    memory_limit_mb: int = 0  # RLIMIT_AS of the child process; 0: none
-    options: tuple[tuple[str, Any], ...] = ()  # backend-specific (e.g. beam=2)
-    timeout_s: float = 900.0
-    noise_threshold: float = 0.05  # CoV of decode tok/s above which a cell is flagged `noisy`
-
-    def __post_init__(self) -> None:
-        for name in ("prompt_tokens", "gen_tokens", "repeats"):
-            if getattr(self, name) < 1:
-                raise InputError(f"{name} must be at least 1, got {getattr(self, name)}")
-        for name in ("warmup", "threads", "memory_limit_mb"):
-            if getattr(self, name) < 0:
-                raise InputError(f"{name} must be >= 0, got {getattr(self, name)}")
-        if self.timeout_s <= 0:
-            raise InputError(f"timeout must be > 0 seconds, got {self.timeout_s}")
-
-    @property
-    def cell_id(self) -> str:
-        """Stable across runs and machines: what was measured, not how long it may take."""
-        key = {k: v for k, v in asdict(self).items() if k not in ("timeout_s", "noise_threshold")}
-        key["model"] = os.path.basename(self.model)
-        return hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
-
-    @property
-    def load_key(self) -> tuple:
-        """Cells with equal keys can share one loaded model in one child process."""
-        return (self.model, self.framework, self.precision, self.device, self.threads, self.compile,
-                self.memory_limit_mb, self.options)
-
-    def to_json(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_json(cls, d: Mapping[str, Any]) -> "Cell":
-        d = dict(d)
-        d["options"] = tuple(tuple(kv) for kv in d.get("options", ()))
-        return cls(**d)
-
-
-CELL_FIELDS = {f.name for f in fields(Cell)}
+from engine.measure.cell import CELL_FIELDS, Cell
 
 
 def expand(axes: Mapping[str, Any], fixed: Mapping[str, Any]) -> list[Cell]:
@@ -84,6 +27,16 @@ def expand(axes: Mapping[str, Any], fixed: Mapping[str, Any]) -> list[Cell]:
     for combo in itertools.product(*lists):
         cells.append(Cell(**{**fixed, **dict(zip(names, combo))}))
     return order(dedupe(cells))
+
+
+def apply_options(cells: list[Cell], parse: Callable[[list[str], dict[str, Any]], dict[str, dict[str, Any]]]) -> list[Cell]:
+    """Give each cell only the backend options its framework declares, typed by `parse`
+    (the registry's `parse_options`, which refuses a key no framework of the sweep knows)."""
+    given = {kv for c in cells for kv in c.options}
+    if not given:
+        return cells
+    typed = parse(sorted({c.framework for c in cells}), dict(given))
+    return dedupe(replace(c, options=tuple(sorted(typed[c.framework].items()))) for c in cells)
 
 
 def dedupe(cells: Iterable[Cell]) -> list[Cell]:

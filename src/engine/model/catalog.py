@@ -5,9 +5,9 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from engine.bandwidth import cache_path
 from engine.errors import InputError
-from engine.gguf_model import default_model_path
+from engine.paths import cache_dir
+from engine.model.spec import default_model_path
 
 
 def resolve_model(name: str) -> str:
@@ -18,9 +18,9 @@ def resolve_model(name: str) -> str:
         if len(parts) not in (2, 3):
             raise InputError(f"synthetic model names look like synth:SHAPE or synth:SHAPE:QTYPE, got {name!r}")
         shape, qtype = parts[1], parts[2] if len(parts) == 3 else "f32"
-        path = cache_path().parent / "synth" / f"{shape}-{qtype}.gguf"
+        path = cache_dir() / "synth" / f"{shape}-{qtype}.gguf"
         if not path.exists():
-            from engine.synth import write_synthetic
+            from engine.model.synth import write_synthetic
 
             tmp = path.with_suffix(".partial")
             write_synthetic(tmp, shape, qtype)

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Sequence
 from engine.errors import ModelError
 
 if TYPE_CHECKING:
-    from engine.gguf_model import ModelSpec
+    from engine.model.spec import ModelSpec
 
 # llama.cpp token types: 1 normal, 2 unknown, 3 control, 4 user-defined, 5 unused, 6 byte
 CONTROL, USER_DEFINED = 3, 4

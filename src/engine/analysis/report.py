@@ -5,14 +5,11 @@ from __future__ import annotations
 from pathlib import Path
 
 from engine.errors import InputError
+from engine.results.writers import markdown_table
 
 
 def _markdown_table(df) -> str:
-    cols = list(df.columns)
-    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-    for row in df.itertuples(index=False):
-        lines.append("| " + " | ".join(_cell(v) for v in row) + " |")
-    return "\n".join(lines)
+    return markdown_table(list(df.columns), ([_cell(v) for v in row] for row in df.itertuples(index=False)))
 
 
 def _cell(v) -> str:
@@ -27,7 +24,7 @@ def write_report(paths: list[str], out: Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from engine.analysis import FIGURES, cell_summary, correctness_table, fig_itl_cdf, load_latencies, load_results
+    from engine.analysis.frames import FIGURES, cell_summary, correctness_table, fig_itl_cdf, load_latencies, load_results
 
     missing = [p for p in paths if not Path(p).exists()]
     if missing:
@@ -71,9 +68,3 @@ def write_report(paths: list[str], out: Path) -> Path:
     path = out / "report.md"
     path.write_text("\n".join(md))
     return path
-
-
-def cmd_report(args) -> int:
-    path = write_report(args.results, Path(args.out))
-    print(path)
-    return 0

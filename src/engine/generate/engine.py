@@ -9,13 +9,14 @@ after real work. `stream()` yields per-token events; `generate()` drains it into
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Iterator, Sequence
 
-from backends.base import Backend
+from engine.generate.backend import Backend
 from engine.errors import InputError
-from engine.sampling import Sampler
+from engine.generate.sampling import Sampler
 
 
 @dataclass(frozen=True)
@@ -49,13 +50,37 @@ class TokenEvent:
 
 @dataclass
 class Generation:
+    """One generation's tokens and timings, filled event by event (`add`), so a consumer that
+    streams (chat) and one that drains (measurement) keep the same books."""
+
     tokens: list[int] = field(default_factory=list)
     ttft_ns: int = 0
     itl_ns: list[int] = field(default_factory=list)  # between consecutive tokens
 
+    def add(self, ev: TokenEvent) -> None:
+        self.tokens.append(ev.token)
+        if ev.index == 0:
+            self.ttft_ns = ev.dt_ns
+        else:
+            self.itl_ns.append(ev.dt_ns)
+
     @property
     def total_ns(self) -> int:
         return self.ttft_ns + sum(self.itl_ns)
+
+    @property
+    def ttft_s(self) -> float:
+        return self.ttft_ns / 1e9
+
+    @property
+    def itl_s(self) -> list[float]:
+        return [x / 1e9 for x in self.itl_ns]
+
+    @property
+    def decode_tps(self) -> float:
+        """Decode tokens per second from the measured inter-token latencies (never by subtraction);
+        NaN with no decode step."""
+        return len(self.itl_ns) / (sum(self.itl_ns) / 1e9) if self.itl_ns else math.nan
 
 
 class InferenceEngine:
@@ -88,9 +113,5 @@ class InferenceEngine:
     def generate(self, prompt_ids: Sequence[int], cfg: GenerationConfig) -> Generation:
         gen = Generation()
         for ev in self.stream(prompt_ids, cfg):
-            gen.tokens.append(ev.token)
-            if ev.index == 0:
-                gen.ttft_ns = ev.dt_ns
-            else:
-                gen.itl_ns.append(ev.dt_ns)
+            gen.add(ev)
         return gen

@@ -3,19 +3,18 @@ one status line of live metrics per reply and slash commands for spot checks."""
 
 from __future__ import annotations
 
-import math
 import sys
 from dataclasses import dataclass
 
 import psutil
 
 import backends
-from backends.base import Backend, LoadOptions
-from engine.engine import GenerationConfig, InferenceEngine
+from engine.generate.backend import Backend
+from engine.generate.engine import Generation, GenerationConfig, InferenceEngine
 from engine.errors import BenchError, InputError
-from engine.gguf_model import ModelSpec
-from engine.models import resolve_model
-from engine.tokenizer import Tokenizer
+from engine.model.spec import ModelSpec
+from engine.model.catalog import resolve_model
+from engine.model.tokenizer import Tokenizer
 
 HELP = """commands:
   /framework NAME  switch backend, keeping the conversation
@@ -33,14 +32,8 @@ class Turn:
     precision: str
     device: str
     prompt_tokens: int
-    tokens: list[int]
-    ttft_s: float
-    itl_s: list[float]
+    gen: Generation
     rss_bytes: int
-
-    @property
-    def decode_tps(self) -> float:
-        return len(self.itl_s) / sum(self.itl_s) if self.itl_s else math.nan
 
 
 class ChatSession:
@@ -57,18 +50,14 @@ class ChatSession:
         self.switch(framework)
 
     def switch(self, framework: str) -> None:
-        cls = backends.get(framework)
-        avail = cls.availability()
-        if not avail.ok:
-            raise BenchError(f"framework {framework} is unavailable: {avail.reason}")
-        precision = cls.resolve_precision(self.spec, self.precision_request if self.backend is None else "auto")
-        device = cls.resolve_device(self.device_request if self.backend is None else "auto")
-        backend = cls()
-        backend.load(self.spec, LoadOptions(precision=precision, device=device, max_seq_len=self.context))
+        first = self.backend is None
+        opened = backends.open_backend(framework, self.spec, self.precision_request if first else "auto",
+                                       self.device_request if first else "auto", max_seq_len=self.context)
         if self.backend is not None:
             self.backend.close()
-        self.backend, self.framework, self.precision, self.device = backend, framework, precision, device
-        self.engine = InferenceEngine(backend)
+        self.backend, self.framework = opened.backend, framework
+        self.precision, self.device = opened.precision, opened.info.device
+        self.engine = InferenceEngine(self.backend)
         self.cached: list[int] | None = []  # token ids now in the KV cache; None: unknown
 
     def reset(self) -> None:
@@ -111,15 +100,12 @@ class ChatSession:
         feed = ids[len(self.cached):] if reuse else ids
         cfg = GenerationConfig(max_new_tokens=budget, temperature=self.temperature, seed=self.seed,
                                stop_ids=self.tok.stop_ids)
-        tokens, itl, ttft, text_so_far = [], [], math.nan, ""
+        gen, text_so_far = Generation(), ""
+        tokens = gen.tokens
         self.cached = None  # unknown until the reply completes
         try:
             for ev in self.engine.stream(feed, cfg, reset=not reuse):
-                tokens.append(ev.token)
-                if ev.index == 0:
-                    ttft = ev.dt_ns / 1e9
-                else:
-                    itl.append(ev.dt_ns / 1e9)
+                gen.add(ev)
                 full = self.tok.decode(tokens)
                 out.write(full[len(text_so_far):])
                 out.flush()
@@ -131,15 +117,14 @@ class ChatSession:
             out.write(" [stopped]")
         out.write("\n")
         self.messages.append({"role": "assistant", "content": text_so_far})
-        turn = Turn(self.framework, self.precision, self.device, len(ids), tokens, ttft, itl,
-                    psutil.Process().memory_info().rss)
+        turn = Turn(self.framework, self.precision, self.device, len(ids), gen, psutil.Process().memory_info().rss)
         self.turns.append(turn)
         return turn
 
 
 def status_line(t: Turn) -> str:
-    return (f"[{t.framework} {t.precision} {t.device}] TTFT {t.ttft_s * 1e3:.0f} ms | decode {t.decode_tps:.1f} tok/s | "
-            f"{len(t.tokens)} tokens | RSS {t.rss_bytes / 1e6:.0f} MB")
+    return (f"[{t.framework} {t.precision} {t.device}] TTFT {t.gen.ttft_s * 1e3:.0f} ms | "
+            f"decode {t.gen.decode_tps:.1f} tok/s | {len(t.gen.tokens)} tokens | RSS {t.rss_bytes / 1e6:.0f} MB")
 
 
 def stats_table(turns: list[Turn]):
@@ -149,34 +134,31 @@ def stats_table(turns: list[Turn]):
     for c in ("turn", "framework", "precision", "prompt", "generated", "TTFT ms", "decode tok/s"):
         t.add_column(c)
     for i, turn in enumerate(turns, 1):
-        t.add_row(str(i), turn.framework, turn.precision, str(turn.prompt_tokens), str(len(turn.tokens)),
-                  f"{turn.ttft_s * 1e3:.0f}", f"{turn.decode_tps:.1f}")
+        t.add_row(str(i), turn.framework, turn.precision, str(turn.prompt_tokens), str(len(turn.gen.tokens)),
+                  f"{turn.gen.ttft_s * 1e3:.0f}", f"{turn.gen.decode_tps:.1f}")
     return t
 
 
 def save_turns(session: ChatSession, path: str) -> int:
-    from engine.results import BenchmarkResult, ResultWriter, new_run_id, provenance
-    from engine.stats import percentile
+    from engine.measure.runner import timing_fields
+    from engine.results.rows import BenchmarkResult, new_run_id, provenance
+    from engine.results.writers import ResultWriter
 
     run_id = new_run_id()
-    rows = []
-    for i, t in enumerate(session.turns):
-        rows.append(BenchmarkResult(
-            run_id=run_id, cell_id=f"chat-{run_id}-{i}", repeat=0, framework=t.framework, precision=t.precision,
-            device=t.device, model=session.spec.name, model_size=session.spec.size_label, iterations=1,
-            prompt_tokens=t.prompt_tokens, gen_tokens=len(t.tokens), ttft_s=t.ttft_s, first_token_time=t.ttft_s,
-            prefill_tps=t.prompt_tokens / t.ttft_s, decode_tps=t.decode_tps, itl_p50_s=percentile(t.itl_s, 50),
-            itl_p90_s=percentile(t.itl_s, 90), itl_p99_s=percentile(t.itl_s, 99), sampled_rss_peak_bytes=t.rss_bytes,
-            tokens=" ".join(map(str, t.tokens)), optimization_level="chat", itl_s=t.itl_s, **provenance()))
+    rows = [BenchmarkResult(
+        run_id=run_id, cell_id=f"chat-{run_id}-{i}", repeat=0, framework=t.framework, precision=t.precision,
+        device=t.device, model=session.spec.name, model_size=session.spec.size_label, iterations=1,
+        sampled_rss_peak_bytes=t.rss_bytes, optimization_level="chat", **timing_fields(t.gen, t.prompt_tokens),
+        **provenance()) for i, t in enumerate(session.turns)]
     ResultWriter(path).write(rows)
     return len(rows)
 
 
-def run_chat(args) -> int:
-    from engine import display
+def run_chat(model: str, framework: str, precision: str, device: str, context: int, max_tokens: int,
+             temperature: float, seed: int) -> int:
+    from engine.cli import display
 
-    session = ChatSession(args.model, args.framework, args.precision, args.device, args.context, args.max_tokens,
-                          args.temperature, args.seed)
+    session = ChatSession(model, framework, precision, device, context, max_tokens, temperature, seed)
     print(f"chatting with {session.spec.name} on {session.framework} ({session.precision}, {session.device}); "
           f"/help for commands")
     while True:

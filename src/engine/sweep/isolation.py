@@ -18,13 +18,17 @@ import tempfile
 import time
 from typing import Callable, Iterator
 
-from engine.cells import Cell
-from engine.results import BenchmarkResult
-from engine.runner import failure_row
+from dataclasses import replace
+
+from engine.measure.cell import Cell
+from engine.measure.memory import ProcessSampler
+from engine.measure.runner import failure_row
+from engine.results.rows import BenchmarkResult
 
 THREAD_VARS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "VECLIB_MAXIMUM_THREADS",
                "NUMEXPR_NUM_THREADS")
 STDERR_TAIL = 600
+SAMPLE_INTERVAL_S = 0.05  # the parent's RSS/USS sampling period of the measuring child
 
 
 def child_env(cell: Cell) -> dict[str, str]:
@@ -53,10 +57,11 @@ def _run_child(cells: list[Cell], host_gbps: float, run_id: str, debug: bool,
     job = json.dumps({"cells": [c.to_json() for c in cells], "host_gbps": host_gbps, "run_id": run_id, "debug": debug})
     read_fd, write_fd = os.pipe()
     log = tempfile.TemporaryFile()
-    proc = subprocess.Popen([sys.executable, "-m", "engine.worker", str(write_fd)], stdin=subprocess.PIPE,
+    proc = subprocess.Popen([sys.executable, "-m", "engine.sweep.worker", str(write_fd)], stdin=subprocess.PIPE,
                             stdout=log, stderr=log, pass_fds=(write_fd,), env=child_env(cells[0]),
                             start_new_session=True)
     os.close(write_fd)
+    memory = ProcessSampler(proc.pid)
     try:
         proc.stdin.write(job.encode())
         proc.stdin.close()
@@ -73,7 +78,8 @@ def _run_child(cells: list[Cell], host_gbps: float, run_id: str, debug: bool,
             if wait <= 0:
                 timed_out = True
                 break
-            ready, _, _ = select.select([read_fd], [], [], min(wait, 1.0))
+            ready, _, _ = select.select([read_fd], [], [], min(wait, SAMPLE_INTERVAL_S))
+            memory.sample()
             if not ready:
                 continue
             chunk = os.read(read_fd, 1 << 20)
@@ -88,13 +94,15 @@ def _run_child(cells: list[Cell], host_gbps: float, run_id: str, debug: bool,
                 started = time.monotonic()
                 if msg["event"] == "start":
                     current = cell
+                    memory.reset()
                     if on_start is not None:
                         on_start(cell)
                     continue
                 current = None
                 reported.add(cell.cell_id)
                 if msg["event"] == "done":
-                    yield cell, [BenchmarkResult(**r) for r in msg["rows"]]
+                    yield cell, [replace(BenchmarkResult.from_dict(r), sampled_rss_peak_bytes=memory.rss_peak,
+                                         sampled_uss_peak_bytes=memory.uss_peak) for r in msg["rows"]]
                 else:
                     yield cell, [failure_row(cell, msg["status"], msg["error"], run_id)]
     finally:

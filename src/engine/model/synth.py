@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from engine.errors import InputError
-from engine.gguf_model import LlamaConfig
+from engine.model.spec import LlamaConfig
 
 
 def _shape(n_layers, dim, n_heads, n_kv_heads, ffn_dim, vocab_size, context_length, rope_base=10000.0):

@@ -66,28 +66,3 @@ def compare(baseline: str, candidate: str, metric: str = "decode_tps", threshold
         better = ratio < 1 - threshold if lower_better else ratio > 1 + threshold
         out.append(CellComparison(cell, label, ratio, lo, hi, p, significant and worse, significant and better))
     return out, unmatched
-
-
-def cmd_compare(args) -> int:
-    from rich.table import Table
-
-    from engine import display
-
-    rows, unmatched = compare(args.baseline, args.candidate, args.metric, args.threshold, args.alpha)
-    if not rows:
-        raise InputError("no cells in common between the two files")
-    t = Table(title=f"{args.metric}: candidate / baseline", header_style="bold")
-    for c in ("cell", "ratio", "95% CI", "p (Welch)", "verdict"):
-        t.add_column(c)
-    for r in rows:
-        verdict = "[red]REGRESSION[/]" if r.regressed else "[green]improved[/]" if r.improved else "same"
-        t.add_row(r.label, f"{r.ratio:.3f}", f"{r.ci_low:.3f}-{r.ci_high:.3f}" if not math.isnan(r.ci_low) else "-",
-                  f"{r.p_value:.3g}" if not math.isnan(r.p_value) else "-", verdict)
-    display.stdout.print(t)
-    if unmatched:
-        display.stderr.print(f"{len(unmatched)} cell(s) in only one file: not compared")
-    regressions = sum(r.regressed for r in rows)
-    if regressions:
-        display.stderr.print(f"[red]{regressions} cell(s) regressed beyond {args.threshold:.0%}[/]")
-        return 1
-    return 0

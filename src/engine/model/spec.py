@@ -138,23 +138,37 @@ class ModelSpec:
             raise ModelError(f"{self.path}: missing metadata key {key}")
         return value
 
+    def _positive(self, key: str, default: Any = None) -> int:
+        value = self._require(key) if default is None else self.field(key, default)
+        try:
+            n = int(value)
+        except (TypeError, ValueError):
+            raise ModelError(f"{self.path}: metadata {key} is not a whole number ({value!r})") from None
+        if n < 1:
+            raise ModelError(f"{self.path}: metadata {key} must be at least 1, got {n}")
+        return n
+
     def _read_config(self, arch: str) -> LlamaConfig:
-        n_heads = int(self._require(f"{arch}.attention.head_count"))
+        n_heads = self._positive(f"{arch}.attention.head_count")
         embd = self._tensors.get("token_embd.weight")
         if embd is None:
             raise ModelError(f"{self.path}: missing tensors token_embd.weight")
         vocab = int(self.field(f"{arch}.vocab_size", 0) or embd.shape[-1])
-        return LlamaConfig(
-            n_layers=int(self._require(f"{arch}.block_count")),
-            dim=int(self._require(f"{arch}.embedding_length")),
+        dims = dict(
+            n_layers=self._positive(f"{arch}.block_count"),
+            dim=self._positive(f"{arch}.embedding_length"),
             n_heads=n_heads,
-            n_kv_heads=int(self.field(f"{arch}.attention.head_count_kv", n_heads)),
-            ffn_dim=int(self._require(f"{arch}.feed_forward_length")),
+            n_kv_heads=self._positive(f"{arch}.attention.head_count_kv", n_heads),
+            ffn_dim=self._positive(f"{arch}.feed_forward_length"),
             vocab_size=vocab,
             context_length=int(self.field(f"{arch}.context_length", 2048)),
             rope_base=float(self.field(f"{arch}.rope.freq_base", 10000.0)),
             rms_eps=float(self.field(f"{arch}.attention.layer_norm_rms_epsilon", 1e-5)),
         )
+        try:
+            return LlamaConfig(**dims)
+        except ModelError as e:  # a dimension that does not divide: name the file
+            raise ModelError(f"{self.path}: {e}") from None
 
     def _required_tensors(self) -> list[str]:
         names = ["token_embd.weight", "output_norm.weight"]

@@ -1,4 +1,4 @@
-"""The child process that measures cells: `python -m engine.worker FD` with a JSON job on stdin.
+"""The child process that measures cells: `python -m engine.sweep.worker FD` with a JSON job on stdin.
 
 It reports on file descriptor FD, one JSON line per event ({"event": "start"|"done"|"failed"}),
 so whatever a framework prints to stdout or stderr cannot corrupt the results. Cells arrive in
@@ -22,19 +22,21 @@ def _limit_memory(mb: int) -> None:
 
 
 def main(argv: list[str]) -> int:
+    from engine.results.rows import json_default  # light: no framework, no numpy
+
     out = os.fdopen(int(argv[1]), "w", buffering=1, encoding="utf-8")
     job = json.loads(sys.stdin.read())
 
     def emit(event: str, cell_id: str, **data: Any) -> None:
-        out.write(json.dumps({"event": event, "cell_id": cell_id, **data}, default=_default) + "\n")
+        out.write(json.dumps({"event": event, "cell_id": cell_id, **data}, default=json_default) + "\n")
         out.flush()
 
     _limit_memory(job["cells"][0].get("memory_limit_mb", 0))
     # imported after the limit is set, so framework imports count against it
-    from engine.cells import Cell
+    from engine.measure.cell import Cell
     from engine.errors import BenchError, UnavailableError
-    from engine.gguf_model import ModelSpec
-    from engine.runner import LoadedModel, measure, needed_seq_len
+    from engine.model.spec import ModelSpec
+    from engine.measure.runner import LoadedModel, measure, needed_seq_len
 
     cells = [Cell.from_json(c) for c in job["cells"]]
     loaded = None
@@ -61,12 +63,6 @@ def main(argv: list[str]) -> int:
     if loaded is not None:
         loaded.close()
     return 0
-
-
-def _default(v: Any) -> Any:
-    if hasattr(v, "item"):
-        return v.item()
-    raise TypeError(type(v).__name__)
 
 
 if __name__ == "__main__":

@@ -16,12 +16,13 @@ from pathlib import Path
 
 import numpy as np
 
+from engine.paths import cache_dir
+
 BUFFER_BYTES = 512 * 2**20
 
 
 def cache_path() -> Path:
-    root = Path(os.environ.get("BENCH_CACHE_DIR") or Path.home() / ".cache" / "llm-bench")
-    return root / f"bandwidth-{platform.node() or 'host'}.json"
+    return cache_dir() / f"bandwidth-{platform.node() or 'host'}.json"
 
 
 def _best_seconds(fn, repeats: int) -> float:

@@ -1,0 +1,185 @@
+"""The Backend contract every framework implements; the engine drives nothing else.
+
+Backends see this module and `engine.model`; the harness reaches them only through the registry
+in `backends`. A backend states what it can do (devices present, precisions, typed options) as
+data and hooks here, so no harness code ever switches on a framework's name.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import importlib.util
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, ClassVar, Mapping, Sequence
+
+import numpy as np
+
+from engine.errors import InputError, UnavailableError
+
+if TYPE_CHECKING:
+    from engine.model.spec import ModelSpec
+
+FLOAT_PRECISIONS = ("f32", "bf16", "f16")
+
+
+@dataclass(frozen=True)
+class Requirement:
+    module: str  # the import name (find_spec looks this up, never the distribution name)
+    dist: str  # the distribution whose version is reported
+    install: str  # the exact command that installs it
+
+    def present(self) -> bool:
+        return importlib.util.find_spec(self.module) is not None
+
+    def version(self) -> str:
+        try:
+            return importlib.metadata.version(self.dist)
+        except importlib.metadata.PackageNotFoundError:
+            return ""
+
+
+def pip_extra(extra: str) -> str:
+    return f"pip install -e '.[{extra}]'"
+
+
+@dataclass(frozen=True)
+class Availability:
+    ok: bool
+    version: str = ""
+    reason: str = ""
+
+
+@dataclass(frozen=True)
+class BackendOption:
+    """A `--option KEY=VALUE` a backend understands, typed so the CLI checks it before any run."""
+
+    name: str
+    type: type  # int, float, str or bool
+    help: str
+    choices: tuple = ()
+
+    def parse(self, framework: str, value: Any) -> Any:
+        try:
+            if self.type is bool and isinstance(value, str):
+                if value.lower() not in ("1", "0", "true", "false", "yes", "no", "on", "off"):
+                    raise ValueError
+                parsed: Any = value.lower() in ("1", "true", "yes", "on")
+            elif self.type is int and isinstance(value, float) and not value.is_integer():
+                raise ValueError
+            else:
+                parsed = self.type(value)
+        except (TypeError, ValueError):
+            raise InputError(f"option {self.name}={value!r} of framework {framework} needs a "
+                             f"{self.type.__name__} ({self.help})") from None
+        if self.choices and parsed not in self.choices:
+            raise InputError(f"option {self.name}={value!r} of framework {framework} must be one of "
+                             f"{', '.join(map(str, self.choices))}")
+        return parsed
+
+
+@dataclass(frozen=True)
+class LoadOptions:
+    precision: str = "auto"
+    device: str = "auto"
+    threads: int | None = None
+    max_seq_len: int = 512
+    compile: bool = False
+    options: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class LoadInfo:
+    precision: str
+    device: str
+    weight_bytes: int  # weights as the framework holds them
+    decode_bytes: int  # weight bytes one decode step reads
+    kv_bytes_per_token: int  # KV-cache bytes one position adds (all layers, K and V)
+    compile_s: float = 0.0  # explicit compilation done inside load (reported, never in tok/s)
+    details: dict[str, Any] = field(default_factory=dict)  # goes to the row's `extra` column
+
+
+class Backend(ABC):
+    """One inference framework. Logits come back to the host as float32 numpy arrays, so the
+    engine owns sampling, stopping and timing; each call returns only after the framework's
+    queued work is complete."""
+
+    name: ClassVar[str]
+    description: ClassVar[str] = ""
+    requires: ClassVar[tuple[Requirement, ...]] = ()
+    devices: ClassVar[tuple[str, ...]] = ("cpu",)  # every device it knows, in order of preference
+    options: ClassVar[tuple[BackendOption, ...]] = ()
+    is_reference: ClassVar[bool] = False
+
+    @classmethod
+    def availability(cls) -> Availability:
+        missing = [r for r in cls.requires if not r.present()]
+        if missing:
+            return Availability(False, reason=f"{missing[0].module} is not installed: {missing[0].install}")
+        return Availability(True, version=cls.requires[0].version() if cls.requires else np.__version__)
+
+    @classmethod
+    def precisions(cls, spec: "ModelSpec") -> tuple[str, ...]:
+        """Precisions this backend runs the model at; the first is the default."""
+        return FLOAT_PRECISIONS
+
+    @classmethod
+    def resolve_precision(cls, spec: "ModelSpec", precision: str) -> str:
+        supported = cls.precisions(spec)
+        if precision == "auto":
+            return supported[0]
+        if precision not in supported:
+            raise InputError(
+                f"framework {cls.name} does not run precision {precision!r} on {spec.name} "
+                f"(supported: {', '.join(supported)})"
+            )
+        return precision
+
+    @classmethod
+    def device_missing(cls, device: str) -> str:
+        """Why one of `devices` is not usable on this host; '' when it is. Probes import the framework."""
+        return ""
+
+    @classmethod
+    def resolve_device(cls, device: str) -> str:
+        """'auto' -> the first device present here; a named device is checked to exist here."""
+        if device == "auto":
+            return next((d for d in cls.devices if not cls.device_missing(d)), cls.devices[-1])
+        if device not in cls.devices:
+            raise InputError(f"framework {cls.name} has no device {device!r} (devices: {', '.join(cls.devices)}, auto)")
+        why = cls.device_missing(device)
+        if why:
+            raise UnavailableError(f"{cls.name} device {device} is not available here: {why}")
+        return device
+
+    @classmethod
+    def parse_options(cls, options: Mapping[str, Any]) -> dict[str, Any]:
+        """`options` typed by this backend's declarations; an unknown key is one clear error."""
+        known = {o.name: o for o in cls.options}
+        for key in options:
+            if key not in known:
+                listed = ", ".join(known) or "none"
+                raise InputError(f"framework {cls.name} has no option {key!r} (its options: {listed})")
+        return {k: known[k].parse(cls.name, v) for k, v in options.items()}
+
+    @abstractmethod
+    def load(self, spec: "ModelSpec", opts: LoadOptions) -> LoadInfo: ...
+
+    @abstractmethod
+    def prefill(self, tokens: Sequence[int]) -> np.ndarray:
+        """Append `tokens` to the sequence; logits (vocab,) of the last one."""
+
+    @abstractmethod
+    def decode(self, token: int) -> np.ndarray:
+        """Append one token; its logits (vocab,)."""
+
+    @abstractmethod
+    def reset(self) -> None:
+        """Empty the KV cache: the next prefill starts at position 0."""
+
+    def memory(self) -> dict[str, int]:
+        """What the framework's own allocator reports, in bytes (empty when it has none)."""
+        return {}
+
+    def close(self) -> None:
+        pass

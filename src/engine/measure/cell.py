@@ -1,0 +1,68 @@
+"""Cell: one benchmark configuration (what to measure and how), with a stable id and the key
+that decides which cells can share one loaded model."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import asdict, dataclass, fields
+from typing import Any, Mapping
+
+from engine.errors import InputError
+
+
+@dataclass(frozen=True)
+class Cell:
+    framework: str
+    model: str
+    precision: str = "auto"
+    device: str = "auto"
+    prompt_tokens: int = 32
+    prompt_text: str = ""
+    gen_tokens: int = 32
+    repeats: int = 3
+    warmup: int = 1
+    min_time_s: float = 0.0
+    threads: int = 0  # 0: the framework's default
+    compile: bool = False
+    seed: int = 0
+    memory_limit_mb: int = 0  # RLIMIT_AS of the child process; 0: none
+    options: tuple[tuple[str, Any], ...] = ()  # backend-specific (e.g. beam=2)
+    timeout_s: float = 900.0
+    noise_threshold: float = 0.05  # CoV of decode tok/s above which a cell is flagged `noisy`
+
+    def __post_init__(self) -> None:
+        for name in ("prompt_tokens", "gen_tokens", "repeats"):
+            if getattr(self, name) < 1:
+                raise InputError(f"{name} must be at least 1, got {getattr(self, name)}")
+        for name in ("warmup", "threads", "memory_limit_mb"):
+            if getattr(self, name) < 0:
+                raise InputError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.timeout_s <= 0:
+            raise InputError(f"timeout must be > 0 seconds, got {self.timeout_s}")
+
+    @property
+    def cell_id(self) -> str:
+        """Stable across runs and machines: what was measured, not how long it may take."""
+        key = {k: v for k, v in asdict(self).items() if k not in ("timeout_s", "noise_threshold")}
+        key["model"] = os.path.basename(self.model)
+        return hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
+
+    @property
+    def load_key(self) -> tuple:
+        """Cells with equal keys can share one loaded model in one child process."""
+        return (self.model, self.framework, self.precision, self.device, self.threads, self.compile,
+                self.memory_limit_mb, self.options)
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, d: Mapping[str, Any]) -> "Cell":
+        d = dict(d)
+        d["options"] = tuple(tuple(kv) for kv in d.get("options", ()))
+        return cls(**d)
+
+
+CELL_FIELDS = {f.name for f in fields(Cell)}

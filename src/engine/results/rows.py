@@ -1,0 +1,199 @@
+"""BenchmarkResult: one typed row per measured repeat (a failed cell is one row with its status).
+
+Rows are typed: token ids are lists of ints, flags a tuple of strings, `extra` a dict. The JSONL
+keeps those types; the CSV flattens them (`csv_record`), the contract with notebooks and
+`bench report`. docs/results-schema.md describes every column and a test keeps the two in step.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import platform
+import socket
+import subprocess
+import time
+import uuid
+from dataclasses import asdict, dataclass, field, fields, replace
+from functools import cache
+from pathlib import Path
+from typing import Any, Mapping
+
+from engine import __version__
+
+STATUSES = ("ok", "error", "crash", "oom", "timeout", "unavailable")
+
+
+@dataclass(frozen=True)
+class BenchmarkResult:
+    # identity
+    run_id: str = ""
+    cell_id: str = ""
+    repeat: int = 0
+    status: str = "ok"
+    error: str = ""
+    flags: tuple[str, ...] = ()  # noisy, over_roofline, diverged
+    # what ran
+    framework: str = ""
+    precision: str = ""
+    device: str = ""
+    model: str = ""
+    model_size: str = ""
+    prompt_tokens: int = 0
+    gen_tokens: int = 0
+    threads: int = 0
+    optimization_level: str = ""
+    iterations: int = 0  # measured repeats in this cell
+    # time
+    load_s: float = math.nan
+    warmup_s: float = math.nan
+    compile_s: float = math.nan
+    ttft_s: float = math.nan
+    prefill_tps: float = math.nan
+    decode_tps: float = math.nan
+    itl_p50_s: float = math.nan
+    itl_p90_s: float = math.nan
+    itl_p99_s: float = math.nan
+    total_time: float = math.nan
+    first_token_time: float = field(default=math.nan, init=False)  # alias of ttft_s
+    avg_token_time: float = math.nan
+    min_token_time: float = math.nan
+    max_token_time: float = math.nan
+    avg_tokens_per_second: float = math.nan
+    peak_tokens_per_second: float = math.nan
+    jit_compilation_time: float = field(default=math.nan, init=False)  # alias of compile_s
+    model_loading_time: float = field(default=math.nan, init=False)  # alias of load_s
+    # across the cell's repeats
+    decode_tps_mean: float = math.nan
+    decode_tps_std: float = math.nan
+    decode_tps_ci95_low: float = math.nan
+    decode_tps_ci95_high: float = math.nan
+    decode_tps_cov: float = math.nan
+    # memory
+    peak_rss_bytes: int = 0
+    sampled_rss_peak_bytes: int = 0
+    sampled_uss_peak_bytes: int = 0
+    device_memory_bytes: int = 0
+    peak_memory_gb: float = field(default=math.nan, init=False)  # peak_rss_bytes / 1e9
+    model_bytes: int = 0
+    model_memory_gb: float = field(default=math.nan, init=False)  # model_bytes / 1e9
+    # roofline
+    bytes_per_token: float = math.nan
+    achieved_gbps: float = math.nan
+    host_gbps: float = math.nan
+    roofline_frac: float = math.nan
+    # correctness
+    tokens: list[int] = field(default_factory=list)  # generated ids
+    tokens_sha: str = field(default="", init=False)
+    prompt_ids: list[int] = field(default_factory=list)
+    match_tokens: int = -1  # leading tokens equal to the reference backend's; -1 when not compared
+    # provenance
+    host: str = ""
+    cpu: str = ""
+    os: str = ""
+    python: str = ""
+    framework_version: str = ""
+    bench_version: str = __version__
+    git_commit: str = ""
+    timestamp: str = ""
+    extra: dict[str, Any] = field(default_factory=dict)  # backend details (fallback blocks, BEAM level, ...)
+    # JSONL only
+    itl_s: list[float] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if self.status not in STATUSES:
+            raise ValueError(f"status must be one of {STATUSES}, got {self.status!r}")
+        derived = dict(first_token_time=self.ttft_s, jit_compilation_time=self.compile_s,
+                       model_loading_time=self.load_s, peak_memory_gb=self.peak_rss_bytes / 1e9 if self.peak_rss_bytes
+                       else math.nan, model_memory_gb=self.model_bytes / 1e9 if self.model_bytes else math.nan,
+                       tokens_sha=hashlib.sha1(" ".join(map(str, self.tokens)).encode()).hexdigest()[:12]
+                       if self.tokens else "")
+        for name, value in derived.items():  # the aliases and derived columns, computed in one place
+            object.__setattr__(self, name, value)
+        object.__setattr__(self, "flags", tuple(self.flags))
+
+    @classmethod
+    def csv_columns(cls) -> list[str]:
+        return [f.name for f in fields(cls) if f.name not in JSONL_ONLY]
+
+    def as_dict(self) -> dict[str, Any]:
+        """Typed, JSON-ready: lists stay lists, `extra` stays an object, a missing number is None."""
+        d = asdict(self)
+        d["flags"] = list(self.flags)
+        return {k: None if isinstance(v, float) and math.isnan(v) else v for k, v in d.items()}
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "BenchmarkResult":
+        """Inverse of `as_dict` (a JSONL line); derived columns are recomputed."""
+        return cls(**{k: math.nan if v is None and k in _FLOAT_FIELDS else v for k, v in d.items() if k in _INIT_FIELDS})
+
+    def with_flag(self, flag: str) -> "BenchmarkResult":
+        return replace(self, flags=(*self.flags, flag))
+
+
+JSONL_ONLY = ("itl_s",)
+_INIT_FIELDS = {f.name for f in fields(BenchmarkResult) if f.init}
+_FLOAT_FIELDS = {f.name for f in fields(BenchmarkResult) if f.type == "float"}
+
+
+def csv_record(row: Mapping[str, Any]) -> dict[str, Any]:
+    """A typed row (`as_dict`) flattened for the CSV: id lists space-joined, flags ';'-joined,
+    `extra` as JSON text, NaN as an empty cell."""
+    out = {}
+    for k, v in row.items():
+        if k == "flags" and not isinstance(v, str):
+            v = ";".join(v)
+        elif k == "extra" and not isinstance(v, str):
+            v = json.dumps(v, sort_keys=True, default=json_default) if v else ""
+        elif isinstance(v, (list, tuple)):
+            v = " ".join(map(str, v))
+        elif v is None or (isinstance(v, float) and math.isnan(v)):
+            v = ""
+        out[k] = v
+    return out
+
+
+def json_default(v: Any) -> Any:
+    """numpy scalars and arrays in rows and messages become plain JSON values."""
+    if hasattr(v, "tolist"):
+        return v.tolist()
+    raise TypeError(f"not JSON serialisable: {type(v).__name__}")
+
+
+@cache
+def _git_commit() -> str:
+    root = Path(__file__).resolve().parents[3]
+    try:
+        out = subprocess.run(["git", "-C", str(root), "rev-parse", "--short=12", "HEAD"],
+                             capture_output=True, text=True, timeout=5)
+        return out.stdout.strip() if out.returncode == 0 else ""
+    except (OSError, subprocess.SubprocessError):
+        return ""
+
+
+@cache
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def provenance() -> dict[str, str]:
+    return {
+        "host": socket.gethostname(),
+        "cpu": f"{_cpu_name()} x{os.cpu_count()}",
+        "os": f"{platform.system()} {platform.release()}",
+        "python": platform.python_version(),
+        "git_commit": _git_commit(),
+        "timestamp": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+
+
+def new_run_id() -> str:
+    return time.strftime("%Y%m%d-%H%M%S-") + uuid.uuid4().hex[:6]

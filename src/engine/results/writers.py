@@ -1,0 +1,248 @@
+"""Printers and the results files, in the style of llama-bench's printers.
+
+A printer writes `header()` once, `rows(...)` as each cell finishes and `footer()` at the end,
+onto any text stream. `table` (rich), `csv`, `jsonl` and `markdown` serve stdout, the results
+files and `bench report`; `ResultWriter` appends a cell's rows to FILE.csv and FILE.jsonl with
+one flushed, fsynced write each, so a crash or a kill between cells loses nothing written.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any, Iterable, Sequence, TextIO
+
+from engine.errors import InputError
+from engine.results.rows import BenchmarkResult, csv_record, json_default
+
+
+def csv_text(records: Iterable[dict[str, Any]], columns: list[str], header: bool = False) -> str:
+    """CSV lines of already-flat records (`csv_record`, or rows read back from a CSV)."""
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    if header:
+        w.writerow(columns)
+    for r in records:
+        w.writerow([r[c] for c in columns])
+    return buf.getvalue()
+
+
+def markdown_row(cells: Sequence[Any]) -> str:
+    return "| " + " | ".join(str(c).replace("|", "\\|") for c in cells) + " |"
+
+
+def markdown_table(columns: Sequence[str], rows: Iterable[Sequence[Any]]) -> str:
+    return "\n".join([markdown_row(columns), "|" + "---|" * len(columns), *map(markdown_row, rows)])
+
+
+class Printer:
+    """Writes rows to `out`; subclasses override what they print."""
+
+    def __init__(self, out: TextIO):
+        self.out = out
+
+    def header(self) -> None:
+        pass
+
+    def rows(self, rows: Sequence[BenchmarkResult]) -> None:
+        pass
+
+    def footer(self) -> None:
+        pass
+
+
+class CsvPrinter(Printer):
+    columns = BenchmarkResult.csv_columns()
+
+    def header(self) -> None:
+        self.out.write(csv_text([], self.columns, header=True))
+
+    def rows(self, rows: Sequence[BenchmarkResult]) -> None:
+        self.out.write(csv_text((csv_record(r.as_dict()) for r in rows), self.columns))
+
+
+class JsonlPrinter(Printer):
+    def rows(self, rows: Sequence[BenchmarkResult]) -> None:
+        self.out.write("".join(json.dumps(r.as_dict(), default=json_default) + "\n" for r in rows))
+
+
+# the per-cell summary shared by the terminal table and markdown: (column, right-aligned)
+SUMMARY_COLUMNS = (("framework", False), ("prec", False), ("dev", False), ("prompt", True), ("gen", True),
+                   ("decode tok/s (95% CI)", True), ("TTFT ms", True), ("prefill tok/s", True),
+                   ("ITL p50/p99 ms", True), ("peak RSS MB", True), ("GB/s", True), ("roofline", True),
+                   ("match", True), ("status", False))
+
+
+def _fmt(v: float, spec: str = ".1f") -> str:
+    return "-" if v is None or (isinstance(v, float) and math.isnan(v)) else format(v, spec)
+
+
+def by_cell(rows: Iterable[BenchmarkResult]) -> list[list[BenchmarkResult]]:
+    cells: dict[str, list[BenchmarkResult]] = {}
+    for r in rows:
+        cells.setdefault(r.cell_id, []).append(r)
+    return list(cells.values())
+
+
+def summary_cells(cell_rows: list[BenchmarkResult]) -> tuple[list[str], str]:
+    """One cell's summary line (strings in SUMMARY_COLUMNS order, status last) and its status."""
+    r = cell_rows[0]
+    what = [r.framework, r.precision, r.device, str(r.prompt_tokens), str(r.gen_tokens)]
+    if r.status != "ok":
+        return what + ["-"] * 8 + [f"{r.status}: {r.error[:80]}"], r.status
+    mean = lambda f: sum(getattr(x, f) for x in cell_rows) / len(cell_rows)  # noqa: E731
+    ci = (f" ±{_fmt((r.decode_tps_ci95_high - r.decode_tps_ci95_low) / 2)}"
+          if not math.isnan(r.decode_tps_ci95_high) else "")
+    match = "-" if r.match_tokens < 0 else f"{r.match_tokens}/{r.gen_tokens}"
+    return what + [f"{_fmt(r.decode_tps_mean)}{ci}", _fmt(mean("ttft_s") * 1e3), _fmt(mean("prefill_tps"), ".0f"),
+                   f"{_fmt(mean('itl_p50_s') * 1e3)}/{_fmt(mean('itl_p99_s') * 1e3)}",
+                   _fmt(r.peak_rss_bytes / 1e6, ".0f"), _fmt(mean("achieved_gbps")),
+                   _fmt(mean("roofline_frac"), ".2f"), match, " ".join(("ok", *r.flags))], "ok"
+
+
+class MarkdownPrinter(Printer):
+    def header(self) -> None:
+        self.out.write(markdown_table([c for c, _ in SUMMARY_COLUMNS], []) + "\n")
+
+    def rows(self, rows: Sequence[BenchmarkResult]) -> None:
+        for cell in by_cell(rows):
+            self.out.write(markdown_row(summary_cells(cell)[0]) + "\n")
+
+
+def results_table(rows: Iterable[BenchmarkResult], title: str = ""):
+    """The rich table of per-cell summaries (the live sweep view and `--format table`)."""
+    from rich.table import Table
+
+    t = Table(title=title or None, header_style="bold")
+    for col, right in SUMMARY_COLUMNS:
+        t.add_column(col, justify="right" if right else "left")
+    for cell in by_cell(rows):
+        values, status = summary_cells(cell)
+        if status == "ok" and len(values[-1]) > 2:
+            values[-1] = f"ok [yellow]{values[-1][3:]}[/]"
+        elif status != "ok":
+            values[-1] = f"[red]{status}[/]{values[-1][len(status):]}"
+        t.add_row(*values)
+    return t
+
+
+class TablePrinter(Printer):
+    """A rich table: it needs every row, so it prints at the footer."""
+
+    def __init__(self, out: TextIO):
+        super().__init__(out)
+        self.collected: list[BenchmarkResult] = []
+
+    def rows(self, rows: Sequence[BenchmarkResult]) -> None:
+        self.collected += rows
+
+    def footer(self) -> None:
+        from rich.console import Console
+
+        tty = self.out.isatty() if hasattr(self.out, "isatty") else False
+        # piped output keeps the table readable instead of folding it to 80 columns
+        Console(file=self.out, highlight=False, width=None if tty else 200).print(results_table(self.collected))
+
+
+PRINTERS: dict[str, type[Printer]] = {"table": TablePrinter, "csv": CsvPrinter, "jsonl": JsonlPrinter,
+                                      "markdown": MarkdownPrinter}
+
+
+def print_rows(rows: Sequence[BenchmarkResult], fmt: str, out: TextIO) -> None:
+    printer = PRINTERS[fmt](out)
+    printer.header()
+    printer.rows(rows)
+    printer.footer()
+
+
+class ResultWriter:
+    """Appends rows to FILE.csv and FILE.jsonl beside it; each `write` is one flushed, fsynced
+    append per file, so a crash or a kill between writes loses nothing already written."""
+
+    def __init__(self, csv_path: str | os.PathLike):
+        self.csv_path = Path(csv_path)
+        if self.csv_path.suffix != ".csv":
+            raise InputError(f"--output must name a .csv file, got {self.csv_path}")
+        self.jsonl_path = self.csv_path.with_suffix(".jsonl")
+        self.columns = CsvPrinter.columns
+        self.csv_path.parent.mkdir(parents=True, exist_ok=True)
+        if self.csv_path.exists() and self.csv_path.stat().st_size:
+            with open(self.csv_path, newline="") as f:
+                header = next(csv.reader(f), [])
+            if header != self.columns:
+                raise InputError(f"{self.csv_path} exists with other columns; choose another --output")
+            _repair_tail(self.csv_path)
+            _repair_tail(self.jsonl_path)
+        else:
+            self._append(self.csv_path, CsvPrinter, header=True)
+
+    @staticmethod
+    def _append(path: Path, printer: type[Printer], rows: Sequence[BenchmarkResult] = (), header: bool = False) -> None:
+        with open(path, "a", encoding="utf-8", newline="") as f:
+            p = printer(f)
+            if header:
+                p.header()
+            p.rows(rows)
+            f.flush()
+            os.fsync(f.fileno())
+
+    def write(self, rows: Sequence[BenchmarkResult]) -> None:
+        self._append(self.jsonl_path, JsonlPrinter, rows)
+        self._append(self.csv_path, CsvPrinter, rows)
+
+    def completed_cells(self) -> set[str]:
+        """Cell ids fully written to the CSV. Rows of a cell cut short by a kill are dropped from
+        both files (the cell runs again), so a resumed sweep ends with every cell exactly once."""
+        with open(self.csv_path, newline="") as f:
+            rows = list(csv.DictReader(f))
+        counts: dict[str, int] = {}
+        for r in rows:
+            counts[r["cell_id"]] = counts.get(r["cell_id"], 0) + 1
+        done = {r["cell_id"] for r in rows
+                if r["status"] != "ok" or counts[r["cell_id"]] == int(r["iterations"] or 0)}
+        if len(done) != len(counts):
+            kept = [r for r in rows if r["cell_id"] in done]
+            _rewrite(self.csv_path, csv_text(kept, self.columns, header=True))
+        if self.jsonl_path.exists():
+            rows_j = read_jsonl(self.jsonl_path)
+            kept_j = [r for r in rows_j if r.get("cell_id") in done]
+            if len(kept_j) != len(rows_j):
+                _rewrite(self.jsonl_path, "".join(json.dumps(r) + "\n" for r in kept_j))
+        return done
+
+
+def _rewrite(path: Path, text: str) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    with open(tmp, "w", encoding="utf-8", newline="") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _repair_tail(path: Path) -> None:
+    """Drop a last line left half-written by a killed process, so appends start on a clean line."""
+    if not path.exists() or not path.stat().st_size:
+        return
+    with open(path, "rb+") as f:
+        data = f.read()
+        if data.endswith(b"\n"):
+            return
+        f.truncate(data.rfind(b"\n") + 1)
+
+
+def read_jsonl(path: str | os.PathLike) -> list[dict[str, Any]]:
+    rows = []
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            line = line.strip()
+            if line:
+                try:
+                    rows.append(json.loads(line))
+                except ValueError:
+                    continue  # a torn last line from a killed writer
+    return rows
