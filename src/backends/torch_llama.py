@@ -145,6 +145,11 @@ class TorchBased(ArrayLlamaBackend):
     def memory(self) -> dict[str, int]:
         return torch_memory(self.device)
 
+    def threads_used(self) -> tuple[int, str]:
+        import torch
+
+        return torch.get_num_threads(), ""
+
 
 class TorchBackend(TorchBased):
     name = "torch"
