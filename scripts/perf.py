@@ -22,7 +22,7 @@ from rich.console import Console
 from rich.table import Table
 
 from engine.measure.bandwidth import host_bandwidth
-from engine.measure.cell import Cell
+from engine.measure.cell import Cell, physical_cores
 from engine.model.spec import ModelSpec, default_model_path
 from engine.sweep.isolation import run_cells
 from engine.generate.prompts import seeded_prompt
@@ -100,7 +100,9 @@ def llamacpp_raw_decode_tps(gen: int, repeats: int) -> float:
 
     spec = ModelSpec.open(default_model_path())
     prompt = seeded_prompt(spec, PROMPT, SEED)
-    llm = llama_cpp.Llama(default_model_path(), n_ctx=PROMPT + gen, n_batch=PROMPT + gen, verbose=False)
+    threads = physical_cores()  # every core, as the harness gives every framework by default
+    llm = llama_cpp.Llama(default_model_path(), n_ctx=PROMPT + gen, n_batch=PROMPT + gen, n_threads=threads,
+                          n_threads_batch=threads, verbose=False)
     n_vocab = spec.config.vocab_size
     runs = []
     for i in range(repeats + 1):
@@ -179,7 +181,7 @@ def section_tinygrad(gen: int, repeats: int):
 
 
 def section_llamacpp(gen: int, repeats: int):
-    raw = Figure("raw llama-cpp-python loop (baseline)", _in_child(llamacpp_raw_decode_tps, gen, repeats))
+    raw = Figure(f"raw llama-cpp-python loop, {physical_cores()} threads (baseline)", _in_child(llamacpp_raw_decode_tps, gen, repeats))
     return _ratios([(raw, "", 0.0), (ours("llamacpp q4_1, our engine", "llamacpp", "q4_1", gen, repeats), raw.name, 0.95)])
 
 
