@@ -41,6 +41,9 @@ def install_hint() -> str:
 
 
 def import_ray():
+    # one auth mode for every node and driver bench starts: Ray's token auth unless the user chose
+    # (RAY_AUTH_MODE=token with the token on every machine: README, "Sweeps across machines")
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     try:
         import ray
     except ImportError:
