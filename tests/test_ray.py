@@ -218,3 +218,26 @@ def test_a_node_killed_mid_sweep_loses_nothing_and_duplicates_nothing(tiny_f32, 
         assert set(b_group.node) == {"a", "b"}  # b's unfinished cells finished on a
     finally:
         c.stop()
+
+
+@pytest.mark.slow
+def test_ray_local_measures_what_a_local_run_measures(tiny_f32, tmp_path):
+    """`--ray local`: a one-node cluster in the driver; the measuring child sees this host's thread
+    settings (not the OMP_NUM_THREADS=1 Ray gives its workers), and Ray leaves nothing running."""
+    before = ray_daemons()
+    cfg = tmp_path / "t.toml"
+    cfg.write_text(f'[sweep]\nframework = "torch"\nmodel = "{tiny_f32}"\nprompt_tokens = 4\ngen_tokens = 2\n'
+                   f'repeats = 1\nwarmup = 0\n')
+    extras = {}
+    for mode in ("local", "ray"):
+        csv = tmp_path / f"{mode}.csv"
+        r = bench("sweep", str(cfg), "-O", str(csv), "--no-check", *(["--ray", "local"] if mode == "ray" else []))
+        assert r.returncode == 0, r.stderr
+        row = pd.read_csv(csv).iloc[0]
+        assert row.status == "ok" and (row.node == platform.node() if mode == "ray" else pd.isna(row.node))
+        extras[mode] = json.loads(row.extra)
+    assert extras["ray"]["torch_threads"] == extras["local"]["torch_threads"]
+    deadline = time.time() + 30
+    while ray_daemons() - before and time.time() < deadline:
+        time.sleep(0.5)
+    assert not ray_daemons() - before

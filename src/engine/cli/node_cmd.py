@@ -67,7 +67,7 @@ def start_node(name: str | None, head_port: int | None, address: str | None, num
                object_store_mb: int) -> int:
     from engine.cli import display
     from engine.measure.bandwidth import host_bandwidth
-    from engine.sweep.cluster import capabilities_in_child, check_node_name, node_resources
+    from engine.sweep.cluster import capabilities_in_child, check_node_name, node_resources, thread_env_marker
 
     name = check_node_name(name or socket.gethostname())
     prior = recorded().get(name)
@@ -83,7 +83,8 @@ def start_node(name: str | None, head_port: int | None, address: str | None, num
     cmd += ["--head", "--port", str(head_port), "--include-dashboard=false"] if address is None \
         else ["--address", address]
     src = str(Path(__file__).resolve().parents[2])
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (src, os.environ.get("PYTHONPATH", "")) if p)}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (src, os.environ.get("PYTHONPATH", "")) if p),
+           **thread_env_marker()}
     state_dir().mkdir(parents=True, exist_ok=True)
     log_path = state_dir() / f"{name}.log"
     with open(log_path, "wb") as log:

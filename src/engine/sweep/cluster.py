@@ -27,6 +27,7 @@ from typing import Any
 
 from engine.errors import InputError, UnavailableError
 from engine.measure.cell import Cell
+from engine.sweep.isolation import THREAD_VARS
 
 SLOT = "bench_slot"
 NODE_PREFIX = "bench_node:"
@@ -34,6 +35,7 @@ FW_PREFIX = "bench_fw_"
 DEVICE_PREFIX = "bench_device_"
 SLIVER = 0.001
 LOCAL_OBJECT_STORE_BYTES = 200 * 2**20
+THREAD_ENV = "BENCH_NODE_THREAD_ENV"  # the node's own thread settings, before Ray's
 
 
 def install_hint() -> str:
@@ -49,6 +51,22 @@ def import_ray():
     except ImportError:
         raise UnavailableError(f"ray is not installed: {install_hint()}") from None
     return ray
+
+
+def thread_env_marker() -> dict[str, str]:
+    """Put in a node's environment when it starts: its thread variables as the user set them."""
+    return {THREAD_ENV: json.dumps({v: os.environ[v] for v in THREAD_VARS if v in os.environ})}
+
+
+def restore_thread_env() -> None:
+    """In a Ray worker: undo Ray's OMP_NUM_THREADS=1 (it sets it for tasks asking no CPUs), so a
+    measurement on a cluster sees the same thread settings as one run locally on that machine."""
+    own = json.loads(os.environ.get(THREAD_ENV, "{}"))
+    for v in THREAD_VARS:
+        if v in own:
+            os.environ[v] = own[v]
+        else:
+            os.environ.pop(v, None)
 
 
 def probe_capabilities() -> dict[str, Any]:
@@ -187,6 +205,7 @@ def connect(address: str, debug: bool = False) -> None:
                  runtime_env=runtime_env())
     if address == "local":
         name = check_node_name(socket.gethostname())
+        os.environ.update(thread_env_marker())  # the local node's processes inherit it
         ray.init(address="local", num_cpus=1, resources=node_resources(name, capabilities_in_child()),
                  include_dashboard=False,
                  object_store_memory=LOCAL_OBJECT_STORE_BYTES, **quiet)

@@ -68,6 +68,7 @@ def measure_group(cells: list[dict[str, Any]], run_id: str, debug: bool) -> Iter
     from engine.measure.bandwidth import host_bandwidth
     from engine.sweep.isolation import run_cells
 
+    cluster.restore_thread_env()
     me = node_identity()
     gbps = host_bandwidth()["host_gbps"]  # measured once per host, then cached
     yield {"event": "node", **me, "host_gbps": gbps}
