@@ -9,9 +9,11 @@ once on another eligible node, else a `lost` row; a cell no node can run is `una
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import os
 import re
+import tempfile
 import time
 from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Iterator
@@ -63,6 +65,22 @@ def localize(cell: Cell) -> Cell:
     return cell
 
 
+@contextlib.contextmanager
+def machine_lock() -> Iterator[None]:
+    """One measurement per machine, even with several nodes on it (the node's slot covers one node):
+    an exclusive lock on a file every node of this machine sees."""
+    import fcntl
+
+    path = os.path.join(tempfile.gettempdir(), "llm-bench-measuring.lock")
+    try:
+        f = open(path, "a")
+    except OSError:  # another user's file
+        f = open(f"{path}.{os.getuid()}", "a")
+    with f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        yield
+
+
 def measure_group(cells: list[dict[str, Any]], run_id: str, debug: bool) -> Iterator[dict[str, Any]]:
     """The Ray task (a streaming generator): one load group on this node."""
     from engine.measure.bandwidth import host_bandwidth
@@ -70,12 +88,13 @@ def measure_group(cells: list[dict[str, Any]], run_id: str, debug: bool) -> Iter
 
     cluster.restore_thread_env()
     me = node_identity()
-    gbps = host_bandwidth()["host_gbps"]  # measured once per host, then cached
-    yield {"event": "node", **me, "host_gbps": gbps}
-    mine = [localize(Cell.from_json(c)) for c in cells]
-    stamp = {k: me[k] for k in ("node", "ray_node_id", "node_gpu")}
-    for cell, rows in run_cells(mine, gbps, run_id, debug):
-        yield {"event": "done", "cell_id": cell.cell_id, "rows": [replace(r, **stamp).as_dict() for r in rows]}
+    with machine_lock():
+        gbps = host_bandwidth()["host_gbps"]  # measured once per host, then cached
+        yield {"event": "node", **me, "host_gbps": gbps}
+        mine = [localize(Cell.from_json(c)) for c in cells]
+        stamp = {k: me[k] for k in ("node", "ray_node_id", "node_gpu")}
+        for cell, rows in run_cells(mine, gbps, run_id, debug):
+            yield {"event": "done", "cell_id": cell.cell_id, "rows": [replace(r, **stamp).as_dict() for r in rows]}
 
 
 def node_facts() -> dict[str, Any]:
