@@ -22,7 +22,7 @@ from rich.console import Console
 from rich.table import Table
 
 from engine.measure.bandwidth import host_bandwidth
-from engine.sweep.cells import Cell
+from engine.measure.cell import Cell
 from engine.model.spec import ModelSpec, default_model_path
 from engine.sweep.isolation import run_cells
 from engine.generate.prompts import seeded_prompt
@@ -63,13 +63,11 @@ def hf_generate_and_engine_decode_tps(gen: int, repeats: int) -> tuple[float, fl
     import torch
     from transformers.generation.streamers import BaseStreamer
 
-    from backends.base import LoadOptions
-    from backends.transformers_hf import TransformersBackend
+    import backends
     from engine.generate.engine import GenerationConfig, InferenceEngine
 
     spec = ModelSpec.open(default_model_path())
-    backend = TransformersBackend()
-    backend.load(spec, LoadOptions(precision="f32", device="cpu", max_seq_len=PROMPT + gen))
+    backend = backends.open_backend("transformers", spec, "f32", "cpu", max_seq_len=PROMPT + gen).backend
     prompt = seeded_prompt(spec, PROMPT, SEED)
     engine, cfg = InferenceEngine(backend), GenerationConfig(max_new_tokens=gen, ignore_eos=True)
 
@@ -91,7 +89,7 @@ def hf_generate_and_engine_decode_tps(gen: int, repeats: int) -> tuple[float, fl
         run = engine.generate(prompt, cfg)
         if i:  # the first pair warms up; put() sees the prompt first, then each new token
             hf.append((gen - 1) / (clock.t[-1] - clock.t[1]))
-            ours.append(len(run.itl_ns) / (sum(run.itl_ns) / 1e9))
+            ours.append(run.decode_tps)
     return statistics.median(hf), statistics.median(ours)
 
 

@@ -16,15 +16,20 @@ class FaultyBackend(NumpyBackend):
     description = "fault injection for tests"
     is_reference = False
     options = (BackendOption("fault", str, "the fault to inject", choices=("raise", "abort", "hang", "oom", "none")),
-               BackendOption("fault_prompt", int, "inject only on prompts of this many tokens"))
+               BackendOption("fault_prompt", int, "inject only on prompts of this many tokens"),
+               BackendOption("fault_generation", int, "inject only from this generation on (1: the first)"))
 
     def build(self, spec, opts):
         self.fault = opts.options.get("fault", "none")
         self.fault_prompt = opts.options.get("fault_prompt")
+        self.fault_generation = opts.options.get("fault_generation", 1)
+        self.generations = 0
         return super().build(spec, opts)
 
     def step(self, tokens, start):
-        if self.fault_prompt is not None and len(tokens) != self.fault_prompt:
+        self.generations += start == 0
+        if (self.fault_prompt is not None and len(tokens) != self.fault_prompt) or \
+                self.generations < self.fault_generation:
             return super().step(tokens, start)
         if self.fault == "raise":
             raise RuntimeError("injected failure")

@@ -58,6 +58,43 @@ def test_quantized_files_match_reference_on_same_weights(tiny_models, name, qtyp
     assert _rel(b.prefill(PROMPT), ref[0]) < TOLERANCE["f32"]
 
 
+NATIVE_TOLERANCE = 6e-2  # 8-bit (llama.cpp) or bf16 (torch int4, MLX) activations over the file's own blocks
+
+
+def native_cases():
+    """(framework, qtype) for every backend that declares the file's own type as a precision."""
+    return [(name, q) for q in ("q8_0", "q4_0", "q4_1") for name, cls in backends.registry().items()
+            if name not in ("numpy", "metal") and q in cls.precisions(type("File", (), {"file_type": q}))]
+
+
+@pytest.mark.parametrize("name,qtype", native_cases())
+def test_the_files_own_quantization_matches_reference(tiny_models, name, qtype):
+    """Backends that run a file's blocks natively (precision = the file's type) stay within
+    activation-rounding distance of the reference, which runs the same blocks dequantized to f32."""
+    _requires(name)
+    path = tiny_models[qtype]
+    ref = reference_logits(path, PROMPT, STEPS)
+    b = load_backend(name, path, qtype)
+    got = [b.prefill(PROMPT)] + [b.decode(int(np.argmax(r))) for r in ref[:-1]]
+    for i, (g, r) in enumerate(zip(got, ref)):
+        assert _rel(g, r) < NATIVE_TOLERANCE, f"step {i}: rel err {_rel(g, r):.2e}"
+        assert np.argmax(g) == np.argmax(r), f"step {i}: another greedy token"
+
+
+def test_torch_int4_unpacks_gguf_blocks_exactly(tiny_models):
+    """The nibbles, scales and zeros taken from Q4_0/Q4_1 blocks rebuild the gguf package's own
+    dequantization: the int4 path runs the file's weights, not a re-quantization."""
+    from backends.torch_quant import unpack_blocks
+
+    for qtype in ("q4_0", "q4_1"):
+        spec = ModelSpec.open(tiny_models[qtype])
+        name = "blk.0.ffn_up.weight"
+        cols, rows = spec.raw_tensor(name).shape
+        q, scale, zero = unpack_blocks(spec.raw_tensor(name).data, qtype, int(rows), int(cols))
+        rebuilt = (q.astype(np.float32) - 8) * np.repeat(scale, 32, axis=1) + np.repeat(zero, 32, axis=1)
+        np.testing.assert_allclose(rebuilt, spec.tensor(name), rtol=0, atol=1e-6)
+
+
 @pytest.mark.parametrize("name", [n for n in backends.names() if n != "metal"])
 def test_greedy_tokens_equal_reference(tiny_f32, name):
     _requires(name)

@@ -37,6 +37,15 @@ def test_jsonl_and_csv_to_stdout(tiny_f32, tmp_path):
     assert r.returncode == 0, r.stderr
     lines = [json.loads(x) for x in r.stdout.splitlines()]
     assert len(lines) == 2 and {x["repeat"] for x in lines} == {0, 1}
+    for x in lines:  # typed: id lists are arrays of ints, flags an array, extra an object
+        assert isinstance(x["tokens"], list) and len(x["tokens"]) == 3 and all(type(t) is int for t in x["tokens"])
+        assert isinstance(x["prompt_ids"], list) and len(x["prompt_ids"]) == 32
+        assert isinstance(x["flags"], list) and isinstance(x["extra"], dict)
+    assert lines[0]["load_s"] > 0 and lines[1]["load_s"] == 0, "the load is reported on the row that paid it"
+    r = bench("run", "-f", "numpy", "-m", tiny_f32, "-n", "3", "-r", "2", "--format", "markdown", "-O",
+              str(tmp_path / "m.csv"))
+    md = r.stdout.splitlines()
+    assert md[0].startswith("| framework | prec |") and md[1].startswith("|---|") and md[2].startswith("| numpy | f32 |")
     r = bench("run", "-f", "numpy", "-m", tiny_f32, "-n", "3", "-r", "2", "--format", "csv", "-O", str(tmp_path / "b.csv"))
     assert r.stdout.splitlines()[0].startswith("run_id,cell_id,repeat,status")
 

@@ -133,3 +133,46 @@ def test_a_framework_missing_here_is_an_unavailable_row_not_a_failure(tiny_f32, 
     df = pd.read_csv(csv)
     ghost = df[df.framework == "ghost"].iloc[0]
     assert ghost.status == "unavailable" and "pip install ghostframework" in ghost.error
+
+
+def test_repeats_of_load_groups_are_interleaved_and_a_crash_mid_rotation_costs_only_its_rows(tiny_f32, tmp_path):
+    out = tmp_path / "rot.csv"
+    cfg = tmp_path / "rot.toml"
+    # three load groups: numpy, faulty (healthy), faulty aborting on its second generation
+    cfg.write_text(f"""
+[sweep]
+framework = ["numpy", "faulty"]
+model = "{tiny_f32}"
+prompt_tokens = 4
+gen_tokens = 3
+repeats = 3
+warmup = 0
+timeout_s = 60
+""")
+    r = bench("sweep", str(cfg), "-O", str(out), env=FAULT_ENV)
+    assert r.returncode == 0, r.stderr
+    df = pd.read_csv(out)
+    assert (df.schedule == "interleaved").all() and len(df) == 6
+    order = df.sort_values("measured_at").framework.tolist()
+    assert order == ["numpy", "faulty"] * 3, order  # A B A B A B, not A A A B B B
+    crash = tmp_path / "crash.csv"
+    r = bench("run", "-f", "numpy", "-f", "faulty", "-m", tiny_f32, "--prompt-tokens", "4", "-n", "3", "-r", "3",
+              "--warmup", "0", "-o", "fault=abort", "-o", "fault_generation=2", "-O", str(crash), env=FAULT_ENV)
+    assert r.returncode == 1
+    df = pd.read_csv(crash)
+    assert df[df.framework == "numpy"].status.tolist() == ["ok"] * 3, "the neighbour keeps every repeat"
+    failed = df[df.framework == "faulty"]
+    assert failed.status.tolist() == ["crash"] and "SIGABRT" in failed.error.iloc[0]
+
+
+def test_sequential_when_asked_or_alone(tiny_f32, tmp_path):
+    out = tmp_path / "seq.csv"
+    r = bench("run", "-f", "numpy", "-f", "torch", "-m", tiny_f32, "--prompt-tokens", "4", "-n", "3", "-r", "2",
+              "--no-interleave", "-O", str(out))
+    assert r.returncode == 0, r.stderr
+    df = pd.read_csv(out)
+    assert (df.schedule == "sequential").all()
+    assert df.sort_values("measured_at").framework.tolist() == ["numpy", "numpy", "torch", "torch"]
+    from engine.measure.cell import physical_cores
+
+    assert (df.threads == physical_cores()).all(), "without --threads every framework gets every core"

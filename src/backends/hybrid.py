@@ -79,6 +79,11 @@ class HybridBackend(ArrayLlamaBackend):
         return float_load_info(spec, "f32", "cpu", fallback_blocks=len(self.fallbacks),
                                fallback_errors=list(self.fallbacks.values())[:3])
 
+    def threads_used(self) -> tuple[int, str]:
+        import torch
+
+        return torch.get_num_threads(), "torch's part uses these threads; tinygrad runs the blocks on one"
+
     def tinygrad_block(self, i: int, layer: LayerWeights) -> LayerWeights:
         """Wrap block i's torch weights for tinygrad and run it once (position 0) to prove it works."""
         from tinygrad import Tensor

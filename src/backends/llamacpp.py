@@ -84,6 +84,9 @@ class LlamaCppBackend(Backend):
     def reset(self) -> None:
         self.llm.reset()  # the next eval removes cached positions past 0
 
+    def threads_used(self) -> tuple[int, str]:
+        return int(self.llm.n_threads), ""
+
     def close(self) -> None:
         self.llm.close()
 

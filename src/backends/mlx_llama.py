@@ -153,6 +153,11 @@ class MlxBackend(ArrayLlamaBackend):
         super().reset()
         self.mx.reset_peak_memory()
 
+    def threads_used(self) -> tuple[int, str]:
+        if self.mx.default_device() == self.mx.cpu:
+            return 1, "MLX's CPU backend runs its matmuls on one thread"
+        return 0, ""
+
     def memory(self) -> dict[str, int]:
         return {"active_bytes": self.mx.get_active_memory(), "peak_bytes": self.mx.get_peak_memory()}
 

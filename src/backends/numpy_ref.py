@@ -68,6 +68,12 @@ class NumpyBackend(ArrayLlamaBackend):
         self.ops = NumpyOps(spec.config, opts.max_seq_len)
         return float_load_info(spec, "f32", "cpu")
 
+    def threads_used(self) -> tuple[int, str]:
+        from threadpoolctl import threadpool_info
+
+        blas = [p["num_threads"] for p in threadpool_info() if p.get("user_api") == "blas"]
+        return (max(blas), "") if blas else (1, "numpy found no BLAS library: its matmuls run on one thread")
+
     def step(self, tokens: Sequence[int], start: int) -> np.ndarray:
         logits = forward(self.ops, self.weights, self.config, tokens, start, len(tokens))
         return np.asarray(logits[0], dtype=np.float32)

@@ -139,6 +139,11 @@ class TinygradBackend(ArrayLlamaBackend):
         self._Tensor, self._int32 = Tensor, dtypes.int32
         return float_load_info(spec, opts.precision, opts.device, beam=BEAM.value, kernel_cache=CACHEDB)
 
+    def threads_used(self) -> tuple[int, str]:
+        if self.dev in ("CPU", "CLANG", "LLVM"):
+            return 1, "tinygrad's CPU backend runs each generated kernel on one thread"
+        return 0, ""
+
     def _step(self, tokens, start, n_tokens: int = 1):
         return forward(self.ops, self.weights, self.config, tokens, start, n_tokens).float().realize()
 

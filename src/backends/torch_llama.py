@@ -8,7 +8,9 @@ from typing import Sequence
 
 import numpy as np
 
-from backends.base import ArrayLlamaBackend, LoadInfo, LoadOptions, Requirement, float_load_info, pip_extra
+from backends.base import (FLOAT_PRECISIONS, ArrayLlamaBackend, LoadInfo, LoadOptions, Requirement, float_load_info,
+                           pip_extra)
+from backends.torch_quant import INT4_TYPES, Int4Weight, int4_counts, int4_linear, load_int4_weights
 from engine.errors import UnavailableError
 from engine.model.forward import FusedProjections, forward, rope_tables
 
@@ -85,6 +87,8 @@ class TorchOps(FusedProjections):
         import torch
         import torch.nn.functional as F
 
+        if isinstance(weight, Int4Weight):
+            return int4_linear(x, weight)
         if self.use_mv and x.shape[0] == 1:
             return torch.mv(weight, x[0])[None]
         return F.linear(x, weight)
@@ -116,6 +120,11 @@ class TorchOps(FusedProjections):
     def residual(self, x, delta):
         return x + delta
 
+    def project(self, layer, kind, x, weights):
+        if not getattr(self, "fused", None):  # int4 weights are not fused: one kernel call each
+            return tuple(self.linear(x, w) for w in weights)
+        return super().project(layer, kind, x, weights)
+
     def concat_rows(self, parts):
         import torch
 
@@ -145,15 +154,26 @@ class TorchBased(ArrayLlamaBackend):
     def memory(self) -> dict[str, int]:
         return torch_memory(self.device)
 
+    def threads_used(self) -> tuple[int, str]:
+        import torch
+
+        return torch.get_num_threads(), ""
+
 
 class TorchBackend(TorchBased):
     name = "torch"
     description = "compact PyTorch Llama (static KV cache, SDPA, optional torch.compile)"
 
+    @classmethod
+    def precisions(cls, spec):
+        return FLOAT_PRECISIONS + ((spec.file_type,) if spec.file_type in INT4_TYPES else ())
+
     def build(self, spec, opts: LoadOptions) -> LoadInfo:
         import torch
 
         self.prepare_torch(opts)
+        if opts.precision in INT4_TYPES:
+            return self._build_int4(spec, opts)
         dtype = getattr(torch, TORCH_DTYPES[opts.precision])
         if opts.precision == "f16" and self.device == "cpu" and not _cpu_half_works():
             raise UnavailableError("torch f16 matmul is not supported on this CPU build; use bf16 or f32")
@@ -171,6 +191,28 @@ class TorchBackend(TorchBased):
                                compiled=bool(opts.compile))
         info.compile_s = compile_s
         return info
+
+    def _build_int4(self, spec, opts: LoadOptions) -> LoadInfo:
+        """The file's own Q4 blocks on torch's int4 kernel (CPU): f32 activations, no fusing."""
+        import torch
+
+        if self.device != "cpu":
+            raise UnavailableError(f"torch runs {opts.precision} blocks on the CPU only (its int4 kernel here)")
+        if opts.compile:
+            raise UnavailableError("torch.compile of the int4 path is not supported; drop --compile")
+        self.weights = load_int4_weights(spec, lambda a: torch.from_numpy(a))
+        self.ops = TorchOps(spec.config, opts.max_seq_len, torch.float32, self.device)
+        self._decode = self._forward
+        held = dict(spec.weight_items(self.weights))
+        def size(name: str) -> int:  # bytes as held: packed int4 with its scales, or f32
+            w = held.get(name)
+            return spec.file_bytes(name) if w is None else w.nbytes if isinstance(w, Int4Weight) else w.numel() * 4
+
+        return LoadInfo(precision=opts.precision, device=self.device, weight_bytes=sum(map(size, held)),
+                        decode_bytes=spec.decode_read_bytes(size),
+                        kv_bytes_per_token=spec.config.kv_bytes_per_token(4),
+                        details={"kernel": "_weight_int4pack_mm_for_cpu", "activations": "bf16",
+                                 **int4_counts(self.weights)})
 
     def _forward(self, tokens, pos):
         return forward(self.ops, self.weights, self.config, tokens, pos, tokens.shape[0])

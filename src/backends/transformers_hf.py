@@ -83,6 +83,6 @@ class TransformersBackend(TorchBased):
         if self.cache is None:
             self.cache = DynamicCache(config=self.model.config)
         ids = torch.tensor([list(tokens)], device=self.device)
-        out = self.model(input_ids=ids, past_key_values=self.cache, use_cache=True, logits_to_keep=1)
+        out = self.model(input_ids=ids, cache=self.cache, use_cache=True, logits_to_keep=1)
         synchronize(self.device)
         return out.logits[0, -1].float().cpu().numpy()

@@ -70,6 +70,8 @@ def measure_options(fn: Callable) -> Callable:
         click.option("--resume", is_flag=True, help="skip cells already in --output"),
         click.option("--no-check", is_flag=True, help="skip the token check against the reference"),
         click.option("--delay", type=float, default=0.0, help="seconds to pause between cells (cool-down)"),
+        click.option("--interleave/--no-interleave", default=True, show_default=True,
+                     help="take the repeats of all loaded models round-robin, so drift hits every framework alike"),
     ]
     for option in reversed(options):
         fn = option(fn)
@@ -158,7 +160,8 @@ def run_cells_command(o: dict[str, Any], debug: bool, config: str | None = None)
         with display.SweepProgress(len(cells)) as progress:
             outcome = run_sweep(cells, writer, bw, new_run_id(), resume=o["resume"],
                                 check_reference=not o["no_check"], delay_s=o["delay"], debug=debug,
-                                on_cell=progress.finish, on_start=progress.start, executor=executor)
+                                interleave=o["interleave"], on_cell=progress.finish, on_start=progress.start,
+                                executor=executor)
     finally:
         if cluster:
             executor.close()

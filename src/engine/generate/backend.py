@@ -181,5 +181,10 @@ class Backend(ABC):
         """What the framework's own allocator reports, in bytes (empty when it has none)."""
         return {}
 
+    def threads_used(self) -> tuple[int, str]:
+        """Threads the loaded framework computes with, read back from it where it can say (0 when
+        it cannot), and a note when it cannot use the threads it was given."""
+        return 0, ""
+
     def close(self) -> None:
         pass

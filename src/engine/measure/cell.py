@@ -12,6 +12,13 @@ from typing import Any, Mapping
 from engine.errors import InputError
 
 
+def physical_cores() -> int:
+    """The thread count every framework gets unless --threads says otherwise."""
+    import psutil
+
+    return psutil.cpu_count(logical=False) or os.cpu_count() or 1
+
+
 @dataclass(frozen=True)
 class Cell:
     framework: str
@@ -24,7 +31,7 @@ class Cell:
     repeats: int = 3
     warmup: int = 1
     min_time_s: float = 0.0
-    threads: int = 0  # 0: the framework's default
+    threads: int = 0  # 0: every physical core of the host, for every framework alike
     compile: bool = False
     seed: int = 0
     memory_limit_mb: int = 0  # RLIMIT_AS of the child process; 0: none
@@ -51,6 +58,10 @@ class Cell:
             del key["node"]  # ids from before the node axis existed stay valid
         key["model"] = os.path.basename(self.model)
         return hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
+
+    @property
+    def resolved_threads(self) -> int:
+        return self.threads or physical_cores()
 
     @property
     def load_key(self) -> tuple:

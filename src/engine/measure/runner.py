@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 import time
+from datetime import datetime, timezone
 from dataclasses import replace
 from typing import Any
 
@@ -15,6 +16,8 @@ from engine.measure.cell import Cell
 from engine.generate.engine import Generation, GenerationConfig, InferenceEngine
 from engine.errors import InputError
 from engine.model.spec import ModelSpec
+from engine.measure import fidelity
+from engine.measure.fidelity import Fidelity
 from engine.measure.memory import high_water_mark_bytes
 from engine.results.rows import BenchmarkResult, provenance
 from engine.measure.stats import percentile, summarize
@@ -29,7 +32,7 @@ class LoadedModel:
 
     def __init__(self, cell: Cell, spec: ModelSpec, max_seq_len: int):
         self.spec = spec
-        opened = backends.open_backend(cell.framework, spec, cell.precision, cell.device, threads=cell.threads,
+        opened = backends.open_backend(cell.framework, spec, cell.precision, cell.device, threads=cell.resolved_threads,
                                        max_seq_len=max_seq_len, compile=cell.compile, options=dict(cell.options))
         self.backend, self.info, self.precision = opened.backend, opened.info, opened.precision
         self.version, self.load_s = opened.version, opened.load_s
@@ -48,23 +51,71 @@ def needed_seq_len(spec: ModelSpec, cell: Cell) -> tuple[list[int], int]:
     return prompt, need
 
 
+class CellRun:
+    """One cell measured a repeat at a time, so a scheduler can interleave the repeats of several
+    loaded models (A B C A B C ...). The first step also runs the warm-up; `step()` says when the
+    cell has its repeats (and `min_time_s` of measurement); `rows()` then builds its rows."""
+
+    def __init__(self, cell: Cell, loaded: LoadedModel, prompt: list[int], host_gbps: float, run_id: str):
+        self.cell, self.loaded, self.prompt, self.host_gbps, self.run_id = cell, loaded, prompt, host_gbps, run_id
+        self.engine = InferenceEngine(loaded.backend)
+        self.gen_cfg = GenerationConfig(max_new_tokens=cell.gen_tokens, ignore_eos=True, seed=cell.seed)
+        self.warm: list[float] | None = None
+        self.runs: list[Generation] = []
+        self.measured_at: list[str] = []
+        self.measured_s = 0.0
+
+    def step(self) -> bool:
+        """Warm up (first call only), measure one repeat; True when the cell is complete."""
+        if self.warm is None:
+            self.warm = [_timed(self.engine, self.prompt, self.gen_cfg) for _ in range(self.cell.warmup)]
+        self.measured_at.append(utc_now_ms())
+        t = time.perf_counter()
+        self.runs.append(self.engine.generate(self.prompt, self.gen_cfg))
+        self.measured_s += time.perf_counter() - t
+        n, c = len(self.runs), self.cell
+        return n >= c.repeats and (self.measured_s >= c.min_time_s or n >= MAX_REPEATS)
+
+    def rows(self) -> list[BenchmarkResult]:
+        loaded, runs, warm = self.loaded, self.runs, self.warm or []
+        device_mem = loaded.backend.memory()
+        # first-call overhead (JIT capture, kernel compilation, allocator growth) beyond a steady run;
+        # only the first use of a loaded model pays it
+        steady = sorted(r.total_ns / 1e9 for r in runs)[len(runs) // 2]
+        compile_s = loaded.info.compile_s + (max(0.0, warm[0] - steady) if warm and not loaded.used else 0.0)
+        load_s = 0.0 if loaded.used else loaded.load_s  # on the row that paid it
+        loaded.used = True
+        fid = measure_fidelity(self.cell, loaded, self.prompt, runs[0].tokens)  # outside the timed runs
+        rows = build_rows(self.cell, loaded, self.prompt, runs, sum(warm), compile_s, load_s, device_mem,
+                          self.host_gbps, self.run_id)
+        return [replace(r, kl_vs_reference=fid.kl_vs_reference, top1_agreement=fid.top1_agreement, measured_at=at)
+                for r, at in zip(rows, self.measured_at)]
+
+
 def measure(cell: Cell, loaded: LoadedModel, prompt: list[int], host_gbps: float, run_id: str) -> list[BenchmarkResult]:
-    engine = InferenceEngine(loaded.backend)
-    gen_cfg = GenerationConfig(max_new_tokens=cell.gen_tokens, ignore_eos=True, seed=cell.seed)
-    warm = [_timed(engine, prompt, gen_cfg) for _ in range(cell.warmup)]
-    runs: list[Generation] = []
-    t0 = time.perf_counter()
-    while len(runs) < cell.repeats or (time.perf_counter() - t0 < cell.min_time_s and len(runs) < MAX_REPEATS):
-        runs.append(engine.generate(prompt, gen_cfg))
-    device_mem = loaded.backend.memory()
-    # first-call overhead (JIT capture, kernel compilation, allocator growth) beyond a steady run;
-    # only the first use of a loaded model pays it
-    steady = sorted(r.total_ns / 1e9 for r in runs)[len(runs) // 2]
-    compile_s = loaded.info.compile_s + (max(0.0, warm[0] - steady) if warm and not loaded.used else 0.0)
-    load_s = 0.0 if loaded.used else loaded.load_s  # on the row that paid it
-    loaded.used = True
-    return build_rows(cell, loaded, prompt, runs, sum(warm), compile_s, load_s, device_mem, host_gbps,
-                      run_id)
+    """Every repeat of one cell, back to back, in this process."""
+    run = CellRun(cell, loaded, prompt, host_gbps, run_id)
+    while not run.step():
+        pass
+    return run.rows()
+
+
+def utc_now_ms() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def measure_fidelity(cell: Cell, loaded: LoadedModel, prompt: list[int], tokens: list[int]) -> Fidelity:
+    """Teacher-forced KL and top-1 agreement against the reference's saved distributions. The
+    reference backend itself saves them (once per model, prompt and length) and compares too."""
+    path = fidelity.reference_file(cell.model, prompt, cell.gen_tokens)
+    saved = fidelity.load_reference(path)
+    if saved is None:
+        if not backends.get(cell.framework).is_reference or len(tokens) != cell.gen_tokens:
+            return fidelity.NOT_COMPARED
+        fidelity.save_reference(path, tokens, fidelity.teacher_forced_logprobs(loaded.backend, prompt, tokens))
+        saved = fidelity.load_reference(path)
+    ref_tokens, ref_logprobs = saved
+    return fidelity.compare(ref_logprobs, fidelity.teacher_forced_logprobs(loaded.backend, prompt, ref_tokens))
 
 
 def _timed(engine: InferenceEngine, prompt: list[int], cfg: GenerationConfig) -> float:
@@ -76,18 +127,21 @@ def _timed(engine: InferenceEngine, prompt: list[int], cfg: GenerationConfig) ->
 def build_rows(cell: Cell, loaded: LoadedModel, prompt: list[int], runs: list[Generation], warmup_s: float,
                compile_s: float, load_s: float, device_mem: dict[str, int], host_gbps: float, run_id: str) -> list[BenchmarkResult]:
     info, spec = loaded.info, loaded.spec
+    threads_used, threads_note = loaded.backend.threads_used()
     cell_stats = summarize([r.decode_tps for r in runs if not math.isnan(r.decode_tps)])
     kv_depth = len(prompt) + cell.gen_tokens / 2  # mean KV length a decode step reads
     bytes_per_token = info.decode_bytes + info.kv_bytes_per_token * kv_depth
     common = dict(
         run_id=run_id, cell_id=cell.cell_id, framework=cell.framework, precision=loaded.precision,
-        device=info.device, model=spec.name, model_size=spec.size_label, threads=cell.threads, optimization_level="compile" if cell.compile else "eager",
+        device=info.device, model=spec.name, model_size=spec.size_label, threads=cell.resolved_threads,
+        threads_used=threads_used, optimization_level="compile" if cell.compile else "eager",
         iterations=len(runs), warmup_s=warmup_s, compile_s=compile_s,
         decode_tps_mean=cell_stats.mean, decode_tps_std=cell_stats.std, decode_tps_ci95_low=cell_stats.ci95_low,
         decode_tps_ci95_high=cell_stats.ci95_high, decode_tps_cov=cell_stats.cov,
         peak_rss_bytes=high_water_mark_bytes(), device_memory_bytes=max(device_mem.values(), default=0),
         model_bytes=info.weight_bytes, bytes_per_token=bytes_per_token, host_gbps=host_gbps, prompt_ids=list(prompt),
-        framework_version=loaded.version, extra={**info.details, **{f"memory_{k}": v for k, v in device_mem.items()}},
+        framework_version=loaded.version, extra={**info.details, **{f"memory_{k}": v for k, v in device_mem.items()},
+               **({"threads_note": threads_note} if threads_note else {})},
         **provenance(),
     )
     flags = cell_flags(cell_stats.cov, cell.noise_threshold)
@@ -125,7 +179,7 @@ def with_reference(rows: list[BenchmarkResult], reference: list[int]) -> list[Be
     for r in rows:
         match = leading_matches(r.tokens, reference)
         r = replace(r, match_tokens=match)
-        out.append(r.with_flag("diverged") if match < len(r.tokens) else r)
+        out.append(r.with_flags(("diverged",)) if match < len(r.tokens) else r)
     return out
 
 
@@ -137,6 +191,6 @@ def failure_row(cell: Cell, status: str, error: str, run_id: str, **extra: Any) 
     return BenchmarkResult(
         run_id=run_id, cell_id=cell.cell_id, status=status, error=error, framework=cell.framework,
         precision=cell.precision, device=cell.device, model=cell.model.rsplit("/", 1)[-1],
-        prompt_tokens=cell.prompt_tokens, gen_tokens=cell.gen_tokens, threads=cell.threads,
+        prompt_tokens=cell.prompt_tokens, gen_tokens=cell.gen_tokens, threads=cell.resolved_threads,
         optimization_level="compile" if cell.compile else "eager", **provenance(), **extra,
     )

@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from functools import cached_property
-from typing import Any, Callable, Generic, TypeVar
+from typing import Any, Callable, Generic, Iterator, TypeVar
 
 import numpy as np
 
@@ -249,12 +249,16 @@ class ModelSpec:
 
     def hf_tensor(self, name: str) -> np.ndarray:
         """Dequantized tensor with Q/K rows in Hugging Face (rotate-half RoPE) order."""
-        w = self.tensor(name)
+        return self.hf_rows(name, self.tensor(name))
+
+    def hf_rows(self, name: str, rows: np.ndarray) -> np.ndarray:
+        """Any per-row array of tensor `name` (values, block scales, ...) with Q/K rows moved from
+        GGUF's interleaved RoPE order to Hugging Face's rotate-half order."""
         if name.endswith("attn_q.weight"):
-            return unpermute_rope_rows(w, self.config.n_heads)
+            return unpermute_rope_rows(rows, self.config.n_heads)
         if name.endswith("attn_k.weight"):
-            return unpermute_rope_rows(w, self.config.n_kv_heads)
-        return w
+            return unpermute_rope_rows(rows, self.config.n_kv_heads)
+        return rows
 
     def load_weights(self, convert: Callable[[np.ndarray], T], tensor: Callable[[str], np.ndarray] | None = None) -> LlamaWeights[T]:
         """Every weight through `convert`, one tensor at a time; tied output shares tok_embd."""
@@ -266,6 +270,16 @@ class ModelSpec:
             fields = {f: convert(read(f"blk.{i}.{suffix}.weight")) for suffix, f in LAYER_TENSORS.items()}
             weights.layers.append(LayerWeights(**fields))
         return weights
+
+    def weight_items(self, weights: LlamaWeights[T]) -> Iterator[tuple[str, T]]:
+        """(GGUF tensor name, loaded weight) for every tensor `load_weights` loaded, each once."""
+        yield "token_embd.weight", weights.tok_embd
+        if not self.tied_embeddings:
+            yield "output.weight", weights.output
+        yield "output_norm.weight", weights.output_norm
+        for i, layer in enumerate(weights.layers):
+            for suffix, field_name in LAYER_TENSORS.items():
+                yield f"blk.{i}.{suffix}.weight", getattr(layer, field_name)
 
 
 def default_model_path() -> str:

@@ -19,7 +19,7 @@ import uuid
 from dataclasses import asdict, dataclass, field, fields, replace
 from functools import cache
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Iterable, Mapping
 
 from engine import __version__
 
@@ -44,6 +44,7 @@ class BenchmarkResult:
     prompt_tokens: int = 0
     gen_tokens: int = 0
     threads: int = 0
+    threads_used: int = 0
     optimization_level: str = ""
     iterations: int = 0  # measured repeats in this cell
     # time
@@ -89,6 +90,8 @@ class BenchmarkResult:
     tokens_sha: str = field(default="", init=False)
     prompt_ids: list[int] = field(default_factory=list)
     match_tokens: int = -1  # leading tokens equal to the reference backend's; -1 when not compared
+    kl_vs_reference: float = math.nan
+    top1_agreement: float = math.nan
     # provenance
     host: str = ""
     cpu: str = ""
@@ -101,6 +104,11 @@ class BenchmarkResult:
     bench_version: str = __version__
     git_commit: str = ""
     timestamp: str = ""
+    cpu_governor: str = ""
+    load_avg_1m: float = math.nan
+    other_cpu_frac: float = math.nan
+    schedule: str = ""  # interleaved or sequential
+    measured_at: str = ""  # UTC start of this repeat, ISO 8601 with milliseconds
     extra: dict[str, Any] = field(default_factory=dict)  # backend details (fallback blocks, BEAM level, ...)
     # JSONL only
     itl_s: list[float] = field(default_factory=list)
@@ -132,8 +140,8 @@ class BenchmarkResult:
         """Inverse of `as_dict` (a JSONL line); derived columns are recomputed."""
         return cls(**{k: math.nan if v is None and k in _FLOAT_FIELDS else v for k, v in d.items() if k in _INIT_FIELDS})
 
-    def with_flag(self, flag: str) -> "BenchmarkResult":
-        return replace(self, flags=(*self.flags, flag))
+    def with_flags(self, flags: Iterable[str]) -> "BenchmarkResult":
+        return replace(self, flags=(*self.flags, *flags))
 
 
 JSONL_ONLY = ("itl_s",)

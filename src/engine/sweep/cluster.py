@@ -27,7 +27,7 @@ from typing import Any
 
 from engine.errors import InputError, UnavailableError
 from engine.measure.cell import Cell
-from engine.sweep.isolation import THREAD_VARS
+from engine.sweep.child import THREAD_VARS
 
 SLOT = "bench_slot"
 NODE_PREFIX = "bench_node:"

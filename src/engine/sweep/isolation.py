@@ -1,148 +1,123 @@
-"""Run cells in child processes so a crash, an OOM kill or a hang costs one row, never the sweep.
+"""Run cells in child processes so a crash, an OOM kill or a hang costs one row, never the sweep,
+and schedule their repeats so drift on a shared host hits every framework alike.
 
-Cells sharing a load key go to one child (the model loads once). The child reports each cell on a
-pipe; the parent enforces a per-cell timeout. If the child dies, the cell it was in gets a
-`crash`, `oom` or `timeout` row and the rest of the group continues in a fresh child.
+Cells sharing a load key form a lane: one child loads the model once and measures the lane's
+cells in order. With several lanes and `interleave`, every lane's child stays loaded and the
+repeats are taken round-robin, one measuring at a time (A B C A B C ...); otherwise lanes run one
+after another. A child that dies costs the cell it was in (a `crash`, `oom` or `timeout` row);
+the lane goes on in a fresh child.
 """
 
 from __future__ import annotations
 
 import itertools
-import json
-import os
-import select
-import signal
-import subprocess
-import sys
-import tempfile
-import time
+from dataclasses import dataclass, field, replace
 from typing import Callable, Iterator
 
-from dataclasses import replace
+import psutil
 
 from engine.measure.cell import Cell
-from engine.measure.memory import ProcessSampler
+from engine.measure.host import HostMonitor
 from engine.measure.runner import failure_row
 from engine.results.rows import BenchmarkResult
+from engine.sweep.child import GroupChild, Reply
 
-THREAD_VARS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "VECLIB_MAXIMUM_THREADS",
-               "NUMEXPR_NUM_THREADS")
-STDERR_TAIL = 600
-SAMPLE_INTERVAL_S = 0.05  # the parent's RSS/USS sampling period of the measuring child
+FREE_MEMORY_SHARE = 0.7  # of the host's available memory that the loaded models may take together
+PER_MODEL_OVERHEAD = 300 * 2**20  # a framework's own footprint beside the weights
 
 
-def child_env(cell: Cell) -> dict[str, str]:
-    env = dict(os.environ)
-    if cell.threads:
-        env.update({v: str(cell.threads) for v in THREAD_VARS})
-    src = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (src, env.get("PYTHONPATH", "")) if p)
-    return env
+@dataclass
+class Lane:
+    """The cells of one load group still to measure, and the child measuring them."""
+
+    pending: list[Cell]
+    child: GroupChild | None = None
+    spent_s: dict[str, float] = field(default_factory=dict)  # per cell: time its requests took
+    monitor: HostMonitor | None = None
 
 
 def run_cells(cells: list[Cell], host_gbps: float, run_id: str, debug: bool = False,
-              on_start: Callable[[Cell], None] | None = None) -> Iterator[tuple[Cell, list[BenchmarkResult]]]:
-    """Yield (cell, rows) for every cell, in order, each measured in a child process."""
-    for _, group in itertools.groupby(cells, key=lambda c: c.load_key):
-        pending = list(group)
-        while pending:
-            for cell, rows in _run_child(list(pending), host_gbps, run_id, debug, on_start):
-                pending.remove(cell)
-                yield cell, rows
-
-
-def _run_child(cells: list[Cell], host_gbps: float, run_id: str, debug: bool,
-               on_start: Callable[[Cell], None] | None) -> Iterator[tuple[Cell, list[BenchmarkResult]]]:
-    by_id = {c.cell_id: c for c in cells}
-    job = json.dumps({"cells": [c.to_json() for c in cells], "host_gbps": host_gbps, "run_id": run_id, "debug": debug})
-    read_fd, write_fd = os.pipe()
-    log = tempfile.TemporaryFile()
-    proc = subprocess.Popen([sys.executable, "-m", "engine.sweep.worker", str(write_fd)], stdin=subprocess.PIPE,
-                            stdout=log, stderr=log, pass_fds=(write_fd,), env=child_env(cells[0]),
-                            start_new_session=True)
-    os.close(write_fd)
-    memory = ProcessSampler(proc.pid)
+              on_start: Callable[[Cell], None] | None = None,
+              interleave: bool = True) -> Iterator[tuple[Cell, list[BenchmarkResult]]]:
+    """Yield (cell, rows) for every cell as it completes, each measured in a child process."""
+    lanes = [Lane(list(group)) for _, group in itertools.groupby(cells, key=lambda c: c.load_key)]
+    schedule, note = plan(lanes, interleave)
+    active, waiting = (lanes, []) if schedule == "interleaved" else (lanes[:1], lanes[1:])
     try:
-        proc.stdin.write(job.encode())
-        proc.stdin.close()
-    except BrokenPipeError:
-        pass
-    current: Cell | None = None
-    started = time.monotonic()  # of the current cell, or since the last event between cells
-    buf = b""
-    timed_out = eof = False
-    reported: set[str] = set()
+        while active:
+            for lane in list(active):
+                done = _advance(lane, host_gbps, run_id, debug, on_start)
+                if done is not None:
+                    cell, rows = done
+                    extra = {"schedule_note": note} if note else {}
+                    yield cell, [replace(r, schedule=schedule, extra={**r.extra, **extra}) for r in rows]
+                if not lane.pending:
+                    if lane.child is not None:
+                        lane.child.close()
+                    active.remove(lane)
+                    if waiting:
+                        active.append(waiting.pop(0))
+    finally:  # the consumer stopped early (Ctrl-C) or something broke: leave no child behind
+        for lane in lanes:
+            if lane.child is not None:
+                lane.child.close() if not lane.pending else lane.child.kill()
+
+
+def plan(lanes: list[Lane], interleave: bool) -> tuple[str, str]:
+    """`interleaved` when asked for, worth it (several lanes) and every model fits in memory at once."""
+    if not interleave or len(lanes) < 2:
+        return "sequential", ""
+    need = sum(estimated_bytes(lane.pending[0]) for lane in lanes)
+    free = psutil.virtual_memory().available * FREE_MEMORY_SHARE
+    if need > free:
+        return "sequential", (f"not interleaved: {len(lanes)} loaded models need about {need / 1e9:.1f} GB, "
+                              f"{free / 1e9:.1f} GB is free to use")
+    return "interleaved", ""
+
+
+def estimated_bytes(cell: Cell) -> int:
+    """A loaded model's memory, pessimistically: every parameter as f32, plus the framework."""
+    from engine.model.spec import ModelSpec
+
     try:
-        while True:
-            wait = (current or cells[0]).timeout_s - (time.monotonic() - started)
-            if wait <= 0:
-                timed_out = True
-                break
-            ready, _, _ = select.select([read_fd], [], [], min(wait, SAMPLE_INTERVAL_S))
-            memory.sample()
-            if not ready:
-                continue
-            chunk = os.read(read_fd, 1 << 20)
-            if not chunk:
-                eof = True  # the child closed its end: it is exiting
-                break
-            buf += chunk
-            *lines, buf = buf.split(b"\n")
-            for line in lines:
-                msg = json.loads(line)
-                cell = by_id[msg["cell_id"]]
-                started = time.monotonic()
-                if msg["event"] == "start":
-                    current = cell
-                    memory.reset()
-                    if on_start is not None:
-                        on_start(cell)
-                    continue
-                current = None
-                reported.add(cell.cell_id)
-                if msg["event"] == "done":
-                    yield cell, [replace(BenchmarkResult.from_dict(r), sampled_rss_peak_bytes=memory.rss_peak,
-                                         sampled_uss_peak_bytes=memory.uss_peak) for r in msg["rows"]]
-                else:
-                    yield cell, [failure_row(cell, msg["status"], msg["error"], run_id)]
-    finally:
-        os.close(read_fd)
-        if not eof:  # timed out, or the consumer stopped early (Ctrl-C): leave no orphan
-            _kill(proc)
-        try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:  # hung while exiting
-            _kill(proc)
-            proc.wait()
-    unreported = [c for c in cells if c.cell_id not in reported]
-    if current is None and (not unreported or (proc.returncode == 0 and reported)):
-        return  # every cell reported (a crash at teardown costs nothing), or a clean early exit to retry
-    victim = current or unreported[0]
-    if timed_out:
-        yield victim, [failure_row(victim, "timeout", f"no result after {victim.timeout_s:g} s; killed", run_id)]
-        return
-    status, error = classify_exit(proc.returncode, _tail(log))
-    yield victim, [failure_row(victim, status, error, run_id)]
+        return ModelSpec.open(cell.model).n_params * 4 + PER_MODEL_OVERHEAD
+    except Exception:  # an unreadable model fails in its own child, with its own row
+        return PER_MODEL_OVERHEAD
 
 
-def classify_exit(returncode: int, stderr_tail: str) -> tuple[str, str]:
-    if returncode < 0:
-        sig = signal.Signals(-returncode).name
-        if sig == "SIGKILL":  # not ours (timeouts are handled above): the kernel's OOM killer
-            return "oom", f"killed by SIGKILL (out of memory?) {stderr_tail}".strip()
-        return "crash", f"killed by {sig} {stderr_tail}".strip()
-    return "crash", f"child exited with code {returncode} {stderr_tail}".strip()
+def _advance(lane: Lane, host_gbps: float, run_id: str, debug: bool,
+             on_start: Callable[[Cell], None] | None) -> tuple[Cell, list[BenchmarkResult]] | None:
+    """One repeat of the lane's current cell; (cell, rows) once the cell is complete or failed."""
+    cell = lane.pending[0]
+    if lane.child is None:
+        lane.child = GroupChild(lane.pending, host_gbps, run_id, debug)
+    first = cell.cell_id not in lane.spent_s
+    if first:
+        lane.spent_s[cell.cell_id] = 0.0
+        lane.child.memory.reset()
+        lane.monitor = HostMonitor(lane.child.proc.pid)
+        if on_start is not None:
+            on_start(cell)
+    else:
+        lane.monitor.resume()
+    reply = lane.child.request(cell, max(cell.timeout_s - lane.spent_s[cell.cell_id], 0.001))
+    lane.spent_s[cell.cell_id] += lane.monitor.pause()
+    if reply.kind == "step":
+        return None
+    lane.pending.pop(0)
+    rows = _rows(cell, reply, lane, run_id)
+    if reply.kind in ("died", "timeout") or reply.status == "oom":  # the process is gone or unusable
+        lane.child.close()
+        lane.child = None
+    return cell, rows
 
 
-def _kill(proc: subprocess.Popen) -> None:
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
-
-
-def _tail(log) -> str:
-    log.seek(0)
-    text = log.read().decode("utf-8", "replace").strip()
-    lines = [ln for ln in text.splitlines() if ln.strip()]
-    return " | ".join(lines)[-STDERR_TAIL:] if lines else ""
+def _rows(cell: Cell, reply: Reply, lane: Lane, run_id: str) -> list[BenchmarkResult]:
+    if reply.kind != "done":
+        status = "timeout" if reply.kind == "timeout" else reply.status
+        return [failure_row(cell, status, reply.error, run_id)]
+    host, memory = lane.monitor.state(), lane.child.memory
+    return [replace(BenchmarkResult.from_dict(r), sampled_rss_peak_bytes=memory.rss_peak,
+                    sampled_uss_peak_bytes=memory.uss_peak, cpu_governor=host.cpu_governor,
+                    load_avg_1m=host.load_avg_1m, other_cpu_frac=host.other_cpu_frac).with_flags(
+                        ("contended",) if host.contended else ()) for r in reply.rows]

@@ -81,10 +81,33 @@ def machine_lock() -> Iterator[None]:
         yield
 
 
+def missing_references(cells: list[Cell]) -> list[Cell]:
+    """The cells whose reference distributions (for the fidelity columns) this node has not saved:
+    they are keyed by the model file as this node has it, so each node runs the reference itself."""
+    from engine.measure import fidelity
+    from engine.measure.runner import needed_seq_len
+    from engine.model.spec import ModelSpec
+
+    specs: dict[str, Any] = {}
+    out = []
+    for c in cells:
+        if c.framework == backends.reference().name:
+            continue
+        try:
+            spec = specs.setdefault(c.model, ModelSpec.open(c.model))
+            prompt, _ = needed_seq_len(spec, c)
+        except Exception:  # the measuring child reports a bad model or prompt as the cell's row
+            continue
+        if not fidelity.reference_file(c.model, prompt, c.gen_tokens).exists():
+            out.append(c)
+    return out
+
+
 def measure_group(cells: list[dict[str, Any]], run_id: str, debug: bool) -> Iterator[dict[str, Any]]:
     """The Ray task (a streaming generator): one load group on this node."""
     from engine.measure.bandwidth import host_bandwidth
     from engine.sweep.isolation import run_cells
+    from engine.sweep.run import ReferenceTokens
 
     cluster.restore_thread_env()
     me = node_identity()
@@ -92,6 +115,7 @@ def measure_group(cells: list[dict[str, Any]], run_id: str, debug: bool) -> Iter
         gbps = host_bandwidth()["host_gbps"]  # measured once per host, then cached
         yield {"event": "node", **me, "host_gbps": gbps}
         mine = [localize(Cell.from_json(c)) for c in cells]
+        ReferenceTokens(gbps, run_id, run_cells).prefetch(missing_references(mine))
         stamp = {k: me[k] for k in ("node", "ray_node_id", "node_gpu")}
         for cell, rows in run_cells(mine, gbps, run_id, debug):
             yield {"event": "done", "cell_id": cell.cell_id, "rows": [replace(r, **stamp).as_dict() for r in rows]}
@@ -156,14 +180,12 @@ class RayExecutor:
         self.close()
 
     def __call__(self, cells: list[Cell], host_gbps: float, run_id: str, debug: bool = False,
-                 on_start: Callable[..., None] | None = None) -> Iterator[tuple[Cell, list[BenchmarkResult]]]:
+                 on_start: Callable[..., None] | None = None,
+                 interleave: bool = True) -> Iterator[tuple[Cell, list[BenchmarkResult]]]:
+        """`interleave` has nothing to interleave: a task is one load group; groups run side by
+        side on different machines, one at a time on each."""
         groups = [list(g) for _, g in itertools.groupby(cells, key=lambda c: c.load_key)]
-        reference = backends.reference().name
-        # the reference's groups finish first: their tokens gate the other frameworks' cells
-        for wave in ([g for g in groups if g[0].framework == reference],
-                     [g for g in groups if g[0].framework != reference]):
-            if wave:
-                yield from self._run(wave, run_id, debug, on_start)
+        yield from self._run(groups, run_id, debug, on_start)
 
     def _run(self, groups: list[list[Cell]], run_id: str, debug: bool,
              on_start: Callable[..., None] | None) -> Iterator[tuple[Cell, list[BenchmarkResult]]]:

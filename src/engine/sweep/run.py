@@ -33,8 +33,8 @@ class SweepOutcome:
 
 
 class ReferenceTokens:
-    """Greedy tokens of the reference backend per (model, prompt, length), from the sweep's own
-    reference cells when it has them, otherwise from one extra reference run in a child."""
+    """Greedy tokens of the reference backend per (model, prompt, length), from one reference run
+    in a child per prompt before the sweep (which also saves the reference's distributions)."""
 
     def __init__(self, host_gbps: float, run_id: str, executor: Executor = run_cells):
         self.host_gbps, self.run_id, self.executor = host_gbps, run_id, executor
@@ -50,12 +50,12 @@ class ReferenceTokens:
             self._cache[self.key(cell)] = list(rows[0].tokens)
 
     def prefetch(self, cells: list[Cell]) -> None:
-        """Run the reference for every prompt the sweep's own reference cells do not cover.
-        Done before the sweep, never while a measured child runs, so nothing competes for cores."""
-        covered = {self.key(c) for c in cells if c.framework == self.name}
+        """Run the reference once for every prompt of the sweep, which also saves its distributions
+        for the fidelity columns. Done before the sweep, never while a measured child runs, so
+        nothing competes for cores and every measured cell finds the reference ready."""
         missing: dict[tuple, Cell] = {}
         for c in cells:
-            if self.key(c) not in covered and self.key(c) not in self._cache:
+            if self.key(c) not in self._cache:
                 missing.setdefault(self.key(c), replace(
                     c, framework=self.name, precision="auto", device="auto", repeats=1, warmup=0,
                     min_time_s=0.0, compile=False, options=(), threads=0, memory_limit_mb=0))
@@ -67,7 +67,7 @@ class ReferenceTokens:
 
 
 def run_sweep(cells: list[Cell], writer: ResultWriter, host_gbps: float, run_id: str, *, resume: bool = False,
-              check_reference: bool = True, delay_s: float = 0.0, debug: bool = False,
+              check_reference: bool = True, delay_s: float = 0.0, debug: bool = False, interleave: bool = True,
               on_cell: Callable[[Cell, list[BenchmarkResult], int, int], None] | None = None,
               on_start: Callable[[Cell], None] | None = None, executor: Executor = run_cells) -> SweepOutcome:
     outcome = SweepOutcome()
@@ -75,12 +75,9 @@ def run_sweep(cells: list[Cell], writer: ResultWriter, host_gbps: float, run_id:
     todo = [c for c in cells if c.cell_id not in done]
     outcome.skipped = len(cells) - len(todo)
     reference = ReferenceTokens(host_gbps, run_id, executor)
-    # reference cells first, so their tokens serve the other frameworks' gate
-    todo.sort(key=lambda c: c.framework != reference.name)
     if check_reference:
         reference.prefetch(todo)
-    for i, (cell, rows) in enumerate(executor(todo, host_gbps, run_id, debug, on_start)):
-        reference.offer(cell, rows)
+    for i, (cell, rows) in enumerate(executor(todo, host_gbps, run_id, debug, on_start, interleave)):
         if check_reference and rows[0].status == "ok":
             ref = reference.get(cell)
             if ref is not None:
