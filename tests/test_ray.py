@@ -241,3 +241,30 @@ def test_ray_local_measures_what_a_local_run_measures(tiny_f32, tmp_path):
     while ray_daemons() - before and time.time() < deadline:
         time.sleep(0.5)
     assert not ray_daemons() - before
+
+
+@pytest.mark.slow
+def test_a_cell_pinned_to_a_node_that_dies_is_lost_and_the_rest_unavailable(tiny_f32, tmp_path):
+    c = two_nodes(tmp_path)
+    try:
+        cfg = config(tmp_path, tiny_f32, 'node = "b"\ngen_tokens = [2, 3, 4, 5, 6, 7]\nmin_time_s = 0.5')
+        csv = tmp_path / "pinned.csv"
+        args = [sys.executable, "-m", "engine", "sweep", str(cfg), "--ray", c.address, "-O", str(csv)]
+        env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
+        proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+        deadline = time.time() + 180
+        while time.time() < deadline and not (csv.exists() and csv.read_text().count("\n") >= 2):
+            time.sleep(0.1)
+        c.kill_raylet("b")
+        out, err = proc.communicate(timeout=300)
+        assert proc.returncode == 1, err  # a lost cell is a failed cell
+        df = pd.read_csv(csv)
+        assert df.cell_id.nunique() == 6
+        exactly_once(df)
+        per_cell = df.groupby("cell_id").status.first().value_counts().to_dict()
+        assert per_cell.get("lost") == 1 and per_cell.get("ok", 0) >= 1, per_cell
+        assert per_cell["ok"] + 1 + per_cell.get("unavailable", 0) == 6
+        lost = df[df.status == "lost"].iloc[0]
+        assert lost.node == "b" and "lost mid-cell" in lost.error
+    finally:
+        c.stop()
