@@ -4,4 +4,4 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh
-exec .venv/bin/bench run "$@"
+exec .venv/bin/bench run --modes best "$@"

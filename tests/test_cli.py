@@ -126,7 +126,7 @@ def test_options_reach_only_the_frameworks_that_declare_them(tiny_f32):
     from engine.cli.main import cells_from_options
 
     base = dict(framework=("numpy", "tinygrad"), model=(tiny_f32,), precision=(), device=(), prompt=None,
-                prompt_tokens=(), gen_tokens=(), threads=(), compile_=False, option=(("beam", "2"),), repeats=None,
+                prompt_tokens=(), gen_tokens=(), threads=(), compile_=False, modes="default", option=(("beam", "2"),), repeats=None,
                 warmup=None, min_time=None, seed=None, timeout=None, memory_limit_mb=None)
     cells = {c.framework: c for c in cells_from_options(base)}
     assert cells["tinygrad"].options == (("beam", 2),) and cells["numpy"].options == ()
@@ -167,3 +167,44 @@ def test_synth(tmp_path):
 
     spec = ModelSpec.open(out)
     assert spec.config.n_layers == 4 and spec.file_type == "q8_0"
+
+
+def test_modes_best_measures_every_mode_and_flags_one_per_framework(tiny_models, tmp_path):
+    import backends
+    from engine.model.spec import ModelSpec
+
+    out = tmp_path / "best.csv"
+    frameworks = [f for f in ("numpy", "mlx", "transformers") if backends.get(f).availability().ok]
+    args = [a for f in frameworks for a in ("-f", f)]
+    r = bench("run", "--modes", "best", *args, "-m", tiny_models["q4_1"], "-n", "4", "-r", "2", "-O", str(out))
+    assert r.returncode == 0, r.stderr
+    assert "best mode per framework" in r.stdout
+    df = pd.read_csv(out)
+    spec = ModelSpec.open(tiny_models["q4_1"])
+    for f in frameworks:
+        declared = {m.precision for m in backends.get(f).modes(spec, "cpu")}
+        assert set(df[df.framework == f].precision) == declared, f
+        best = df[(df.framework == f) & df["flags"].fillna("").str.contains("best")]
+        assert best.cell_id.nunique() == 1, f
+        ok = df[(df.framework == f) & (df.status == "ok")]
+        assert best.decode_tps_mean.iloc[0] == ok.decode_tps_mean.max(), "the fastest passing mode is chosen"
+    assert df.kl_vs_reference.notna().all() and df.top1_agreement.notna().all()
+    ref = df[df.framework == "numpy"]
+    assert (ref.kl_vs_reference == 0).all() and (ref.top1_agreement == 1).all()
+    jsonl = [json.loads(x) for x in out.with_suffix(".jsonl").read_text().splitlines()]
+    assert sum("best" in x["flags"] for x in jsonl) == (df["flags"].fillna("").str.contains("best")).sum()
+
+
+def test_modes_best_refuses_a_fixed_precision(tiny_f32):
+    r = bench("run", "--modes", "best", "-f", "numpy", "-p", "f32", "-m", tiny_f32)
+    assert r.returncode == 2 and "--modes best chooses precisions" in r.stderr
+
+
+def test_best_skips_a_fast_mode_that_fails_the_fidelity_bar():
+    from engine.results.rows import BenchmarkResult
+    from engine.sweep.best import best_cells
+
+    row = lambda cell, tps, kl, top1: BenchmarkResult(  # noqa: E731
+        cell_id=cell, framework="x", decode_tps_mean=tps, kl_vs_reference=kl, top1_agreement=top1, prompt_ids=[1])
+    rows = [row("fast-broken", 90.0, 2.3, 0.2), row("fast-ok", 50.0, 0.01, 0.97), row("slow", 20.0, 0.0, 1.0)]
+    assert best_cells(rows) == {"fast-ok"}

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any, Sequence
 import numpy as np
 
 from engine.generate.backend import (FLOAT_PRECISIONS, Availability, Backend, BackendOption, LoadInfo,  # noqa: F401
-                                     LoadOptions, Requirement, pip_extra)
+                                     LoadOptions, Mode, Requirement, pip_extra)
 from engine.model.forward import check_tokens
 
 if TYPE_CHECKING:

@@ -13,7 +13,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from backends.base import (FLOAT_PRECISIONS, ArrayLlamaBackend, LoadInfo, LoadOptions, Requirement,
+from backends.base import (FLOAT_PRECISIONS, ArrayLlamaBackend, LoadInfo, LoadOptions, Mode, Requirement,
                            float_load_info, pip_extra)
 from engine.errors import UnavailableError
 from engine.model.spec import unpermute_rope_rows
@@ -94,6 +94,10 @@ class MlxBackend(ArrayLlamaBackend):
     def precisions(cls, spec):
         native = (spec.file_type,) if spec.file_type in NATIVE_QUANT else ()
         return FLOAT_PRECISIONS + native
+
+    @classmethod
+    def modes(cls, spec, device):
+        return [Mode("f32")] + ([Mode(spec.file_type)] if spec.file_type in NATIVE_QUANT else [])
 
     @classmethod
     def device_missing(cls, device: str) -> str:

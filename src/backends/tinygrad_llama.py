@@ -11,7 +11,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from backends.base import (ArrayLlamaBackend, BackendOption, LoadInfo, LoadOptions, Requirement, float_load_info,
+from backends.base import (ArrayLlamaBackend, BackendOption, LoadInfo, LoadOptions, Mode, Requirement, float_load_info,
                            pip_extra)
 from engine.model.forward import SeparateProjections, forward, rope_tables
 
@@ -102,6 +102,10 @@ class TinygradBackend(ArrayLlamaBackend):
     @classmethod
     def precisions(cls, spec):
         return ("f32", "f16")
+
+    @classmethod
+    def modes(cls, spec, device):
+        return [Mode("f32", options=(("beam", beam),)) for beam in (0, 2)]
 
     @classmethod
     def resolve_device(cls, device: str) -> str:

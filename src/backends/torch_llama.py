@@ -8,8 +8,8 @@ from typing import Sequence
 
 import numpy as np
 
-from backends.base import (FLOAT_PRECISIONS, ArrayLlamaBackend, LoadInfo, LoadOptions, Requirement, float_load_info,
-                           pip_extra)
+from backends.base import (FLOAT_PRECISIONS, ArrayLlamaBackend, LoadInfo, LoadOptions, Mode, Requirement,
+                           float_load_info, pip_extra)
 from backends.torch_quant import INT4_TYPES, Int4Weight, int4_counts, int4_linear, load_int4_weights
 from engine.errors import UnavailableError
 from engine.model.forward import FusedProjections, forward, rope_tables
@@ -167,6 +167,12 @@ class TorchBackend(TorchBased):
     @classmethod
     def precisions(cls, spec):
         return FLOAT_PRECISIONS + ((spec.file_type,) if spec.file_type in INT4_TYPES else ())
+
+    @classmethod
+    def modes(cls, spec, device):
+        floats = ("f32", "bf16") if device == "cpu" else ("f32", "bf16", "f16")
+        native = [Mode(spec.file_type)] if spec.file_type in INT4_TYPES and device == "cpu" else []
+        return [Mode(p, compile=c) for c in (False, True) for p in floats] + native
 
     def build(self, spec, opts: LoadOptions) -> LoadInfo:
         import torch

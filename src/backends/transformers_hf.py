@@ -7,7 +7,7 @@ from typing import Sequence
 
 import numpy as np
 
-from backends.base import LoadInfo, LoadOptions, Requirement, float_load_info, pip_extra
+from backends.base import LoadInfo, LoadOptions, Mode, Requirement, float_load_info, pip_extra
 from backends.torch_llama import TORCH, TORCH_DTYPES, TorchBased, synchronize
 
 TRANSFORMERS = Requirement("transformers", "transformers", pip_extra("transformers"))
@@ -62,6 +62,10 @@ class TransformersBackend(TorchBased):
     name = "transformers"
     description = "Hugging Face LlamaForCausalLM, stepped through its own KV cache"
     requires = (TRANSFORMERS, TORCH)
+
+    @classmethod
+    def modes(cls, spec, device):
+        return [Mode("f32"), Mode("bf16")]
 
     def build(self, spec, opts: LoadOptions) -> LoadInfo:
         import torch

@@ -11,7 +11,8 @@ from typing import Iterable
 import numpy as np
 import pandas as pd
 
-CELL = ["framework", "precision", "device", "model", "prompt_tokens", "gen_tokens", "threads", "optimization_level"]
+CELL = ["framework", "precision", "device", "model", "prompt_tokens", "gen_tokens", "threads", "optimization_level",
+        "options"]
 
 
 def latest_results(directory: str | os.PathLike = "results") -> Path:
@@ -47,11 +48,12 @@ def cell_summary(df: pd.DataFrame) -> pd.DataFrame:
     ok = df[df.status == "ok"]
     if ok.empty:
         return pd.DataFrame(columns=CELL)
-    g = ok.groupby(CELL, dropna=False)
+    g = ok.groupby([c for c in CELL if c in ok.columns], dropna=False)  # older files lack newer columns
     out = g.agg(decode_tps=("decode_tps", "mean"), ci_low=("decode_tps_ci95_low", "first"),
                 ci_high=("decode_tps_ci95_high", "first"), ttft_s=("ttft_s", "mean"),
                 prefill_tps=("prefill_tps", "mean"), peak_rss_mb=("peak_rss_bytes", lambda s: s.max() / 1e6),
                 roofline_frac=("roofline_frac", "mean"), match_tokens=("match_tokens", "min"),
+                kl_vs_reference=("kl_vs_reference", "mean"), top1_agreement=("top1_agreement", "mean"),
                 flags=("flags", lambda s: ";".join(sorted({f for v in s.dropna() for f in str(v).split(";") if f}))),
                 repeats=("repeat", "count")).reset_index()
     return out.sort_values(["model", "prompt_tokens", "gen_tokens", "decode_tps"], ascending=[True, True, True, False])
@@ -132,5 +134,6 @@ FIGURES = {"decode_tps": fig_decode, "prefill_ttft": fig_prefill, "memory_vs_thr
 
 
 def correctness_table(summary: pd.DataFrame) -> pd.DataFrame:
-    t = summary[["framework", "precision", "prompt_tokens", "gen_tokens", "decode_tps", "match_tokens", "flags"]]
+    t = summary[["framework", "precision", "prompt_tokens", "gen_tokens", "decode_tps", "match_tokens", "kl_vs_reference",
+                 "top1_agreement", "flags"]]
     return t.rename(columns={"match_tokens": "tokens equal to reference"})

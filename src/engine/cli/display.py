@@ -88,3 +88,20 @@ def comparison_table(rows, metric: str):
         t.add_row(r.label, f"{r.ratio:.3f}", f"{r.ci_low:.3f}-{r.ci_high:.3f}" if not math.isnan(r.ci_low) else "-",
                   f"{r.p_value:.3g}" if not math.isnan(r.p_value) else "-", verdict)
     return t
+
+
+def best_table(rows: list[BenchmarkResult]):
+    """`--modes best`: one line per framework and workload, its chosen mode beside what it gives up."""
+    from rich.table import Table
+
+    t = Table(title="best mode per framework (fastest that passes the fidelity bar)", header_style="bold")
+    for col in ("framework", "mode", "prompt", "gen", "decode tok/s", "KL nats", "top-1", "peak RSS MB", "modes tried"):
+        t.add_column(col, justify="left" if col in ("framework", "mode") else "right")
+    chosen = [r for r in rows if "best" in r.flags and r.repeat == 0]
+    for r in sorted(chosen, key=lambda r: -r.decode_tps_mean):
+        tried = len({x.cell_id for x in rows if x.framework == r.framework and x.prompt_ids == r.prompt_ids})
+        mode = r.precision + (" compiled" if r.optimization_level == "compile" else "") + "".join(
+            f" {k}={v}" for k, v in sorted(r.options.items()))
+        t.add_row(r.framework, mode, str(r.prompt_tokens), str(r.gen_tokens), f"{r.decode_tps_mean:.1f}",
+                  f"{r.kl_vs_reference:.4f}", f"{r.top1_agreement:.2f}", f"{r.peak_rss_bytes / 1e6:.0f}", str(tried))
+    return t

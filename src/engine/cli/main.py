@@ -55,6 +55,9 @@ def measure_options(fn: Callable) -> Callable:
         click.option("--threads", "-t", type=click.IntRange(min=0), multiple=True,
                      help="threads (default: the framework's own)"),
         click.option("--compile", "compile_", is_flag=True, help="JIT-compile the decode step where the framework can"),
+        click.option("--modes", type=click.Choice(["default", "best"]), default="default", show_default=True,
+                     help="best: every mode each framework declares (precisions, compile, options); the fastest "
+                          "that passes the fidelity bar is flagged `best`"),
         click.option("--option", "-o", multiple=True, callback=_key_value, metavar="KEY=VALUE",
                      help="backend option, checked against what the frameworks declare (see below)"),
         click.option("--repeats", "-r", type=POSITIVE, help="measured generations per cell (default 3)"),
@@ -106,6 +109,13 @@ def cells_from_options(o: dict[str, Any], config: str | None = None) -> list:
         axes.setdefault("framework", backends.available())
         axes.setdefault("model", [resolve_model("default")])
         cells = expand(axes, fixed)
+    if o["modes"] == "best":
+        if o["precision"] or o["compile_"]:
+            raise InputError("--modes best chooses precisions and compilation itself; drop -p/--compile")
+        from engine.model.spec import ModelSpec
+        from engine.sweep.best import with_modes
+
+        cells = with_modes(cells, ModelSpec.open)
     cells = apply_options(cells, backends.parse_options)
     _validate(cells, on_cluster=bool(o.get("ray_address")))
     return cells
@@ -167,8 +177,16 @@ def run_cells_command(o: dict[str, Any], debug: bool, config: str | None = None)
             executor.close()
     if outcome.skipped:
         display.stderr.print(f"resumed: {outcome.skipped} cell(s) already in {out}")
+    if o["modes"] == "best":
+        from engine.sweep.best import best_cells
+
+        best = best_cells(outcome.rows)
+        writer.add_flag(best, "best")
+        outcome.rows = [r.with_flags(("best",)) if r.cell_id in best else r for r in outcome.rows]
     if not (progress.live and o["fmt"] == "table"):  # the live display already shows the table
         print_rows(outcome.rows, o["fmt"], sys.stdout)
+    if o["modes"] == "best" and o["fmt"] == "table":
+        display.stdout.print(display.best_table(outcome.rows))
     display.stderr.print(f"wrote {len(outcome.rows)} row(s) to {out} and {writer.jsonl_path}")
     if outcome.statuses.get("unavailable"):
         display.stderr.print(f"{outcome.statuses['unavailable']} cell(s) unavailable on this "

@@ -79,6 +79,15 @@ class BackendOption:
 
 
 @dataclass(frozen=True)
+class Mode:
+    """One way a framework can run a model: what `bench run --modes best` tries."""
+
+    precision: str
+    compile: bool = False
+    options: tuple[tuple[str, Any], ...] = ()
+
+
+@dataclass(frozen=True)
 class LoadOptions:
     precision: str = "auto"
     device: str = "auto"
@@ -122,6 +131,13 @@ class Backend(ABC):
     def precisions(cls, spec: "ModelSpec") -> tuple[str, ...]:
         """Precisions this backend runs the model at; the first is the default."""
         return FLOAT_PRECISIONS
+
+    @classmethod
+    def modes(cls, spec: "ModelSpec", device: str) -> list[Mode]:
+        """The modes worth trying for this file on `device` (a resolved device); by default the
+        default precision. A framework lists its faster or leaner ways here (precisions, compile,
+        options), and `--modes best` measures every one."""
+        return [Mode(cls.precisions(spec)[0])]
 
     @classmethod
     def resolve_precision(cls, spec: "ModelSpec", precision: str) -> str:

@@ -73,6 +73,7 @@ class CellRun:
         t = time.perf_counter()
         self.runs.append(self.engine.generate(self.prompt, self.gen_cfg))
         self.measured_s += time.perf_counter() - t
+        self.peak_rss_bytes = high_water_mark_bytes()  # through the timed runs, before any bookkeeping
         n, c = len(self.runs), self.cell
         return n >= c.repeats and (self.measured_s >= c.min_time_s or n >= MAX_REPEATS)
 
@@ -87,7 +88,7 @@ class CellRun:
         loaded.used = True
         fid = measure_fidelity(self.cell, loaded, self.prompt, runs[0].tokens)  # outside the timed runs
         rows = build_rows(self.cell, loaded, self.prompt, runs, sum(warm), compile_s, load_s, device_mem,
-                          self.host_gbps, self.run_id)
+                          self.host_gbps, self.run_id, self.peak_rss_bytes)
         return [replace(r, kl_vs_reference=fid.kl_vs_reference, top1_agreement=fid.top1_agreement, measured_at=at)
                 for r, at in zip(rows, self.measured_at)]
 
@@ -125,7 +126,8 @@ def _timed(engine: InferenceEngine, prompt: list[int], cfg: GenerationConfig) ->
 
 
 def build_rows(cell: Cell, loaded: LoadedModel, prompt: list[int], runs: list[Generation], warmup_s: float,
-               compile_s: float, load_s: float, device_mem: dict[str, int], host_gbps: float, run_id: str) -> list[BenchmarkResult]:
+               compile_s: float, load_s: float, device_mem: dict[str, int], host_gbps: float, run_id: str,
+               peak_rss_bytes: int) -> list[BenchmarkResult]:
     info, spec = loaded.info, loaded.spec
     threads_used, threads_note = loaded.backend.threads_used()
     cell_stats = summarize([r.decode_tps for r in runs if not math.isnan(r.decode_tps)])
@@ -134,11 +136,11 @@ def build_rows(cell: Cell, loaded: LoadedModel, prompt: list[int], runs: list[Ge
     common = dict(
         run_id=run_id, cell_id=cell.cell_id, framework=cell.framework, precision=loaded.precision,
         device=info.device, model=spec.name, model_size=spec.size_label, threads=cell.resolved_threads,
-        threads_used=threads_used, optimization_level="compile" if cell.compile else "eager",
+        threads_used=threads_used, options=dict(cell.options), optimization_level="compile" if cell.compile else "eager",
         iterations=len(runs), warmup_s=warmup_s, compile_s=compile_s,
         decode_tps_mean=cell_stats.mean, decode_tps_std=cell_stats.std, decode_tps_ci95_low=cell_stats.ci95_low,
         decode_tps_ci95_high=cell_stats.ci95_high, decode_tps_cov=cell_stats.cov,
-        peak_rss_bytes=high_water_mark_bytes(), device_memory_bytes=max(device_mem.values(), default=0),
+        peak_rss_bytes=peak_rss_bytes, device_memory_bytes=max(device_mem.values(), default=0),
         model_bytes=info.weight_bytes, bytes_per_token=bytes_per_token, host_gbps=host_gbps, prompt_ids=list(prompt),
         framework_version=loaded.version, extra={**info.details, **{f"memory_{k}": v for k, v in device_mem.items()},
                **({"threads_note": threads_note} if threads_note else {})},
@@ -191,6 +193,6 @@ def failure_row(cell: Cell, status: str, error: str, run_id: str, **extra: Any) 
     return BenchmarkResult(
         run_id=run_id, cell_id=cell.cell_id, status=status, error=error, framework=cell.framework,
         precision=cell.precision, device=cell.device, model=cell.model.rsplit("/", 1)[-1],
-        prompt_tokens=cell.prompt_tokens, gen_tokens=cell.gen_tokens, threads=cell.resolved_threads,
+        prompt_tokens=cell.prompt_tokens, gen_tokens=cell.gen_tokens, threads=cell.resolved_threads, options=dict(cell.options),
         optimization_level="compile" if cell.compile else "eager", **provenance(), **extra,
     )

@@ -46,6 +46,7 @@ class BenchmarkResult:
     threads: int = 0
     threads_used: int = 0
     optimization_level: str = ""
+    options: dict[str, Any] = field(default_factory=dict)  # backend options (-o KEY=VALUE) the cell ran with
     iterations: int = 0  # measured repeats in this cell
     # time
     load_s: float = math.nan
@@ -156,7 +157,7 @@ def csv_record(row: Mapping[str, Any]) -> dict[str, Any]:
     for k, v in row.items():
         if k == "flags" and not isinstance(v, str):
             v = ";".join(v)
-        elif k == "extra" and not isinstance(v, str):
+        elif isinstance(v, dict):
             v = json.dumps(v, sort_keys=True, default=json_default) if v else ""
         elif isinstance(v, (list, tuple)):
             v = " ".join(map(str, v))

@@ -195,6 +195,23 @@ class ResultWriter:
         self._append(self.jsonl_path, JsonlPrinter, rows)
         self._append(self.csv_path, CsvPrinter, rows)
 
+    def add_flag(self, cell_ids: set[str], flag: str) -> None:
+        """Add `flag` to every row of these cells in both files (an atomic rewrite of each), for
+        verdicts that need the whole run, such as `best`."""
+        if not cell_ids:
+            return
+        with open(self.csv_path, newline="") as f:
+            rows = list(csv.DictReader(f))
+        for r in rows:
+            if r["cell_id"] in cell_ids and flag not in r["flags"].split(";"):
+                r["flags"] = ";".join(x for x in (r["flags"], flag) if x)
+        _rewrite(self.csv_path, csv_text(rows, self.columns, header=True))
+        rows_j = read_jsonl(self.jsonl_path)
+        for r in rows_j:
+            if r.get("cell_id") in cell_ids and flag not in r["flags"]:
+                r["flags"].append(flag)
+        _rewrite(self.jsonl_path, "".join(json.dumps(r) + "\n" for r in rows_j))
+
     def completed_cells(self) -> set[str]:
         """Cell ids fully written to the CSV. Rows of a cell cut short by a kill are dropped from
         both files (the cell runs again), so a resumed sweep ends with every cell exactly once."""

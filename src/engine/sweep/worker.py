@@ -35,6 +35,8 @@ def main(argv: list[str]) -> int:
 
     _limit_memory(job["cells"][0]["cell"].get("memory_limit_mb", 0))
     # imported after the limit is set, so framework imports count against it
+    import scipy.special  # noqa: F401  (statistics after the timed runs: loaded first, the same for every framework)
+
     from engine.errors import BenchError, UnavailableError
     from engine.measure.cell import Cell
     from engine.measure.runner import CellRun, LoadedModel, needed_seq_len
