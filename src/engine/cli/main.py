@@ -7,6 +7,7 @@ written) or an unexpected error. Tracebacks only with --debug.
 
 from __future__ import annotations
 
+import math
 import os
 import sys
 import time
@@ -16,6 +17,7 @@ from typing import Any, Callable
 
 import click
 
+from engine.cli import node_cmd
 from engine.errors import BenchError, InputError
 
 RESULTS_DIR = Path(os.environ.get("BENCH_RESULTS_DIR", "results"))
@@ -81,7 +83,7 @@ def measure_options(fn: Callable) -> Callable:
 
 # CLI option -> Cell field: repeated options become sweep axes, single ones apply to every cell
 AXES = {"framework": "framework", "precision": "precision", "device": "device", "prompt_tokens": "prompt_tokens",
-        "gen_tokens": "gen_tokens", "threads": "threads"}
+        "gen_tokens": "gen_tokens", "threads": "threads", "node": "node"}
 FIXED = {"repeats": "repeats", "warmup": "warmup", "min_time": "min_time_s", "seed": "seed", "timeout": "timeout_s",
          "memory_limit_mb": "memory_limit_mb", "prompt": "prompt_text"}
 
@@ -93,7 +95,7 @@ def cells_from_options(o: dict[str, Any], config: str | None = None) -> list:
 
     for name in o["framework"]:
         backends.get(name)  # unknown names fail here, listing the known ones
-    axes: dict[str, Any] = {key: list(o[opt]) for opt, key in AXES.items() if o[opt]}
+    axes: dict[str, Any] = {key: list(o[opt]) for opt, key in AXES.items() if o.get(opt)}
     if o["model"]:
         axes["model"] = [resolve_model(m) for m in o["model"]]
     fixed: dict[str, Any] = {key: o[opt] for opt, key in FIXED.items() if o[opt] is not None}
@@ -115,15 +117,19 @@ def cells_from_options(o: dict[str, Any], config: str | None = None) -> list:
 
         cells = with_modes(cells, ModelSpec.open)
     cells = apply_options(cells, backends.parse_options)
-    _validate(cells)
+    _validate(cells, on_cluster=bool(o.get("ray_address")))
     return cells
 
 
-def _validate(cells: list) -> None:
-    """Fail before any run on what the parent can check: names, precisions, devices."""
+def _validate(cells: list, on_cluster: bool = False) -> None:
+    """Fail before any run on what the parent can check: names, precisions, devices (on a
+    cluster the nodes' devices are the nodes' business: a cell no node can run is `unavailable`)."""
     import backends
     from engine.model.spec import ModelSpec
 
+    named = sorted({c.node for c in cells if c.node})
+    if named and not on_cluster:
+        raise InputError(f"the node setting ({', '.join(named)}) needs a cluster: add --ray HOST:PORT")
     specs: dict[str, Any] = {}
     for c in cells:
         cls = backends.get(c.framework)
@@ -131,7 +137,8 @@ def _validate(cells: list) -> None:
             specs[c.model] = ModelSpec.open(c.model)
         if cls.availability().ok:
             cls.resolve_precision(specs[c.model], c.precision)
-            cls.resolve_device(c.device)
+            if not on_cluster:
+                cls.resolve_device(c.device)
 
 
 def run_cells_command(o: dict[str, Any], debug: bool, config: str | None = None) -> int:
@@ -140,11 +147,13 @@ def run_cells_command(o: dict[str, Any], debug: bool, config: str | None = None)
     from engine.measure.bandwidth import host_bandwidth
     from engine.results.rows import new_run_id
     from engine.results.writers import ResultWriter, print_rows
+    from engine.sweep.isolation import run_cells
     from engine.sweep.run import run_sweep
 
     cells = cells_from_options(o, config)
+    cluster = o.get("ray_address")
     unavailable = sorted({c.framework for c in cells if not backends.get(c.framework).availability().ok})
-    if unavailable and not config and o["framework"]:
+    if unavailable and not config and o["framework"] and not cluster:
         from engine.errors import UnavailableError
 
         reasons = "; ".join(f"{n}: {backends.get(n).availability().reason}" for n in unavailable)
@@ -153,13 +162,19 @@ def run_cells_command(o: dict[str, Any], debug: bool, config: str | None = None)
         raise InputError("--resume needs --output naming the results file to continue")
     out = Path(o["output"]) if o["output"] else RESULTS_DIR / f"bench-{time.strftime('%Y%m%d-%H%M%S')}.csv"
     writer = ResultWriter(out)
-    bw = host_bandwidth()["host_gbps"]
-    display.stderr.print(f"{len(cells)} cell(s) -> {out}  (host memory bandwidth {bw:.1f} GB/s)")
+    executor, bw = (_cluster_executor(cluster, debug), math.nan) if cluster else (run_cells, host_bandwidth()["host_gbps"])
+    where = f"Ray cluster {cluster}: {executor.describe()}" if cluster else f"host memory bandwidth {bw:.1f} GB/s"
+    display.stderr.print(f"{len(cells)} cell(s) -> {out}  ({where})")
 
-    with display.SweepProgress(len(cells)) as progress:
-        outcome = run_sweep(cells, writer, bw, new_run_id(), resume=o["resume"], check_reference=not o["no_check"],
-                            delay_s=o["delay"], debug=debug, interleave=o["interleave"], on_cell=progress.finish,
-                            on_start=progress.start)
+    try:
+        with display.SweepProgress(len(cells)) as progress:
+            outcome = run_sweep(cells, writer, bw, new_run_id(), resume=o["resume"],
+                                check_reference=not o["no_check"], delay_s=o["delay"], debug=debug,
+                                interleave=o["interleave"], on_cell=progress.finish, on_start=progress.start,
+                                executor=executor)
+    finally:
+        if cluster:
+            executor.close()
     if outcome.skipped:
         display.stderr.print(f"resumed: {outcome.skipped} cell(s) already in {out}")
     if o["modes"] == "best":
@@ -174,12 +189,19 @@ def run_cells_command(o: dict[str, Any], debug: bool, config: str | None = None)
         display.stdout.print(display.best_table(outcome.rows))
     display.stderr.print(f"wrote {len(outcome.rows)} row(s) to {out} and {writer.jsonl_path}")
     if outcome.statuses.get("unavailable"):
-        display.stderr.print(f"{outcome.statuses['unavailable']} cell(s) unavailable on this host (see `bench doctor`)")
+        display.stderr.print(f"{outcome.statuses['unavailable']} cell(s) unavailable on this "
+                             f"{'cluster (see `bench doctor --ray`)' if cluster else 'host (see `bench doctor`)'}")
     if outcome.failed:
         display.stderr.print(f"[red]{outcome.failed} cell(s) failed:[/] " + ", ".join(
             f"{s}={n}" for s, n in outcome.statuses.items() if s not in ("ok", "unavailable")))
         return 1
     return 0
+
+
+def _cluster_executor(address: str, debug: bool):
+    from engine.sweep.ray_executor import RayExecutor
+
+    return RayExecutor(address, debug)
 
 
 class BenchGroup(click.Group):
@@ -232,6 +254,9 @@ def run(obj, **o) -> int:
 @cli.command(epilog=_backend_options_help)
 @click.argument("config")
 @measure_options
+@click.option("--ray", "ray_address", metavar="HOST:PORT", help="run the load groups on this Ray cluster "
+              "(`bench node head` starts one; 'local': a one-node cluster in this process)")
+@click.option("--node", multiple=True, help="cluster node name to run on (repeat to compare machines; needs --ray)")
 @click.pass_obj
 def sweep(obj, config: str, **o) -> int:
     """Run a sweep from a TOML config (configs/*.toml); options given here override it."""
@@ -240,9 +265,16 @@ def sweep(obj, config: str, **o) -> int:
 
 @cli.command()
 @click.option("--remeasure", is_flag=True, help="measure the memory bandwidth again")
-def doctor(remeasure: bool) -> int:
-    """Host bandwidth and every framework's status."""
+@click.option("--ray", "ray_address", metavar="HOST:PORT", help="list the nodes of this Ray cluster instead")
+@click.pass_obj
+def doctor(obj, remeasure: bool, ray_address: str | None) -> int:
+    """Host bandwidth and every framework's status (or every cluster node's, with --ray)."""
     from rich.table import Table
+
+    if ray_address:
+        from engine.cli.node_cmd import doctor_cluster
+
+        return doctor_cluster(ray_address, obj["debug"])
 
     import backends
     from engine.cli import display
@@ -338,6 +370,9 @@ def compare(baseline: str, candidate: str, metric: str, threshold: float, alpha:
         display.stderr.print(f"[red]{regressions} cell(s) regressed beyond {threshold:.0%}[/]")
         return 1
     return 0
+
+
+cli.add_command(node_cmd.node)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -38,6 +38,7 @@ class Cell:
     options: tuple[tuple[str, Any], ...] = ()  # backend-specific (e.g. beam=2)
     timeout_s: float = 900.0
     noise_threshold: float = 0.05  # CoV of decode tok/s above which a cell is flagged `noisy`
+    node: str = ""  # a cluster node's name (`bench node ... --name`); '' means any node that can run it
 
     def __post_init__(self) -> None:
         for name in ("prompt_tokens", "gen_tokens", "repeats"):
@@ -53,6 +54,8 @@ class Cell:
     def cell_id(self) -> str:
         """Stable across runs and machines: what was measured, not how long it may take."""
         key = {k: v for k, v in asdict(self).items() if k not in ("timeout_s", "noise_threshold")}
+        if not self.node:
+            del key["node"]  # ids from before the node axis existed stay valid
         key["model"] = os.path.basename(self.model)
         return hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
 
@@ -64,7 +67,7 @@ class Cell:
     def load_key(self) -> tuple:
         """Cells with equal keys can share one loaded model in one child process."""
         return (self.model, self.framework, self.precision, self.device, self.threads, self.compile,
-                self.memory_limit_mb, self.options)
+                self.memory_limit_mb, self.options, self.node)
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)

@@ -23,7 +23,7 @@ from typing import Any, Iterable, Mapping
 
 from engine import __version__
 
-STATUSES = ("ok", "error", "crash", "oom", "timeout", "unavailable")
+STATUSES = ("ok", "error", "crash", "oom", "timeout", "unavailable", "lost")
 
 
 @dataclass(frozen=True)
@@ -96,6 +96,9 @@ class BenchmarkResult:
     # provenance
     host: str = ""
     cpu: str = ""
+    node: str = ""  # cluster node name (`bench sweep --ray`); empty for a local run
+    ray_node_id: str = ""
+    node_gpu: str = ""
     os: str = ""
     python: str = ""
     framework_version: str = ""

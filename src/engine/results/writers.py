@@ -91,7 +91,8 @@ def by_cell(rows: Iterable[BenchmarkResult]) -> list[list[BenchmarkResult]]:
 def summary_cells(cell_rows: list[BenchmarkResult]) -> tuple[list[str], str]:
     """One cell's summary line (strings in SUMMARY_COLUMNS order, status last) and its status."""
     r = cell_rows[0]
-    what = [r.framework, r.precision, r.device, str(r.prompt_tokens), str(r.gen_tokens)]
+    framework = f"{r.framework} @{r.node}" if r.node else r.framework  # which machine, on a cluster
+    what = [framework, r.precision, r.device, str(r.prompt_tokens), str(r.gen_tokens)]
     if r.status != "ok":
         return what + ["-"] * 8 + [f"{r.status}: {r.error[:80]}"], r.status
     mean = lambda f: sum(getattr(x, f) for x in cell_rows) / len(cell_rows)  # noqa: E731

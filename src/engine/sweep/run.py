@@ -6,7 +6,7 @@ from __future__ import annotations
 import time
 from collections import Counter
 from dataclasses import dataclass, field, replace
-from typing import Callable
+from typing import Callable, Iterator
 
 import backends
 from engine.measure.cell import Cell
@@ -14,6 +14,10 @@ from engine.sweep.isolation import run_cells
 from engine.results.rows import BenchmarkResult
 from engine.results.writers import ResultWriter
 from engine.measure.runner import with_reference
+
+# runs cells somewhere and yields (cell, rows) as each ends: isolation.run_cells (children on this
+# host) or a cluster executor (engine.sweep.ray_executor), same signature
+Executor = Callable[..., Iterator[tuple[Cell, list[BenchmarkResult]]]]
 
 
 @dataclass
@@ -32,8 +36,8 @@ class ReferenceTokens:
     """Greedy tokens of the reference backend per (model, prompt, length), from one reference run
     in a child per prompt before the sweep (which also saves the reference's distributions)."""
 
-    def __init__(self, host_gbps: float, run_id: str):
-        self.host_gbps, self.run_id = host_gbps, run_id
+    def __init__(self, host_gbps: float, run_id: str, executor: Executor = run_cells):
+        self.host_gbps, self.run_id, self.executor = host_gbps, run_id, executor
         self.name = backends.reference().name
         self._cache: dict[tuple, list[int] | None] = {}
 
@@ -55,7 +59,7 @@ class ReferenceTokens:
                 missing.setdefault(self.key(c), replace(
                     c, framework=self.name, precision="auto", device="auto", repeats=1, warmup=0,
                     min_time_s=0.0, compile=False, options=(), threads=0, memory_limit_mb=0))
-        for ref, rows in run_cells(list(missing.values()), self.host_gbps, self.run_id):
+        for ref, rows in self.executor(list(missing.values()), self.host_gbps, self.run_id):
             self.offer(ref, rows)
 
     def get(self, cell: Cell) -> list[int] | None:
@@ -65,15 +69,15 @@ class ReferenceTokens:
 def run_sweep(cells: list[Cell], writer: ResultWriter, host_gbps: float, run_id: str, *, resume: bool = False,
               check_reference: bool = True, delay_s: float = 0.0, debug: bool = False, interleave: bool = True,
               on_cell: Callable[[Cell, list[BenchmarkResult], int, int], None] | None = None,
-              on_start: Callable[[Cell], None] | None = None) -> SweepOutcome:
+              on_start: Callable[[Cell], None] | None = None, executor: Executor = run_cells) -> SweepOutcome:
     outcome = SweepOutcome()
     done = writer.completed_cells() if resume else set()
     todo = [c for c in cells if c.cell_id not in done]
     outcome.skipped = len(cells) - len(todo)
-    reference = ReferenceTokens(host_gbps, run_id)
+    reference = ReferenceTokens(host_gbps, run_id, executor)
     if check_reference:
         reference.prefetch(todo)
-    for i, (cell, rows) in enumerate(run_cells(todo, host_gbps, run_id, debug, on_start, interleave)):
+    for i, (cell, rows) in enumerate(executor(todo, host_gbps, run_id, debug, on_start, interleave)):
         if check_reference and rows[0].status == "ok":
             ref = reference.get(cell)
             if ref is not None:
