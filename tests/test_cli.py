@@ -208,3 +208,22 @@ def test_best_skips_a_fast_mode_that_fails_the_fidelity_bar():
         cell_id=cell, framework="x", decode_tps_mean=tps, kl_vs_reference=kl, top1_agreement=top1, prompt_ids=[1])
     rows = [row("fast-broken", 90.0, 2.3, 0.2), row("fast-ok", 50.0, 0.01, 0.97), row("slow", 20.0, 0.0, 1.0)]
     assert best_cells(rows) == {"fast-ok"}
+
+
+def _commands():
+    from engine.cli.main import cli
+
+    return sorted(cli.commands)
+
+
+@pytest.mark.parametrize("command", _commands())
+def test_every_command_has_help(command):
+    from click.testing import CliRunner
+
+    from engine.cli.main import cli
+
+    r = CliRunner().invoke(cli, [command, "--help"])
+    assert r.exit_code == 0, r.output
+    assert "Usage:" in r.output
+    if command in ("run", "sweep"):
+        assert "beam (tinygrad, int)" in r.output  # the backends' declared options are listed

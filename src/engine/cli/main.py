@@ -42,6 +42,15 @@ def _backend_options_help() -> str:
     return "Backend options for -o KEY=VALUE: " + ("; ".join(lines) if lines else "none") + "."
 
 
+class MeasureCommand(click.Command):
+    """`run` and `sweep`: their help ends with the options every backend declares (read when the
+    help is shown, so importing the CLI stays cheap)."""
+
+    def format_epilog(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        formatter.write_paragraph()
+        formatter.write_text(_backend_options_help())
+
+
 def measure_options(fn: Callable) -> Callable:
     """What to measure: shared by `run` and `sweep`. Repeat an option to sweep it."""
     options = [
@@ -243,7 +252,7 @@ def cli(ctx: click.Context, debug: bool) -> None:
     ctx.obj = {"debug": debug}
 
 
-@cli.command(epilog=_backend_options_help)
+@cli.command(cls=MeasureCommand)
 @measure_options
 @click.pass_obj
 def run(obj, **o) -> int:
@@ -251,7 +260,7 @@ def run(obj, **o) -> int:
     return run_cells_command(o, obj["debug"])
 
 
-@cli.command(epilog=_backend_options_help)
+@cli.command(cls=MeasureCommand)
 @click.argument("config")
 @measure_options
 @click.option("--ray", "ray_address", metavar="HOST:PORT", help="run the load groups on this Ray cluster "
