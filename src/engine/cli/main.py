@@ -1,4 +1,4 @@
-"""`bench`: run, sweep, doctor, synth, chat, report, compare (click).
+"""`bench`: run, sweep, serve, doctor, synth, chat, report, compare (click).
 
 Every failure a user can cause ends in one line on stderr and an exit code: 2 bad input (a file,
 an option, a name), 3 a device or framework this host cannot run, 1 a failed cell (its row is
@@ -317,6 +317,15 @@ def compare(baseline: str, candidate: str, metric: str, threshold: float, alpha:
         display.stderr.print(f"[red]{regressions} cell(s) regressed beyond {threshold:.0%}[/]")
         return 1
     return 0
+
+
+def _add_serve() -> None:
+    from engine.cli.serve_cmd import serve
+
+    cli.add_command(serve)
+
+
+_add_serve()
 
 
 def main(argv: list[str] | None = None) -> int:
