@@ -81,8 +81,8 @@ async def stream_completion(client, url: str, body: dict[str, Any], record: Requ
                     record.chunks.append(Chunk(now, text, ids))
         record.end_s = time.perf_counter() - t0
         record.ok = bool(record.chunks)
-        if not record.ok:
-            record.error = "no tokens streamed"
+        if not record.ok:  # e.g. tokens that are pieces of a UTF-8 character the server holds back
+            record.error = f"the stream carried no text (finish_reason {record.finish_reason or 'none'})"
     except httpx.TimeoutException as e:
         record.error = f"timeout: no data for {timeout_s:g} s ({type(e).__name__})"
     except (httpx.HTTPError, RuntimeError, ValueError) as e:

@@ -57,7 +57,7 @@ def request_sample(rec: RequestRecord, encode, decode, reference: Sequence[int] 
     out: dict[str, Any] = {"index": rec.index, "prompt_index": rec.prompt_index, "start_s": rec.start_s,
                            "ok": rec.ok, "error": rec.error, "ttft_s": None, "tpot_s": None, "e2el_s": None,
                            "itl_s": [], "output_tokens": 0, "usage": rec.usage, "finish_reason": rec.finish_reason,
-                           "match_tokens": -1, "text": rec.text}
+                           "match_tokens": -1, "text": rec.text, "token_ids": rec.token_ids}
     if not rec.ok:
         return out
     counts = chunk_token_counts(rec, encode)

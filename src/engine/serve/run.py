@@ -159,8 +159,8 @@ def _serve_one(server, plan, spec, tok, prompts, reference, base, on_status):
             if kind.checkpoint:
                 from engine.serve.export import export_checkpoint
 
-                on_status(f"{name}: exporting a checkpoint from {spec.name} (once per file)")
                 weights = str(export_checkpoint(plan.model))
+                on_status(f"{name}: checkpoint exported from {spec.name}: {weights}")
             context = min(max(len(tok.encode(p.text)) for p in prompts) + plan.gen_tokens + 64,
                           spec.config.context_length)
             log = plan.log_dir / f"{base['run_id']}-{name}.log"

