@@ -168,6 +168,8 @@ def test_exported_checkpoint_gives_the_reference_logits(tiny_models, tmp_path, m
     path = tiny_models["q8_0"]
     out = export_checkpoint(path)
     assert export_checkpoint(path) == out  # cached by the file's hash
+    config = json.loads((out / "config.json").read_text())  # RoPE base also where pre-5 readers (mlx-lm) look
+    assert config["rope_theta"] == ModelSpec.open(path).config.rope_base
     model = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
     tok = transformers.AutoTokenizer.from_pretrained(out)
     ours = Tokenizer.from_spec(ModelSpec.open(path))
@@ -194,3 +196,25 @@ def test_llamacpp_server_streams_the_reference_tokens(tiny_f32, tmp_path):
         assert x["output_tps"] > 0 and x["ttft_p50_s"] > 0 and not math.isnan(x["ttft_p50_s"])
     port = int(rows[0]["server_url"].rsplit(":", 1)[1])
     assert not listening(port)
+
+
+@pytest.mark.slow
+def test_llamacpp_and_vllm_on_the_default_model(tmp_path):
+    """The issue's command: one row per server and level, every field, no server left behind."""
+    out = tmp_path / "out.csv"
+    r = bench("serve", "--server", "llamacpp", "--server", "vllm", "--concurrency", "1", "--concurrency", "4",
+              "--requests", "16", "--prompt-tokens", "64", "--gen-tokens", "32", "-O", str(out), timeout=1500)
+    rows = [json.loads(line) for line in out.with_suffix(".jsonl").read_text().splitlines()]
+    assert [(x["server"], x["concurrency"]) for x in rows] == [("llamacpp", 1), ("llamacpp", 4), ("vllm", 1), ("vllm", 4)]
+    assert r.returncode == 0, r.stderr
+    for x in rows:
+        assert x["status"] == "ok" and x["requests_ok"] == 16 and x["output_tokens_mean"] == 32
+        assert all(x[f"{m}_p{q}_s"] > 0 for m in ("ttft", "tpot", "itl", "e2el") for q in (50, 90, 99))
+        assert x["startup_s"] > 0 and x["server_version"] and x["server_log"] and x["checked_requests"] == 4
+        assert x["match_tokens"] >= 1 and len(x["requests"]) == 16
+    vllm = {x["concurrency"]: x["output_tps"] for x in rows if x["server"] == "vllm"}
+    assert vllm[4] > 1.5 * vllm[1]  # vLLM batches concurrent requests
+    ports = [int(x["server_url"].rsplit(":", 1)[1]) for x in rows]
+    assert not any(listening(p) for p in ports)
+    assert not [p for p in psutil.process_iter(["cmdline"])
+                if any(k in " ".join(p.info["cmdline"] or []) for k in ("llama_cpp.server", "vllm.entrypoints"))]

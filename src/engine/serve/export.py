@@ -7,6 +7,7 @@ the config and the tokenizer built from the file, cached by the file's hash. Bui
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import shutil
 from pathlib import Path
@@ -16,7 +17,7 @@ from engine.model.spec import ModelSpec
 from engine.model.tokenizer import Tokenizer
 from engine.paths import cache_dir
 
-EXPORT_VERSION = 1  # bump when the layout written here changes
+EXPORT_VERSION = 2  # bump when the layout written here changes
 
 
 def file_sha256(path: str | os.PathLike) -> str:
@@ -48,6 +49,7 @@ def export_checkpoint(gguf_path: str | os.PathLike) -> Path:
     model = build_hf_model(spec, "f32", "cpu")
     model.generation_config.do_sample = False
     model.save_pretrained(tmp)
+    _add_legacy_keys(tmp / "config.json", spec)
     tok = Tokenizer.from_spec(spec)
     text = lambda i: tok.token_text(i) if i is not None else None  # noqa: E731
     hf_tok = PreTrainedTokenizerFast(tokenizer_object=tok.hf_tokenizer, bos_token=text(tok.bos_id),
@@ -62,3 +64,12 @@ def export_checkpoint(gguf_path: str | os.PathLike) -> Path:
     except OSError:  # another process exported it first
         shutil.rmtree(tmp, ignore_errors=True)
     return out
+
+
+def _add_legacy_keys(path: Path, spec: ModelSpec) -> None:
+    """transformers 5 writes RoPE as `rope_parameters`; readers of the older layout (mlx-lm) look
+    for a top-level `rope_theta` and otherwise silently use 10000: write both."""
+    cfg = json.loads(path.read_text())
+    cfg.setdefault("rope_theta", spec.config.rope_base)
+    cfg.setdefault("torch_dtype", cfg.get("dtype", "float32"))
+    path.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
