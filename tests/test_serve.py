@@ -139,6 +139,31 @@ def test_faults_become_rows_and_the_rest_continue(tmp_path, tiny_f32):
     assert not [p for p in psutil.process_iter(["cmdline"]) if str(FAKE) in " ".join(p.info["cmdline"] or [])]
 
 
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_interrupted_harness_stops_its_server(tmp_path, tiny_f32, sig):
+    """Ctrl-C (SIGINT) or SIGTERM mid-load: rows already written stay, the server's group is gone."""
+    cmd = f"{sys.executable} {FAKE} --port {{port}} --ttft 0.3 --itl 0.05"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).resolve().parents[1] / "src"),
+                                                        os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.Popen([sys.executable, "-m", "engine", "serve", "-m", tiny_f32, "--server-command", f"f={cmd}",
+                             "-c", "1", "-c", "2", "--requests", "3", "--check", "0", "-O", str(tmp_path / "s.csv")],
+                            stderr=subprocess.PIPE, text=True, env=env)
+    lines = []
+    for line in proc.stderr:  # wait until the second level is under load
+        lines.append(line)
+        if "concurrency 2" in line:
+            break
+    time.sleep(0.5)
+    proc.send_signal(sig)
+    proc.communicate(timeout=60)
+    assert proc.returncode in (130, 128 + sig), "".join(lines)
+    rows = (tmp_path / "s.jsonl").read_text().splitlines()
+    assert len(rows) == 1 and json.loads(rows[0])["status"] == "ok"
+    port = int(json.loads(rows[0])["server_url"].rsplit(":", 1)[1])
+    assert not listening(port)
+    assert not [p for p in psutil.process_iter(["cmdline"]) if str(FAKE) in " ".join(p.info["cmdline"] or [])]
+
+
 def test_servers_die_with_the_harness(tmp_path):
     """SIGKILL the harness while it holds a server: the server goes too (parent-death signal)."""
     script = (f"import sys, time; sys.path.insert(0, {str(Path(__file__).parent)!r}); "
@@ -218,3 +243,24 @@ def test_llamacpp_and_vllm_on_the_default_model(tmp_path):
     assert not any(listening(p) for p in ports)
     assert not [p for p in psutil.process_iter(["cmdline"])
                 if any(k in " ".join(p.info["cmdline"] or []) for k in ("llama_cpp.server", "vllm.entrypoints"))]
+
+
+def test_serve_rows_round_trip_and_report(tmp_path):
+    pytest.importorskip("matplotlib")
+    from engine.analysis.report import write_report
+    from engine.results.writers import ResultWriter, read_jsonl
+    from engine.serve.rows import ServeResult
+
+    rows = [ServeResult(run_id="r", level_id=f"{s}{c}", server=s, profile="concurrency", concurrency=c,
+                        requests_ok=4, output_tps=10.0 * c * (2 if s == "b" else 1), ttft_p50_s=0.1 * c,
+                        tpot_p50_s=0.02, e2el_p50_s=0.5 * c, requests=[{"index": 0, "ttft_s": 0.1}])
+            for s in ("a", "b") for c in (1, 4)]
+    rows.append(ServeResult(run_id="r", level_id="x", server="c", status="crash", error="exited with code 1"))
+    writer = ResultWriter(tmp_path / "serve.csv", ServeResult)
+    writer.write(rows)
+    back = [ServeResult.from_dict(d) for d in read_jsonl(writer.jsonl_path)]
+    assert back == rows
+    report = write_report([str(tmp_path / "serve.csv")], tmp_path / "report")
+    assert (tmp_path / "report" / "latency_vs_throughput.png").stat().st_size > 0
+    text = report.read_text()
+    assert "Serving report" in text and "exited with code 1" in text

@@ -45,9 +45,13 @@ def chunk_token_counts(rec: RequestRecord, encode) -> list[int]:
 
 
 def leading_text_matches(text: str, reference: Sequence[int], decode) -> int:
-    """Leading reference tokens whose decoded text is a prefix of what the server streamed."""
+    """Leading reference tokens whose decoded text is a prefix of what the server streamed. When
+    the server's text starts without whitespace, the reference's leading whitespace is dropped
+    too: mlx-lm's streaming detokenizer strips the first token's leading space."""
+    strip = not text[:1].isspace()
     for k in range(len(reference) + 1):
-        if not text.startswith(decode(reference[:k])):
+        expected = decode(reference[:k])
+        if not text.startswith(expected.lstrip() if strip else expected):
             return k - 1
     return len(reference)
 

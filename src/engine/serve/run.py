@@ -64,7 +64,10 @@ class Prompt:
     text: str
 
 
-def load_prompts(plan: ServePlan, spec: ModelSpec, tok: Tokenizer) -> list[Prompt]:
+def load_prompts(plan: ServePlan, spec: ModelSpec, tok: Tokenizer, level: int) -> list[Prompt]:
+    """The prompts of level `level` (-1: the warm-ups). Seeded prompts are fresh for every level,
+    so a server's prefix cache never serves a later level from an earlier one's prompts; the same
+    level gets the same prompts at every server."""
     if plan.dataset:
         try:
             lines = [json.loads(ln) for ln in Path(plan.dataset).read_text().splitlines() if ln.strip()]
@@ -76,8 +79,9 @@ def load_prompts(plan: ServePlan, spec: ModelSpec, tok: Tokenizer) -> list[Promp
         return [Prompt(tok.encode(t), t) for t in texts]
     from engine.generate.prompts import seeded_prompt
 
-    n = plan.load.requests if not plan.load.duration_s else 64
-    ids = [seeded_prompt(spec, plan.prompt_tokens, plan.load.seed + i) for i in range(n)]
+    n = max(plan.load.warmup, 1) if level < 0 else plan.load.requests if not plan.load.duration_s else 256
+    first = plan.load.seed + 1_000_000 * (level + 1)
+    ids = [seeded_prompt(spec, plan.prompt_tokens, first + i) for i in range(n)]
     return [Prompt(i, tok.decode(i)) for i in ids]
 
 
@@ -113,14 +117,14 @@ def run_serve(plan: ServePlan, run_id: str, on_row: Callable[[ServeResult], None
               on_status: Callable[[str], None] = lambda s: None) -> list[ServeResult]:
     spec = ModelSpec.open(plan.model)
     tok = Tokenizer.from_spec(spec)
-    prompts = load_prompts(plan, spec, tok)
-    longest = max(len(p.ids) for p in prompts) if plan.dataset else max(len(tok.encode(p.text)) for p in prompts)
+    prompts = {lv: load_prompts(plan, spec, tok, lv) for lv in range(-1, len(plan.levels))}
+    longest = max(len(p.ids) if plan.dataset else len(tok.encode(p.text)) for ps in prompts.values() for p in ps)
     reference = Reference(spec, plan.gen_tokens, longest) if plan.check_prompts else None
     base = dict(run_id=run_id, model=spec.name, model_size=spec.size_label, gen_tokens=plan.gen_tokens,
                 warmup_requests=plan.load.warmup, **provenance())
     rows: list[ServeResult] = []
     for server in plan.servers:
-        for row in _serve_one(server, plan, spec, tok, prompts, reference, base, on_status):
+        for row in _serve_one(server, plan, spec, tok, prompts, longest, reference, base, on_status):
             rows.append(row)
             on_row(row)
     return rows
@@ -138,7 +142,7 @@ def _level_info(level: Level) -> dict[str, Any]:
     return {"profile": "rate", "rate_rps": level.value}
 
 
-def _serve_one(server, plan, spec, tok, prompts, reference, base, on_status):
+def _serve_one(server, plan, spec, tok, prompts, longest, reference, base, on_status):
     is_url = isinstance(server, Endpoint)
     name = server.name
     managed = None
@@ -161,8 +165,7 @@ def _serve_one(server, plan, spec, tok, prompts, reference, base, on_status):
 
                 weights = str(export_checkpoint(plan.model))
                 on_status(f"{name}: checkpoint exported from {spec.name}: {weights}")
-            context = min(max(len(tok.encode(p.text)) for p in prompts) + plan.gen_tokens + 64,
-                          spec.config.context_length)
+            context = min(longest + plan.gen_tokens + 64, spec.config.context_length)
             log = plan.log_dir / f"{base['run_id']}-{name}.log"
             managed = ManagedServer(name, kind.argv(weights, plan.threads, context), log, kind.health_path, kind.env())
             info.update(server_version=kind.version(), weights=weights, server_log=str(log))
@@ -182,24 +185,27 @@ def _serve_one(server, plan, spec, tok, prompts, reference, base, on_status):
         info.update(ignore_eos=bool(kind and kind.ignore_eos),
                     prompt_source="dataset" if plan.dataset else "token_ids" if token_ids else "text",
                     prompt_tokens=plan.prompt_tokens if not plan.dataset else
-                    round(sum(len(p.ids) for p in prompts) / len(prompts)))
-        sent_ids = [p.ids if token_ids or plan.dataset else tok.encode(p.text) for p in prompts]
+                    round(sum(len(p.ids) for p in prompts[0]) / len(prompts[0])))
 
-        def body_for(i: int) -> tuple[int, dict[str, Any]]:
-            k = i % len(prompts)
-            return k, {"model": model_name, "prompt": prompts[k].ids if token_ids else prompts[k].text,
-                       "max_tokens": plan.gen_tokens, "temperature": 0.0, "stream": True,
-                       "stream_options": {"include_usage": True}, **fields_}
+        def body_for(level: int):
+            def body(i: int) -> tuple[int, dict[str, Any]]:
+                ps = prompts[level if i >= 0 else -1]
+                k = i % len(ps)
+                return k, {"model": model_name, "prompt": ps[k].ids if token_ids else ps[k].text,
+                           "max_tokens": plan.gen_tokens, "temperature": 0.0, "stream": True,
+                           "stream_options": {"include_usage": True}, **fields_}
+            return body
 
         alive = managed.alive if managed else (lambda: True)
-        levels = list(plan.levels)
+        levels = list(enumerate(plan.levels))
         while levels:
-            level = levels.pop(0)
+            index, level = levels.pop(0)
             on_status(f"{name}: {level.profile} {level.value:g}")
-            records, duration = run_level(url, level, plan.load, body_for, headers, alive)
+            records, duration = run_level(url, level, plan.load, body_for(index), headers, alive)
             samples = []
             for rec in records:
-                ref = (reference.tokens(sent_ids[rec.prompt_index])
+                p = prompts[index][rec.prompt_index]
+                ref = (reference.tokens(p.ids if token_ids or plan.dataset else tok.encode(p.text))
                        if reference is not None and rec.prompt_index < plan.check_prompts else None)
                 samples.append(request_sample(rec, tok.encode, tok.decode, ref))
             f = level_fields(samples, duration, plan.gen_tokens, plan.slo)
@@ -220,7 +226,7 @@ def _serve_one(server, plan, spec, tok, prompts, reference, base, on_status):
                               flags=tuple(flags), level_id=level_id(name, plan.model, level, plan),
                               requests=samples)
             if status in ("crash", "timeout"):  # the server is gone or hung: the rest cannot run
-                yield from _failed_rows(name, plan, levels, base, status, f"not run: {error}", **info)
+                yield from _failed_rows(name, plan, [lv for _, lv in levels], base, status, f"not run: {error}", **info)
                 return
     except BenchError as e:
         yield from _failed_rows(name, plan, plan.levels, base, "unavailable" if e.exit_code == 3 else "error",
