@@ -15,7 +15,7 @@ from engine.errors import InputError
 POSITIVE = click.IntRange(min=1)
 COLUMNS = (("server", False), ("load", False), ("ok/fail", True), ("req/s", True), ("out tok/s", True),
            ("TTFT p50/p99 ms", True), ("TPOT p50 ms", True), ("ITL p50/p99 ms", True), ("E2EL p50 ms", True),
-           ("goodput", True), ("match", True), ("startup s", True), ("status", False))
+           ("goodput", True), ("match", True), ("diverged", True), ("startup s", True), ("status", False))
 
 
 def _ms(v: float) -> str:
@@ -25,12 +25,13 @@ def _ms(v: float) -> str:
 def summary_cells(r) -> list[str]:
     load = f"c={r.concurrency}" if r.profile == "concurrency" else f"{r.rate_rps:g} req/s"
     if r.status not in ("ok",):
-        return [r.server, load] + ["-"] * 10 + [f"{r.status}: {r.error[:90]}"]
+        return [r.server, load] + ["-"] * 11 + [f"{r.status}: {r.error[:90]}"]
     fmt = lambda v, spec=".1f": "-" if math.isnan(v) else format(v, spec)  # noqa: E731
-    match = "-" if r.match_tokens < 0 else f"{r.match_tokens}/{r.gen_tokens}"
+    match = "-" if r.match_tokens < 0 else f"{r.match_tokens}/{r.gen_tokens}"  # the fewest over checked requests
+    diverged = f"{r.diverged_requests}/{r.checked_requests}" if r.checked_requests else "-"
     return [r.server, load, f"{r.requests_ok}/{r.requests_failed}", fmt(r.request_throughput_rps, ".2f"),
             fmt(r.output_tps), f"{_ms(r.ttft_p50_s)}/{_ms(r.ttft_p99_s)}", _ms(r.tpot_p50_s),
-            f"{_ms(r.itl_p50_s)}/{_ms(r.itl_p99_s)}", _ms(r.e2el_p50_s), fmt(r.goodput_rps, ".2f"), match,
+            f"{_ms(r.itl_p50_s)}/{_ms(r.itl_p99_s)}", _ms(r.e2el_p50_s), fmt(r.goodput_rps, ".2f"), match, diverged,
             fmt(r.startup_s), " ".join(("ok", *r.flags))]
 
 
@@ -58,7 +59,8 @@ def print_serve_rows(rows: Sequence[Any], fmt: str, out) -> None:
 
 
 @click.command()
-@click.option("--server", "-s", multiple=True, help="server to start: llamacpp, vllm, mlx, transformers (repeatable)")
+@click.option("--server", "-s", multiple=True,
+              help="server to start: llamacpp, vllm, mlx, transformers, transformers-cb (repeatable)")
 @click.option("--url", multiple=True, help="a running OpenAI-compatible endpoint (repeatable)")
 @click.option("--server-command", multiple=True, metavar="NAME=CMD",
               help="any server command line, with {host} {port} and {model} or {checkpoint} filled in")

@@ -182,7 +182,7 @@ def _serve_one(server, plan, spec, tok, prompts, longest, reference, base, on_st
         model_name = plan.served_model or (kind.model_name(weights) if kind else "") or _served_model(url, headers)
         token_ids = bool(kind and kind.token_ids) and not plan.dataset
         fields_ = kind.request_fields(plan.gen_tokens, tok.eos_id) if kind else {}
-        info.update(ignore_eos=bool(kind and kind.ignore_eos),
+        info.update(ignore_eos=bool(kind and kind.ignore_eos), extra={"request_fields": fields_},
                     prompt_source="dataset" if plan.dataset else "token_ids" if token_ids else "text",
                     prompt_tokens=plan.prompt_tokens if not plan.dataset else
                     round(sum(len(p.ids) for p in prompts[0]) / len(prompts[0])))

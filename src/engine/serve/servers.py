@@ -186,6 +186,14 @@ class TransformersServer(ServerKind):
         return {"generation_config": json.dumps(cfg)}
 
 
+class TransformersCbServer(TransformersServer):
+    name = "transformers-cb"
+    description = "`transformers serve --continuous-batching` (paged attention) on the exported checkpoint"
+
+    def argv(self, weights, threads, context):
+        return [*super().argv(weights, threads, context), "--continuous-batching"]
+
+
 class CommandServer(ServerKind):
     """Any command line (`--server-command NAME=CMD`), with {host}, {port}, {model} and
     {checkpoint} filled in; it must answer GET /v1/models once ready."""
@@ -206,7 +214,8 @@ class CommandServer(ServerKind):
         return ""  # asked from its /v1/models
 
 
-KINDS: dict[str, type[ServerKind]] = {k.name: k for k in (LlamaCppServer, VllmServer, MlxServer, TransformersServer)}
+KINDS: dict[str, type[ServerKind]] = {k.name: k for k in (LlamaCppServer, VllmServer, MlxServer, TransformersServer,
+                                                          TransformersCbServer)}
 
 
 def server_kind(name: str) -> ServerKind:
