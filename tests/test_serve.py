@@ -106,6 +106,18 @@ def test_poisson_rate_sends_on_schedule(tmp_path):
     assert all(r.ok for r in records) and starts == sorted(starts) and 0.2 < starts[-1] < 3.0
 
 
+def test_duration_bounds_a_level(tmp_path):
+    server = fake(tmp_path, "--ttft", "0.05", "--itl", "0.01")
+    server.start(timeout_s=30)
+    try:
+        records, duration = run_level(server.url, Level("concurrency", 2), LoadSpec(duration_s=1.0, warmup=0),
+                                      body_for)
+    finally:
+        server.stop()
+    assert 6 <= len(records) <= 2 * 1.0 / 0.12 + 2 and all(r.ok for r in records)
+    assert 1.0 <= duration < 1.5 and max(r.start_s for r in records) < 1.0
+
+
 def test_start_failures_have_a_status_and_the_log(tmp_path):
     with pytest.raises(ServerFailed) as e:
         fake(tmp_path, "--mode", "exit").start(timeout_s=30)
