@@ -30,7 +30,7 @@ def fig_latency_vs_throughput(summary: pd.DataFrame):
                 level = f"c{r.concurrency}" if profile == "concurrency" else f"{r.rate_rps:g}/s"
                 ax.annotate(level, (r.output_tps, getattr(r, col) * 1e3), fontsize=7)
     for ax, (_, title) in zip(axes, METRICS):
-        ax.set(xlabel="output tokens/s", ylabel=f"{title} (ms)", title=f"{title} against throughput")
+        ax.set(xlabel="output tokens/s", ylabel=f"{title} (ms)", title=f"{title} against throughput", yscale="log")
     axes[0].legend(fontsize=8)
     fig.tight_layout()
     return fig
