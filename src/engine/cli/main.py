@@ -1,4 +1,4 @@
-"""`bench`: run, sweep, doctor, synth, chat, report, compare (click).
+"""`bench`: run, sweep, serve, doctor, synth, chat, report, compare (click).
 
 Every failure a user can cause ends in one line on stderr and an exit code: 2 bad input (a file,
 an option, a name), 3 a device or framework this host cannot run, 1 a failed cell (its row is
@@ -17,7 +17,7 @@ from typing import Any, Callable
 
 import click
 
-from engine.cli import node_cmd
+from engine.cli import node_cmd, serve_cmd
 from engine.errors import BenchError, InputError
 
 RESULTS_DIR = Path(os.environ.get("BENCH_RESULTS_DIR", "results"))
@@ -382,6 +382,7 @@ def compare(baseline: str, candidate: str, metric: str, threshold: float, alpha:
 
 
 cli.add_command(node_cmd.node)
+cli.add_command(serve_cmd.serve)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -132,6 +132,11 @@ class Tokenizer:
     def decode(self, ids: Sequence[int]) -> str:
         return self._tk.decode(list(ids), skip_special_tokens=False)
 
+    @property
+    def hf_tokenizer(self):
+        """The `tokenizers.Tokenizer` behind this one (to save it as tokenizer.json)."""
+        return self._tk
+
     def token_text(self, token_id: int) -> str:
         return self._tk.id_to_token(token_id) or ""
 

@@ -14,7 +14,7 @@ import json
 import math
 import os
 from pathlib import Path
-from typing import Any, Iterable, Sequence, TextIO
+from typing import Any, Callable, Iterable, Sequence, TextIO
 
 from engine.errors import InputError
 from engine.results.rows import BenchmarkResult, csv_record, json_default
@@ -57,6 +57,10 @@ class Printer:
 
 class CsvPrinter(Printer):
     columns = BenchmarkResult.csv_columns()
+
+    def __init__(self, out: TextIO, columns: list[str] | None = None):
+        super().__init__(out)
+        self.columns = columns or self.columns
 
     def header(self) -> None:
         self.out.write(csv_text([], self.columns, header=True))
@@ -164,12 +168,13 @@ class ResultWriter:
     """Appends rows to FILE.csv and FILE.jsonl beside it; each `write` is one flushed, fsynced
     append per file, so a crash or a kill between writes loses nothing already written."""
 
-    def __init__(self, csv_path: str | os.PathLike):
+    def __init__(self, csv_path: str | os.PathLike, row_class: type = BenchmarkResult):
+        """`row_class`: the typed rows written (BenchmarkResult, or ServeResult for `bench serve`)."""
         self.csv_path = Path(csv_path)
         if self.csv_path.suffix != ".csv":
             raise InputError(f"--output must name a .csv file, got {self.csv_path}")
         self.jsonl_path = self.csv_path.with_suffix(".jsonl")
-        self.columns = CsvPrinter.columns
+        self.columns = row_class.csv_columns()
         self.csv_path.parent.mkdir(parents=True, exist_ok=True)
         if self.csv_path.exists() and self.csv_path.stat().st_size:
             with open(self.csv_path, newline="") as f:
@@ -179,10 +184,13 @@ class ResultWriter:
             _repair_tail(self.csv_path)
             _repair_tail(self.jsonl_path)
         else:
-            self._append(self.csv_path, CsvPrinter, header=True)
+            self._append(self.csv_path, self._csv, header=True)
+
+    def _csv(self, out: TextIO) -> CsvPrinter:
+        return CsvPrinter(out, self.columns)
 
     @staticmethod
-    def _append(path: Path, printer: type[Printer], rows: Sequence[BenchmarkResult] = (), header: bool = False) -> None:
+    def _append(path: Path, printer: Callable[[TextIO], Printer], rows: Sequence[Any] = (), header: bool = False) -> None:
         with open(path, "a", encoding="utf-8", newline="") as f:
             p = printer(f)
             if header:
@@ -193,7 +201,7 @@ class ResultWriter:
 
     def write(self, rows: Sequence[BenchmarkResult]) -> None:
         self._append(self.jsonl_path, JsonlPrinter, rows)
-        self._append(self.csv_path, CsvPrinter, rows)
+        self._append(self.csv_path, self._csv, rows)
 
     def add_flag(self, cell_ids: set[str], flag: str) -> None:
         """Add `flag` to every row of these cells in both files (an atomic rewrite of each), for

@@ -1,0 +1,108 @@
+"""ServeResult: one typed row per (server, load level) of `bench serve`.
+
+Same conventions as BenchmarkResult: units in field names, NaN for what was not measured, raw
+per-request samples in the JSONL only, the CSV flattened by `results.rows.csv_record`.
+docs/results-schema.md describes every column and tests/test_schema.py keeps the two in step.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any, Mapping
+
+from engine import __version__
+from engine.results.rows import STATUSES
+
+
+@dataclass(frozen=True)
+class ServeResult:
+    # identity
+    run_id: str = ""
+    level_id: str = ""
+    status: str = "ok"
+    error: str = ""
+    flags: tuple[str, ...] = ()  # diverged, some_failed
+    # the server
+    server: str = ""
+    server_version: str = ""
+    server_command: str = ""
+    server_log: str = ""
+    server_url: str = ""
+    startup_s: float = math.nan
+    weights: str = ""  # the GGUF, or the checkpoint exported from it
+    # the workload
+    model: str = ""
+    model_size: str = ""
+    prompt_source: str = ""  # token_ids, text (decoded from seeded ids), dataset
+    prompt_tokens: int = 0
+    gen_tokens: int = 0
+    ignore_eos: bool = False
+    profile: str = ""  # concurrency or rate
+    concurrency: int = 0
+    rate_rps: float = math.nan
+    warmup_requests: int = 0
+    # the level's outcome
+    requests_ok: int = 0
+    requests_failed: int = 0
+    duration_s: float = math.nan
+    request_throughput_rps: float = math.nan
+    output_tps: float = math.nan
+    input_tokens_total: int = 0
+    output_tokens_total: int = 0
+    output_tokens_mean: float = math.nan
+    usage_completion_tokens_total: int = 0
+    ttft_p50_s: float = math.nan
+    ttft_p90_s: float = math.nan
+    ttft_p99_s: float = math.nan
+    tpot_p50_s: float = math.nan
+    tpot_p90_s: float = math.nan
+    tpot_p99_s: float = math.nan
+    itl_p50_s: float = math.nan
+    itl_p90_s: float = math.nan
+    itl_p99_s: float = math.nan
+    e2el_p50_s: float = math.nan
+    e2el_p90_s: float = math.nan
+    e2el_p99_s: float = math.nan
+    slo_ttft_s: float = math.nan
+    slo_tpot_s: float = math.nan
+    slo_e2el_s: float = math.nan
+    goodput_rps: float = math.nan
+    goodput_frac: float = math.nan
+    # correctness at temperature 0
+    checked_requests: int = 0
+    match_tokens: int = -1  # fewest leading tokens equal to the reference's over checked requests
+    diverged_requests: int = 0
+    # provenance
+    host: str = ""
+    cpu: str = ""
+    os: str = ""
+    python: str = ""
+    bench_version: str = __version__
+    git_commit: str = ""
+    timestamp: str = ""
+    extra: dict[str, Any] = field(default_factory=dict)
+    # JSONL only
+    requests: list[dict[str, Any]] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if self.status not in STATUSES:
+            raise ValueError(f"status must be one of {STATUSES}, got {self.status!r}")
+        object.__setattr__(self, "flags", tuple(self.flags))
+
+    @classmethod
+    def csv_columns(cls) -> list[str]:
+        return [f.name for f in fields(cls) if f.name not in SERVE_JSONL_ONLY]
+
+    def as_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["flags"] = list(self.flags)
+        return {k: None if isinstance(v, float) and math.isnan(v) else v for k, v in d.items()}
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "ServeResult":
+        names = {f.name: f.type for f in fields(cls)}
+        return cls(**{k: math.nan if v is None and names[k] == "float" else v for k, v in d.items() if k in names})
+
+
+SERVE_JSONL_ONLY = ("requests",)

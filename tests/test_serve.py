@@ -1,0 +1,281 @@
+"""`bench serve`: managed servers, the streaming client's timing, faults, the exported checkpoint,
+and real servers on the same weights against the reference."""
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import psutil
+import pytest
+
+from conftest import bench
+from engine.serve.load import Level, LoadSpec, run_level
+from engine.serve.metrics import Slo, level_fields, request_sample
+from engine.serve.process import ManagedServer, ServerFailed
+
+FAKE = Path(__file__).resolve().parent / "fake_openai_server.py"
+
+
+def fake(tmp_path, *args, name="fake"):
+    return ManagedServer(name, [sys.executable, str(FAKE), "--port", "{port}", *args], tmp_path / f"{name}.log")
+
+
+def listening(port: int) -> bool:
+    return any(c.laddr and c.laddr.port == port and c.status == psutil.CONN_LISTEN for c in psutil.net_connections("tcp"))
+
+
+def group_alive(pgid: int) -> list[psutil.Process]:
+    out = []
+    for p in psutil.process_iter():
+        try:
+            if os.getpgid(p.pid) == pgid and p.status() != psutil.STATUS_ZOMBIE:
+                out.append(p)
+        except (psutil.Error, ProcessLookupError):
+            pass
+    return out
+
+
+def body_for(i):
+    return 0, {"model": "fake", "prompt": "x", "max_tokens": 8, "stream": True}
+
+
+def test_server_starts_and_stops_with_its_whole_group(tmp_path):
+    server = fake(tmp_path, "--child")
+    startup = server.start(timeout_s=30)
+    assert 0 < startup < 30 and server.healthy() and listening(server.port)
+    pgid = server.proc.pid
+    deadline = time.time() + 5
+    while len(group_alive(pgid)) < 2 and time.time() < deadline:  # the server and its grandchild
+        time.sleep(0.05)
+    assert len(group_alive(pgid)) == 2
+    server.stop()
+    assert group_alive(pgid) == [] and not listening(server.port)
+
+
+def test_client_timing_against_known_delays(tmp_path):
+    """TTFT 0.2 s, then a token every 0.05 s; tokens 2 and 3 share one chunk (two tokens, one time)."""
+    server = fake(tmp_path, "--ttft", "0.2", "--itl", "0.05", "--tokens", "8")
+    server.start(timeout_s=30)
+    try:
+        records, duration = run_level(server.url, Level("concurrency", 1), LoadSpec(requests=3, warmup=1),
+                                      body_for)
+    finally:
+        server.stop()
+    words = lambda text: text.split()  # noqa: E731  (the fake's tokens are words)
+    samples = [request_sample(r, words, " ".join, None) for r in records]
+    assert [s["ok"] for s in samples] == [True] * 3 and [s["output_tokens"] for s in samples] == [8] * 3
+    for s in samples:
+        assert 0.2 <= s["ttft_s"] < 0.3
+        itl = s["itl_s"]
+        assert len(itl) == 7 and itl[2] == 0.0  # the second token of the 2-token chunk
+        assert all(0.045 <= x < 0.12 for i, x in enumerate(itl) if i not in (1, 2)), itl
+        assert 0.095 <= itl[1] < 0.17, itl
+        assert 0.2 + 7 * 0.05 <= s["e2el_s"] < 0.2 + 7 * 0.05 + 0.15
+        assert s["tpot_s"] == pytest.approx(sum(itl) / 7)
+    f = level_fields(samples, duration, 8, Slo(ttft_s=0.25, tpot_s=1.0))
+    assert f["requests_ok"] == 3 and f["output_tokens_total"] == 24 and f["usage_completion_tokens_total"] == 24
+    assert 0.2 <= f["ttft_p50_s"] < 0.3 and f["goodput_rps"] == pytest.approx(3 / duration)
+    assert 3 * 0.55 <= duration < 3 * 0.55 + 0.6  # warm-up excluded
+
+
+def test_concurrent_requests_overlap(tmp_path):
+    server = fake(tmp_path, "--ttft", "0.3", "--itl", "0.01")
+    server.start(timeout_s=30)
+    try:
+        records, duration = run_level(server.url, Level("concurrency", 4), LoadSpec(requests=8, warmup=0), body_for)
+    finally:
+        server.stop()
+    assert all(r.ok for r in records) and len(records) == 8
+    assert duration < 2 * 0.45 + 0.5  # two waves of four, not eight in a row
+
+
+def test_poisson_rate_sends_on_schedule(tmp_path):
+    server = fake(tmp_path, "--ttft", "0.01", "--itl", "0.001")
+    server.start(timeout_s=30)
+    try:
+        records, duration = run_level(server.url, Level("rate", 20.0), LoadSpec(requests=20, warmup=0), body_for)
+    finally:
+        server.stop()
+    starts = [r.start_s for r in records]
+    assert all(r.ok for r in records) and starts == sorted(starts) and 0.2 < starts[-1] < 3.0
+
+
+def test_duration_bounds_a_level(tmp_path):
+    server = fake(tmp_path, "--ttft", "0.05", "--itl", "0.01")
+    server.start(timeout_s=30)
+    try:
+        records, duration = run_level(server.url, Level("concurrency", 2), LoadSpec(duration_s=1.0, warmup=0),
+                                      body_for)
+    finally:
+        server.stop()
+    assert 6 <= len(records) <= 2 * 1.0 / 0.12 + 2 and all(r.ok for r in records)
+    assert 1.0 <= duration < 1.5 and max(r.start_s for r in records) < 1.0
+
+
+def test_start_failures_have_a_status_and_the_log(tmp_path):
+    with pytest.raises(ServerFailed) as e:
+        fake(tmp_path, "--mode", "exit").start(timeout_s=30)
+    assert e.value.status == "crash" and "cannot load the model" in str(e.value)
+    server = fake(tmp_path, "--mode", "no-health", name="slow")
+    with pytest.raises(ServerFailed) as e:
+        server.start(timeout_s=3)
+    assert e.value.status == "timeout" and group_alive(server.proc.pid) == [] and not listening(server.port)
+
+
+def test_faults_become_rows_and_the_rest_continue(tmp_path, tiny_f32):
+    """One invocation: a server that fails to start, one killed mid-load, one that hangs, a good one."""
+    cmd = f"{sys.executable} {FAKE} --port {{port}} --ttft 0.01 --itl 0.01"
+    out = tmp_path / "serve.csv"
+    r = bench("serve", "-m", tiny_f32, "--server-command", f"nostart={cmd} --mode exit",
+              "--server-command", f"dies={cmd} --mode die-after --after 2", "--server-command", f"hangs={cmd} --mode hang",
+              "--server-command", f"good={cmd}", "-c", "1", "-c", "2", "--requests", "4", "--warmup", "0",
+              "--request-timeout", "2", "--check", "0", "-O", str(out), "--format", "csv", timeout=120)
+    assert r.returncode == 1, r.stderr
+    rows = [json.loads(line) for line in out.with_suffix(".jsonl").read_text().splitlines()]
+    status = {(x["server"], x["concurrency"]): x["status"] for x in rows}
+    assert status == {("nostart", 1): "crash", ("nostart", 2): "crash", ("dies", 1): "crash", ("dies", 2): "crash",
+                      ("hangs", 1): "timeout", ("hangs", 2): "timeout", ("good", 1): "ok", ("good", 2): "ok"}
+    by = {(x["server"], x["concurrency"]): x for x in rows}
+    assert "cannot load the model" in by["nostart", 1]["error"] and "SIGKILL" in by["dies", 1]["error"]
+    assert by["dies", 1]["requests_ok"] == 2 and by["dies", 1]["requests_failed"] >= 1
+    assert by["good", 2]["requests_ok"] == 4 and by["good", 2]["usage_completion_tokens_total"] == 4 * 8
+    assert len(by["good", 2]["requests"]) == 4 and by["good", 1]["server_command"].startswith(sys.executable)
+    ports = [int(x["server_url"].rsplit(":", 1)[1]) for x in rows if x["server_url"]]
+    assert ports and not any(listening(p) for p in ports)
+    assert not [p for p in psutil.process_iter(["cmdline"]) if str(FAKE) in " ".join(p.info["cmdline"] or [])]
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_interrupted_harness_stops_its_server(tmp_path, tiny_f32, sig):
+    """Ctrl-C (SIGINT) or SIGTERM mid-load: rows already written stay, the server's group is gone."""
+    cmd = f"{sys.executable} {FAKE} --port {{port}} --ttft 0.3 --itl 0.05"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).resolve().parents[1] / "src"),
+                                                        os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.Popen([sys.executable, "-m", "engine", "serve", "-m", tiny_f32, "--server-command", f"f={cmd}",
+                             "-c", "1", "-c", "2", "--requests", "3", "--check", "0", "-O", str(tmp_path / "s.csv")],
+                            stderr=subprocess.PIPE, text=True, env=env)
+    lines = []
+    for line in proc.stderr:  # wait until the second level is under load
+        lines.append(line)
+        if "concurrency 2" in line:
+            break
+    time.sleep(0.5)
+    proc.send_signal(sig)
+    proc.communicate(timeout=60)
+    assert proc.returncode in (130, 128 + sig), "".join(lines)
+    rows = (tmp_path / "s.jsonl").read_text().splitlines()
+    assert len(rows) == 1 and json.loads(rows[0])["status"] == "ok"
+    port = int(json.loads(rows[0])["server_url"].rsplit(":", 1)[1])
+    assert not listening(port)
+    assert not [p for p in psutil.process_iter(["cmdline"]) if str(FAKE) in " ".join(p.info["cmdline"] or [])]
+
+
+def test_servers_die_with_the_harness(tmp_path):
+    """SIGKILL the harness while it holds a server: the server goes too (parent-death signal)."""
+    script = (f"import sys, time; sys.path.insert(0, {str(Path(__file__).parent)!r}); "
+              f"from test_serve import fake; from pathlib import Path; s = fake(Path({str(tmp_path)!r})); "
+              "s.start(30); print(s.proc.pid, s.port, flush=True); time.sleep(60)")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    harness = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True, env=env)
+    pid, port = map(int, harness.stdout.readline().split())
+    assert psutil.pid_exists(pid) and listening(port)
+    harness.send_signal(signal.SIGKILL)
+    harness.wait()
+    deadline = time.time() + 10
+    while group_alive(pid) and time.time() < deadline:
+        time.sleep(0.1)
+    assert group_alive(pid) == [] and not listening(port)
+
+
+def test_exported_checkpoint_gives_the_reference_logits(tiny_models, tmp_path, monkeypatch):
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    from conftest import reference_logits
+    from engine.model.spec import ModelSpec
+    from engine.model.tokenizer import Tokenizer
+    from engine.serve.export import export_checkpoint
+
+    monkeypatch.setenv("BENCH_CACHE_DIR", str(tmp_path))
+    path = tiny_models["q8_0"]
+    out = export_checkpoint(path)
+    assert export_checkpoint(path) == out  # cached by the file's hash
+    config = json.loads((out / "config.json").read_text())  # RoPE base also where pre-5 readers (mlx-lm) look
+    assert config["rope_theta"] == ModelSpec.open(path).config.rope_base
+    model = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
+    tok = transformers.AutoTokenizer.from_pretrained(out)
+    ours = Tokenizer.from_spec(ModelSpec.open(path))
+    assert tok.encode("Hello, world!", add_special_tokens=False) == ours.encode("Hello, world!")
+    prompt = [3, 17, 99, 5]
+    ref = reference_logits(path, prompt, 0)[0]
+    got = model(torch.tensor([prompt])).logits[0, -1].detach().numpy()
+    np.testing.assert_allclose(got, ref, atol=1e-4, rtol=1e-4)
+
+
+def test_llamacpp_server_streams_the_reference_tokens(tiny_f32, tmp_path):
+    pytest.importorskip("llama_cpp.server.app")
+    out = tmp_path / "serve.csv"
+    r = bench("serve", "-s", "llamacpp", "-m", tiny_f32, "-c", "1", "-c", "2", "--requests", "6",
+              "--prompt-tokens", "12", "-n", "8", "--check", "6", "-O", str(out), "--format", "csv", timeout=300)
+    assert r.returncode == 0, r.stderr
+    rows = [json.loads(line) for line in out.with_suffix(".jsonl").read_text().splitlines()]
+    assert [(x["server"], x["concurrency"], x["status"]) for x in rows] == [("llamacpp", 1, "ok"), ("llamacpp", 2, "ok")]
+    for x in rows:
+        # a random tiny model often samples byte tokens that decode to no text: those requests
+        # fail ("no text") and are not checked; every one that streamed text equals the reference
+        assert x["checked_requests"] >= 2 and x["diverged_requests"] == 0 and x["match_tokens"] == 8
+        assert x["startup_s"] > 0 and x["server_version"] and "llama_cpp.server" in x["server_command"]
+        assert x["output_tps"] > 0 and x["ttft_p50_s"] > 0 and not math.isnan(x["ttft_p50_s"])
+    port = int(rows[0]["server_url"].rsplit(":", 1)[1])
+    assert not listening(port)
+
+
+@pytest.mark.slow
+def test_llamacpp_and_vllm_on_the_default_model(tmp_path):
+    """The issue's command: one row per server and level, every field, no server left behind."""
+    out = tmp_path / "out.csv"
+    r = bench("serve", "--server", "llamacpp", "--server", "vllm", "--concurrency", "1", "--concurrency", "4",
+              "--requests", "16", "--prompt-tokens", "64", "--gen-tokens", "32", "-O", str(out), timeout=1500)
+    rows = [json.loads(line) for line in out.with_suffix(".jsonl").read_text().splitlines()]
+    assert [(x["server"], x["concurrency"]) for x in rows] == [("llamacpp", 1), ("llamacpp", 4), ("vllm", 1), ("vllm", 4)]
+    assert r.returncode == 0, r.stderr
+    for x in rows:
+        # output length by the model's tokenizer: text re-tokenized can merge a token or two (llama.cpp
+        # streams text); vLLM returns the ids, so its count is exact
+        assert x["status"] == "ok" and x["requests_ok"] == 16 and x["output_tokens_mean"] == pytest.approx(32, abs=1)
+        assert x["server"] != "vllm" or (x["output_tokens_mean"] == 32 and x["usage_completion_tokens_total"] == 512)
+        assert all(x[f"{m}_p{q}_s"] > 0 for m in ("ttft", "tpot", "itl", "e2el") for q in (50, 90, 99))
+        assert x["startup_s"] > 0 and x["server_version"] and x["server_log"] and x["checked_requests"] == 4
+        assert x["match_tokens"] >= 0 and len(x["requests"]) == 16  # both leave the f32 reference early
+    vllm = {x["concurrency"]: x["output_tps"] for x in rows if x["server"] == "vllm"}
+    assert vllm[4] > 1.5 * vllm[1]  # vLLM batches concurrent requests
+    ports = [int(x["server_url"].rsplit(":", 1)[1]) for x in rows]
+    assert not any(listening(p) for p in ports)
+    assert not [p for p in psutil.process_iter(["cmdline"])
+                if any(k in " ".join(p.info["cmdline"] or []) for k in ("llama_cpp.server", "vllm.entrypoints"))]
+
+
+def test_serve_rows_round_trip_and_report(tmp_path):
+    pytest.importorskip("matplotlib")
+    from engine.analysis.report import write_report
+    from engine.results.writers import ResultWriter, read_jsonl
+    from engine.serve.rows import ServeResult
+
+    rows = [ServeResult(run_id="r", level_id=f"{s}{c}", server=s, profile="concurrency", concurrency=c,
+                        requests_ok=4, output_tps=10.0 * c * (2 if s == "b" else 1), ttft_p50_s=0.1 * c,
+                        tpot_p50_s=0.02, e2el_p50_s=0.5 * c, requests=[{"index": 0, "ttft_s": 0.1}])
+            for s in ("a", "b") for c in (1, 4)]
+    rows.append(ServeResult(run_id="r", level_id="x", server="c", status="crash", error="exited with code 1"))
+    writer = ResultWriter(tmp_path / "serve.csv", ServeResult)
+    writer.write(rows)
+    back = [ServeResult.from_dict(d) for d in read_jsonl(writer.jsonl_path)]
+    assert back == rows
+    report = write_report([str(tmp_path / "serve.csv")], tmp_path / "report")
+    assert (tmp_path / "report" / "latency_vs_throughput.png").stat().st_size > 0
+    text = report.read_text()
+    assert "Serving report" in text and "exited with code 1" in text
