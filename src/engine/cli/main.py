@@ -44,7 +44,8 @@ def measure_options(fn: Callable) -> Callable:
     """What to measure: shared by `run` and `sweep`. Repeat an option to sweep it."""
     options = [
         click.option("--framework", "-f", multiple=True, help="framework name (default: every one available here)"),
-        click.option("--model", "-m", multiple=True, help="GGUF path, 'default', or synth:SHAPE[:QTYPE]"),
+        click.option("--model", "-m", multiple=True,
+                     help="GGUF path, a named model (default, gemma3-270m), or synth:SHAPE[:QTYPE[:ARCH]]"),
         click.option("--precision", "-p", multiple=True, help="f32, bf16, f16, or the file's own type such as q4_1"),
         click.option("--device", "-d", multiple=True, help="cpu, cuda, mps, gpu, metal, auto (default: auto)"),
         click.option("--prompt", help="prompt text (instead of --prompt-tokens)"),
@@ -242,7 +243,21 @@ def doctor(remeasure: bool) -> int:
         t.add_row(name, "[green]ok[/]" if a.ok else "[red]unavailable[/]", a.version or "-",
                   ", ".join(cls.devices), notes)
     display.stdout.print(t)
+    display.stdout.print(_models_table())
     return 0
+
+
+def _models_table():
+    from rich.table import Table
+
+    from engine.model.catalog import NAMED_MODELS
+
+    t = Table(header_style="bold")
+    for col in ("model", "status", "what", "install"):
+        t.add_column(col)
+    for m in NAMED_MODELS.values():
+        t.add_row(m.name, "[green]installed[/]" if m.installed else "[red]not installed[/]", m.description, m.install)
+    return t
 
 
 def _synth_choices(name: str) -> list[str]:
@@ -256,14 +271,16 @@ def _synth_choices(name: str) -> list[str]:
 @click.option("--qtype", type=click.Choice(_synth_choices("QTYPES")), default="f32", show_default=True)
 @click.option("--seed", type=int, default=0)
 @click.option("--untied", is_flag=True, help="write a separate output.weight")
-@click.option("--tokenizer", type=click.Choice(["gpt2", "llama"]), default="gpt2",
-              help="byte-level BPE (gpt2) or SentencePiece (llama) vocabulary")
+@click.option("--arch", type=click.Choice(_synth_choices("ARCH_TOKENIZER")), default="llama", show_default=True,
+              help="architecture (tiny shapes get its features at test size: head size, window, layers)")
+@click.option("--tokenizer", type=click.Choice(_synth_choices("TOKENIZERS")), default=None,
+              help="byte-level BPE (gpt2, qwen2) or SentencePiece (llama, gemma); default: the architecture's kind")
 @click.option("--out", "-O", required=True)
-def synth(shape: str, qtype: str, seed: int, untied: bool, tokenizer: str, out: str) -> int:
-    """Write a random-weight Llama GGUF."""
+def synth(shape: str, qtype: str, seed: int, untied: bool, arch: str, tokenizer: str | None, out: str) -> int:
+    """Write a random-weight GGUF of any supported architecture."""
     from engine.model.synth import write_synthetic
 
-    click.echo(write_synthetic(out, shape, qtype, seed, tied=not untied, tokenizer=tokenizer))
+    click.echo(write_synthetic(out, shape, qtype, seed, tied=not untied, architecture=arch, tokenizer=tokenizer))
     return 0
 
 
