@@ -127,3 +127,15 @@ def test_accelerator_paths_match_reference(tiny_f32, name, device, missing):
     got = [b.prefill(PROMPT), b.decode(int(np.argmax(ref[0])))]
     for g, r in zip(got, ref):
         assert _rel(g, r) < 1e-3  # TF32 or fast-math kernels on accelerators: a little looser
+
+
+@pytest.mark.parametrize("name", ["numpy", "torch", "transformers", "mlx", "tinygrad", "hybrid"])
+def test_tied_output_shares_the_embedding(arch_models, name):
+    """Gemma's 262k x 640 embedding is the output head too: one float copy, never two."""
+    _requires(name)
+    b = load_backend(name, arch_models["gemma3"], "f32")
+    if name == "transformers":
+        m = b.model
+        assert m.lm_head.weight.data_ptr() == m.model.embed_tokens.weight.data_ptr()
+    else:
+        assert b.weights.output is b.weights.tok_embd

