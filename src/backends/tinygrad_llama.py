@@ -138,7 +138,7 @@ class TinygradBackend(ArrayLlamaBackend):
         self.dev = opts.device.upper()
         dtype = {"f32": dtypes.float32, "f16": dtypes.float16}[opts.precision]
         np_dtype = np.float32 if opts.precision == "f32" else np.float16
-        self.weights = spec.load_weights(lambda a: Tensor(a.astype(np_dtype), device=self.dev).realize())
+        self.weights = spec.load_weights(lambda a: Tensor(a.astype(np_dtype, copy=False), device=self.dev).realize())
         # separate projections: with BEAM=2, fused QKV/gate-up measured 10.8 tok/s against 12.4 unfused
         self.ops = TinyOps(spec.config, opts.max_seq_len, dtype, self.dev)
         self._jit = TinyJit(self._step)

@@ -65,6 +65,8 @@ class ModelSpec:
     def __init__(self, path: str, reader: Any):
         self.path = path
         self._reader = reader
+        self._values: dict[str, Any] = {}
+        self._compact_fields()
         self._tensors = {t.name: t for t in reader.tensors}
         self.config = self._read_config(self.field("general.architecture"))
         self.layer_tensors = layer_tensors(self.config.arch)
@@ -89,7 +91,19 @@ class ModelSpec:
         return cls(path, reader)
 
     # ---- metadata -------------------------------------------------------------------------------
+    def _compact_fields(self) -> None:
+        """Replace the reader's large array fields (a 262k-token vocabulary) by their values: the
+        reader keeps numpy views per element, measured at 684 MB of RSS for Gemma's vocabulary."""
+        big = [k for k, f in self._reader.fields.items() if len(f.data) > 4096]
+        for key in big:
+            self._values[key] = self.field(key)
+            del self._reader.fields[key]
+        if big:
+            release_freed_memory()
+
     def field(self, key: str, default: Any = None) -> Any:
+        if key in self._values:
+            return self._values[key]
         f = self._reader.fields.get(key)
         if f is None:
             return default
@@ -198,7 +212,10 @@ class ModelSpec:
         except NotImplementedError as e:
             raise ModelError(f"{self.path}: tensor type {t.tensor_type.name} cannot be dequantized") from e
         arr = np.ascontiguousarray(arr, dtype=np.float32)
-        return arr if arr.flags.writeable else arr.copy()  # F32 tensors come straight from the read-only mmap
+        arr = arr if arr.flags.writeable else arr.copy()  # F32 tensors come straight from the read-only mmap
+        if arr.nbytes >= TRIM_BYTES:
+            release_freed_memory()
+        return arr
 
     def raw_tensor(self, name: str) -> Any:
         """The gguf ReaderTensor (quantized blocks, type, shape) for backends that run them natively."""
@@ -227,7 +244,27 @@ class ModelSpec:
         for i in range(self.config.n_layers):
             fields = {f: convert(read(f"blk.{i}.{suffix}")) for suffix, f in self.layer_tensors.items()}
             weights.layers.append(LayerWeights(**fields))
+        release_freed_memory()
         return weights
+
+
+TRIM_BYTES = 32 << 20
+
+
+def release_freed_memory() -> None:
+    """Hand the heap's freed pages back to the OS. glibc keeps the dequantizer's temporaries
+    (measured on Gemma's 262k x 640 Q8_0 embedding: 640 MB of RSS after they were freed) unless
+    asked; elsewhere this does nothing."""
+    import ctypes
+    import ctypes.util
+    import sys
+
+    if sys.platform != "linux":
+        return
+    try:
+        ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc (musl has no malloc_trim)
+        pass
 
 
 def default_model_path() -> str:
