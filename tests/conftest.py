@@ -26,6 +26,16 @@ def tiny_models(synth_dir):
             ("f32", "f16", "q8_0", "q4_0", "q4_1")}
 
 
+ARCHS = ("llama", "qwen2", "qwen3", "gemma3")
+
+
+@pytest.fixture(scope="session")
+def arch_models(synth_dir):
+    """Tiny random f32 GGUFs of every supported architecture, with a tokenizer of its kind."""
+    return {a: str(write_synthetic(synth_dir / f"tiny-{a}.gguf", "tiny", "f32", seed=1, architecture=a))
+            for a in ARCHS}
+
+
 @pytest.fixture(scope="session")
 def tiny_f32(tiny_models):
     return tiny_models["f32"]

@@ -1,10 +1,11 @@
-"""Every backend against the numpy reference on tiny synthetic GGUFs the tests write."""
+"""Every backend against the numpy reference on tiny synthetic GGUFs the tests write, for every
+architecture (llama, qwen2, qwen3, gemma3)."""
 
 import numpy as np
 import pytest
 
 import backends
-from conftest import load_backend, reference_logits
+from conftest import ARCHS, load_backend, reference_logits
 from engine.model.spec import ModelSpec
 from engine.generate.engine import GenerationConfig, InferenceEngine
 
@@ -34,11 +35,13 @@ def _rel(a, b):
     return float(np.abs(a - b).max() / np.abs(b).max())
 
 
+@pytest.mark.parametrize("arch", ARCHS)
 @pytest.mark.parametrize("name,precision", float_cases())
-def test_logits_match_reference(tiny_f32, name, precision):
+def test_logits_match_reference(arch_models, name, precision, arch):
     _requires(name)
-    ref = reference_logits(tiny_f32, PROMPT, STEPS)
-    b = load_backend(name, tiny_f32, precision)
+    path = arch_models[arch]
+    ref = reference_logits(path, PROMPT, STEPS)
+    b = load_backend(name, path, precision)
     got = [b.prefill(PROMPT)]
     for r in ref[:-1]:
         got.append(b.decode(int(np.argmax(r))))  # follow the reference's tokens
@@ -95,22 +98,25 @@ def test_torch_int4_unpacks_gguf_blocks_exactly(tiny_models):
         np.testing.assert_allclose(rebuilt, spec.tensor(name), rtol=0, atol=1e-6)
 
 
+@pytest.mark.parametrize("arch", ARCHS)
 @pytest.mark.parametrize("name", [n for n in backends.names() if n != "metal"])
-def test_greedy_tokens_equal_reference(tiny_f32, name):
+def test_greedy_tokens_equal_reference(arch_models, name, arch):
     _requires(name)
+    path = arch_models[arch]
     cfg = GenerationConfig(max_new_tokens=12, ignore_eos=True)
-    want = InferenceEngine(load_backend("numpy", tiny_f32)).generate(PROMPT, cfg).tokens
-    b = load_backend(name, tiny_f32, "f32" if name != "llamacpp" else "auto")
+    want = InferenceEngine(load_backend("numpy", path)).generate(PROMPT, cfg).tokens
+    b = load_backend(name, path, "f32" if name != "llamacpp" else "auto")
     eng = InferenceEngine(b)
     assert eng.generate(PROMPT, cfg).tokens == want
     assert eng.generate(PROMPT, cfg).tokens == want, "a second run after reset differs"
 
 
+@pytest.mark.parametrize("arch", ["llama", "gemma3"])
 @pytest.mark.parametrize("name", [n for n in backends.names() if n != "metal"])
-def test_incremental_prefill_equals_one_prefill(tiny_f32, name):
+def test_incremental_prefill_equals_one_prefill(arch_models, name, arch):
     """Chat appends turns to the KV cache: prefill(a); prefill(b) == prefill(a + b)."""
     _requires(name)
-    b = load_backend(name, tiny_f32, "f32" if name != "llamacpp" else "auto")
+    b = load_backend(name, arch_models[arch], "f32" if name != "llamacpp" else "auto")
     whole = b.prefill(PROMPT)
     b.reset()
     b.prefill(PROMPT[:3])
@@ -158,3 +164,15 @@ def test_accelerator_paths_match_reference(tiny_f32, name, device, missing):
     got = [b.prefill(PROMPT), b.decode(int(np.argmax(ref[0])))]
     for g, r in zip(got, ref):
         assert _rel(g, r) < 1e-3  # TF32 or fast-math kernels on accelerators: a little looser
+
+
+@pytest.mark.parametrize("name", ["numpy", "torch", "transformers", "mlx", "tinygrad", "hybrid"])
+def test_tied_output_shares_the_embedding(arch_models, name):
+    """Gemma's 262k x 640 embedding is the output head too: one float copy, never two."""
+    _requires(name)
+    b = load_backend(name, arch_models["gemma3"], "f32")
+    if name == "transformers":
+        m = b.model
+        assert m.lm_head.weight.data_ptr() == m.model.embed_tokens.weight.data_ptr()
+    else:
+        assert b.weights.output is b.weights.tok_embd

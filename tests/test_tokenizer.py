@@ -114,3 +114,21 @@ def test_unknown_tokenizer_model_is_a_clear_error(tiny_f32, monkeypatch):
     monkeypatch.setattr(spec, "field", lambda key, default=None: "bert" if key == "tokenizer.ggml.model" else real(key, default))
     with pytest.raises(ModelError, match="tokenizer model 'bert' not supported"):
         Tokenizer.from_spec(spec)
+
+
+@pytest.fixture(scope="module", params=["qwen2", "gemma3"])
+def arch_vocab(request, arch_models):
+    """Synthetic files of the Qwen2 (byte-level BPE, qwen2 pre-tokenizer) and Gemma (SentencePiece
+    without a space prefix, <start_of_turn> specials) kinds, with llama.cpp's tokenizer for each."""
+    path = arch_models[request.param]
+    for llm in _llama_cpp_vocab(path):
+        yield path, llm
+
+
+@pytest.mark.parametrize("text", TEXTS[:5] + ["<start_of_turn>user\nhello<end_of_turn>", "x  12345 ab"])
+def test_architecture_tokenizers_equal_llama_cpp(arch_vocab, text):
+    from engine.model.spec import ModelSpec
+
+    path, llm = arch_vocab
+    tok = Tokenizer.from_spec(ModelSpec.open(path))
+    assert tok.encode(text) == llm.tokenize(text.encode(), add_bos=tok.add_bos, special=True)

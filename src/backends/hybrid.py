@@ -8,7 +8,7 @@ whose tinygrad path fails to build or run falls back to torch; the row records h
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 import numpy as np
@@ -17,7 +17,7 @@ from backends.base import ArrayLlamaBackend, LoadInfo, LoadOptions, float_load_i
 from backends.tinygrad_llama import TINYGRAD, PrefillJits, TinyOps
 from backends.torch_llama import TORCH, TorchOps, enter_inference
 from engine.model.spec import LayerWeights
-from engine.model.forward import block, head
+from engine.model.forward import block, embed, head
 
 
 def tinygrad_view(t) -> Any:
@@ -88,7 +88,7 @@ class HybridBackend(ArrayLlamaBackend):
         """Wrap block i's torch weights for tinygrad and run it once (position 0) to prove it works."""
         from tinygrad import Tensor
 
-        views = LayerWeights(**{f.name: tinygrad_view(getattr(layer, f.name)) for f in fields(layer)})
+        views = LayerWeights(**{name: tinygrad_view(w) for name, w in layer.tensors().items()})
         probe = Tensor.zeros(1, self.config.dim).contiguous()
         block(self.tiny_ops, i, views, self.config, probe, 0, 1).realize()
         return views
@@ -106,7 +106,7 @@ class HybridBackend(ArrayLlamaBackend):
         n = len(tokens)
         pos = self.torch_ops.positions[start:start + n]
         self.torch_ops.end = start + n
-        x = self.torch_ops.embed(self.weights.tok_embd, torch.tensor(tokens))
+        x = embed(self.torch_ops, self.weights, self.config, torch.tensor(tokens))
         for seg in self.segments:
             if not seg.tinygrad:
                 for i in seg.layers:

@@ -1,4 +1,4 @@
-"""`mlx`: the shared Llama forward on MLX arrays, float or natively quantized.
+"""`mlx`: the shared Llama-family forward on MLX arrays, float or natively quantized.
 
 At the file's own quantization (Q4_0, Q4_1, Q8_0) the weights load through `mx.load` on the .gguf
 as MLX quantized matrices (packed values, scales, biases) and run with `mx.quantized_matmul`: the
@@ -16,12 +16,12 @@ import numpy as np
 from backends.base import (FLOAT_PRECISIONS, ArrayLlamaBackend, LoadInfo, LoadOptions, Mode, Requirement,
                            float_load_info, pip_extra)
 from engine.errors import UnavailableError
-from engine.model.spec import unpermute_rope_rows
 from engine.model.forward import SeparateProjections, forward
 
 MLX = Requirement("mlx", "mlx", pip_extra("mlx"))
 NATIVE_QUANT = {"q4_0": 4, "q4_1": 4, "q8_0": 8}  # GGUF types MLX loads as quantized matrices
 GROUP_SIZE = 32
+GELU_C = (2.0 / np.pi) ** 0.5
 
 
 @dataclass
@@ -60,10 +60,11 @@ class MlxOps(SeparateProjections):
                                             group_size=GROUP_SIZE, bits=weight.bits)
         return x @ weight.T
 
-    def rope(self, x, start):
+    def rope(self, x, start, layer):
         # (T, H, D) -> (H, T, D): mx.fast.rope rotates along the second-to-last axis
+        base, position_scale = self.cfg.rope(layer)
         rotated = self.mx.fast.rope(x.transpose(1, 0, 2), self.cfg.head_dim, traditional=False,
-                                    base=self.cfg.rope_base, scale=1.0, offset=start)
+                                    base=base, scale=position_scale, offset=start)
         return rotated.transpose(1, 0, 2)
 
     def attend(self, layer, q, k, v, start):
@@ -72,13 +73,22 @@ class MlxOps(SeparateProjections):
         kc, vc = self.k_cache[layer], self.v_cache[layer]
         kc[:, :, start:end, :] = k.transpose(1, 0, 2)[None]
         vc[:, :, start:end, :] = v.transpose(1, 0, 2)[None]
+        window = self.cfg.window(layer)
+        if window and end > window:  # keys (start+i-window, start+i] for query i
+            mx = self.mx
+            qpos, kpos = mx.arange(start, end)[:, None], mx.arange(end)[None, :]
+            mask = (kpos <= qpos) & (kpos > qpos - window)
+        else:
+            mask = "causal" if t > 1 else None  # causal aligned to the end of the keys
         out = self.mx.fast.scaled_dot_product_attention(
-            q.transpose(1, 0, 2)[None], kc[:, :, :end, :], vc[:, :, :end, :], scale=self.cfg.head_dim ** -0.5,
-            mask="causal" if t > 1 else None)  # causal aligned to the end of the keys
+            q.transpose(1, 0, 2)[None], kc[:, :, :end, :], vc[:, :, :end, :], scale=self.cfg.scale, mask=mask)
         return out[0].transpose(1, 0, 2).reshape(t, -1)
 
     def silu_mul(self, gate, up):
         return gate * self.mx.sigmoid(gate) * up
+
+    def gelu_mul(self, gate, up):
+        return 0.5 * gate * (1.0 + self.mx.tanh(GELU_C * (gate + 0.044715 * gate * gate * gate))) * up
 
     def residual(self, x, delta):
         return x + delta
@@ -131,12 +141,10 @@ class MlxBackend(ArrayLlamaBackend):
         """Quantized tensors as MLX loads them from the GGUF; Q/K rows moved to rotate-half order."""
         mx = self.mx
         arrays = mx.load(spec.path)
-        heads = {"attn_q": spec.config.n_heads, "attn_k": spec.config.n_kv_heads}
 
         def tensor(name: str):
             base = name.removesuffix(".weight")
-            n_heads = heads.get(base.rsplit(".", 1)[-1])
-            fix = (lambda a: mx.array(unpermute_rope_rows(np.array(a), n_heads))) if n_heads else (lambda a: a)
+            fix = (lambda a: mx.array(spec.hf_rows(name, np.array(a)))) if spec.permuted_heads(name) else (lambda a: a)
             if f"{base}.scales" not in arrays:
                 return fix(arrays[name].astype(mx.float32))
             bits = NATIVE_QUANT.get(spec.tensor_type(name))
@@ -170,7 +178,7 @@ def _weights(w) -> list:
     """Every weight once (a tied output is the embedding), quantized ones as QuantizedMatrix."""
     out = [w.tok_embd, w.output_norm] + ([] if w.output is w.tok_embd else [w.output])
     for layer in w.layers:
-        out += list(vars(layer).values())
+        out += list(layer.tensors().values())
     return out
 
 

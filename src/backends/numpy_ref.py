@@ -1,4 +1,4 @@
-"""The reference: an f32 Llama in plain numpy. It defines correct output for every other backend."""
+"""The reference: an f32 Llama-family model (llama, qwen2, qwen3, gemma3) in plain numpy. It defines correct output for every other backend."""
 
 from __future__ import annotations
 
@@ -7,13 +7,23 @@ from typing import Sequence
 import numpy as np
 
 from backends.base import ArrayLlamaBackend, LoadInfo, LoadOptions, float_load_info
-from engine.model.forward import SeparateProjections, forward, rope_tables
+from engine.model.forward import SeparateProjections, forward, layer_rope_tables
+
+
+GELU_C = float(np.sqrt(2.0 / np.pi))
+
+
+def attention_mask(start: int, t: int, end: int, window: int) -> np.ndarray:
+    """(t, end) True where query start+i must not see key j: the future, and keys `window` or
+    more positions back when the layer is windowed."""
+    dist = (start + np.arange(t))[:, None] - np.arange(end)[None, :]
+    return (dist < 0) | (dist >= window) if window else dist < 0
 
 
 class NumpyOps(SeparateProjections):
     def __init__(self, cfg, max_seq: int):
         self.cfg = cfg
-        self.cos, self.sin = rope_tables(cfg, max_seq)
+        self.rope_tables = layer_rope_tables(cfg, max_seq)
         shape = (cfg.n_layers, max_seq, cfg.n_kv_heads, cfg.head_dim)
         self.k_cache = np.zeros(shape, np.float32)
         self.v_cache = np.zeros(shape, np.float32)
@@ -27,9 +37,10 @@ class NumpyOps(SeparateProjections):
     def linear(self, x, weight):
         return x @ weight.T
 
-    def rope(self, x, start):
+    def rope(self, x, start, layer):
         t, half = x.shape[0], x.shape[-1] // 2
-        cos, sin = self.cos[start:start + t, None, :], self.sin[start:start + t, None, :]
+        cos, sin = self.rope_tables[layer]
+        cos, sin = cos[start:start + t, None, :], sin[start:start + t, None, :]
         rotated = np.concatenate([-x[..., half:], x[..., :half]], axis=-1)
         return x * cos + rotated * sin
 
@@ -40,15 +51,17 @@ class NumpyOps(SeparateProjections):
         self.k_cache[layer, start:end], self.v_cache[layer, start:end] = k, v
         keys, values = self.k_cache[layer, :end], self.v_cache[layer, :end]  # (S, kv, hd)
         qg = q.reshape(t, kv, n_heads // kv, hd)
-        scores = np.einsum("tkgd,skd->kgts", qg, keys) * (1.0 / hd**0.5)  # a Python float keeps float32
-        future = np.arange(end)[None, :] > (start + np.arange(t))[:, None]  # (t, S)
-        scores = np.where(future, -np.inf, scores)
+        scores = np.einsum("tkgd,skd->kgts", qg, keys) * self.cfg.scale  # a Python float keeps float32
+        scores = np.where(attention_mask(start, t, end, self.cfg.window(layer)), -np.inf, scores)
         scores = np.exp(scores - scores.max(axis=-1, keepdims=True))
         scores /= scores.sum(axis=-1, keepdims=True)
         return np.einsum("kgts,skd->tkgd", scores, values).reshape(t, n_heads * hd)
 
     def silu_mul(self, gate, up):
         return gate / (1.0 + np.exp(-gate)) * up
+
+    def gelu_mul(self, gate, up):
+        return 0.5 * gate * (1.0 + np.tanh(GELU_C * (gate + 0.044715 * gate**3))) * up
 
     def residual(self, x, delta):
         return x + delta

@@ -1,4 +1,4 @@
-"""`torch`: our compact Llama in PyTorch (gpt-fast style): static KV cache, SDPA with grouped-query
+"""`torch`: our compact Llama-family model (llama, qwen2, qwen3, gemma3) in PyTorch (gpt-fast style): static KV cache, SDPA with grouped-query
 attention, optional `torch.compile` of the decode step. CPU, CUDA and MPS."""
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from backends.base import (FLOAT_PRECISIONS, ArrayLlamaBackend, LoadInfo, LoadOp
                            float_load_info, pip_extra)
 from backends.torch_quant import INT4_TYPES, Int4Weight, int4_counts, int4_linear, load_int4_weights
 from engine.errors import UnavailableError
-from engine.model.forward import FusedProjections, forward, rope_tables
+from engine.model.forward import FusedProjections, forward, layer_rope_tables
 
 TORCH = Requirement("torch", "torch", pip_extra("torch"))
 TORCH_DTYPES = {"f32": "float32", "bf16": "bfloat16", "f16": "float16"}
@@ -64,9 +64,7 @@ class TorchOps(FusedProjections):
         import torch
 
         self.cfg = cfg
-        cos, sin = rope_tables(cfg, max_seq)
-        self.cos = torch.from_numpy(cos).to(device=device, dtype=dtype)
-        self.sin = torch.from_numpy(sin).to(device=device, dtype=dtype)
+        self.rope_tables = layer_rope_tables(cfg, max_seq, lambda a: torch.from_numpy(a).to(device=device, dtype=dtype))
         shape = (cfg.n_layers, 1, cfg.n_kv_heads, max_seq, cfg.head_dim)
         self.k_cache = torch.zeros(shape, dtype=dtype, device=device)
         self.v_cache = torch.zeros(shape, dtype=dtype, device=device)
@@ -93,10 +91,11 @@ class TorchOps(FusedProjections):
             return torch.mv(weight, x[0])[None]
         return F.linear(x, weight)
 
-    def rope(self, x, pos):
+    def rope(self, x, pos, layer):
         import torch
 
-        cos, sin = self.cos[pos][:, None, :], self.sin[pos][:, None, :]
+        cos, sin = self.rope_tables[layer]
+        cos, sin = cos[pos][:, None, :], sin[pos][:, None, :]
         half = x.shape[-1] // 2
         return x * cos + torch.cat([-x[..., half:], x[..., :half]], dim=-1) * sin
 
@@ -108,14 +107,22 @@ class TorchOps(FusedProjections):
         vc.index_copy_(2, pos, v.transpose(0, 1)[None])
         end = self.end if self.end is not None else kc.shape[2]
         mask = self.positions[None, :end] <= pos[:, None]  # (T, S): causal over absolute positions
+        window = self.cfg.window(layer)
+        if window:
+            mask = mask & (self.positions[None, :end] > pos[:, None] - window)
         out = F.scaled_dot_product_attention(q.transpose(0, 1)[None], kc[:, :, :end], vc[:, :, :end],
-                                             attn_mask=mask, enable_gqa=True)
+                                             attn_mask=mask, enable_gqa=True, scale=self.cfg.scale)
         return out[0].transpose(0, 1).reshape(q.shape[0], -1)
 
     def silu_mul(self, gate, up):
         import torch.nn.functional as F
 
         return F.silu(gate) * up
+
+    def gelu_mul(self, gate, up):
+        import torch.nn.functional as F
+
+        return F.gelu(gate, approximate="tanh") * up
 
     def residual(self, x, delta):
         return x + delta

@@ -79,6 +79,6 @@ def load_int4_weights(spec, to_float):
 
 
 def int4_counts(weights) -> dict[str, int]:
-    layers = [w for layer in weights.layers for w in vars(layer).values()]
+    layers = [w for layer in weights.layers for w in vars(layer).values() if w is not None]  # None: absent in this arch
     return {"int4_matrices": sum(isinstance(w, Int4Weight) for w in layers),
             "float_matrices": sum(not isinstance(w, Int4Weight) and w.dim() == 2 for w in layers)}

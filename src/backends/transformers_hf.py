@@ -1,4 +1,5 @@
-"""`transformers`: Hugging Face LlamaForCausalLM as most users run it, built from our ModelSpec
+"""`transformers`: the Hugging Face model class of the file's architecture (LlamaForCausalLM,
+Qwen2ForCausalLM, Qwen3ForCausalLM, Gemma3ForCausalLM) as most users run it, built from our ModelSpec
 (config and state dict from the GGUF, no hub access) and driven step by step through its KV cache."""
 
 from __future__ import annotations
@@ -12,55 +13,99 @@ from backends.torch_llama import TORCH, TORCH_DTYPES, TorchBased, synchronize
 
 TRANSFORMERS = Requirement("transformers", "transformers", pip_extra("transformers"))
 
-# our LlamaWeights field -> HF parameter name inside model.layers.{i}
+# our LayerWeights field -> HF parameter name inside model.layers.{i}
 HF_LAYER_NAMES = {
-    "attn_norm": "input_layernorm", "wq": "self_attn.q_proj", "wk": "self_attn.k_proj",
-    "wv": "self_attn.v_proj", "wo": "self_attn.o_proj", "ffn_norm": "post_attention_layernorm",
-    "w_gate": "mlp.gate_proj", "w_up": "mlp.up_proj", "w_down": "mlp.down_proj",
+    "attn_norm": "input_layernorm.weight", "wq": "self_attn.q_proj.weight", "wk": "self_attn.k_proj.weight",
+    "wv": "self_attn.v_proj.weight", "wo": "self_attn.o_proj.weight", "ffn_norm": "post_attention_layernorm.weight",
+    "w_gate": "mlp.gate_proj.weight", "w_up": "mlp.up_proj.weight", "w_down": "mlp.down_proj.weight",
+    "bq": "self_attn.q_proj.bias", "bk": "self_attn.k_proj.bias", "bv": "self_attn.v_proj.bias",
+    "q_norm": "self_attn.q_norm.weight", "k_norm": "self_attn.k_norm.weight",
+}
+# Gemma: four norms per block, named differently
+GEMMA_LAYER_NAMES = {**HF_LAYER_NAMES, "ffn_norm": "pre_feedforward_layernorm.weight",
+                     "post_attn_norm": "post_attention_layernorm.weight",
+                     "post_ffn_norm": "post_feedforward_layernorm.weight"}
+# architecture -> (transformers config class, model class, layer names)
+HF_CLASSES = {
+    "llama": ("LlamaConfig", "LlamaForCausalLM", HF_LAYER_NAMES),
+    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", HF_LAYER_NAMES),
+    "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", HF_LAYER_NAMES),
+    "gemma3": ("Gemma3TextConfig", "Gemma3ForCausalLM", GEMMA_LAYER_NAMES),
 }
 
 
+def _rope(base: float, factor: float) -> dict:
+    if factor == 1.0:
+        return {"rope_type": "default", "rope_theta": base}
+    return {"rope_type": "linear", "rope_theta": base, "factor": factor}
+
+
 def hf_config(spec):
-    from transformers import LlamaConfig
+    import transformers
 
     c = spec.config
-    return LlamaConfig(
+    arch = c.arch.name
+    common = dict(
         vocab_size=c.vocab_size, hidden_size=c.dim, intermediate_size=c.ffn_dim, num_hidden_layers=c.n_layers,
         num_attention_heads=c.n_heads, num_key_value_heads=c.n_kv_heads, max_position_embeddings=c.context_length,
-        rms_norm_eps=c.rms_eps, rope_theta=c.rope_base, tie_word_embeddings=spec.tied_embeddings,
+        rms_norm_eps=c.rms_eps, tie_word_embeddings=spec.tied_embeddings, head_dim=c.head_dim,
         bos_token_id=spec.field("tokenizer.ggml.bos_token_id"), eos_token_id=spec.field("tokenizer.ggml.eos_token_id"),
-        hidden_act="silu", attention_bias=False, mlp_bias=False,
     )
+    if arch == "gemma3":
+        extra = dict(
+            hidden_activation="gelu_pytorch_tanh", query_pre_attn_scalar=round(c.scale ** -2), sliding_window=c.sliding_window,
+            layer_types=["sliding_attention" if local else "full_attention" for local in c.local_layers],
+            rope_parameters={"full_attention": _rope(c.rope_base, c.rope_linear_factor),
+                             "sliding_attention": _rope(c.rope_base_local, 1.0)},
+            final_logit_softcapping=None, attn_logit_softcapping=None, pad_token_id=None,
+        )
+    else:
+        extra = dict(hidden_act="silu", rope_parameters=_rope(c.rope_base, c.rope_linear_factor))
+        if arch == "llama":
+            extra.update(attention_bias=False, mlp_bias=False)
+        if arch == "qwen3":
+            extra.update(attention_bias=False)
+    return getattr(transformers, HF_CLASSES[arch][0])(**common, **extra)
 
 
 def build_hf_model(spec, precision: str, device: str):
-    """A LlamaForCausalLM holding the GGUF's weights (dequantized, HF row order for Q/K)."""
+    """The architecture's own transformers model holding the GGUF's weights (dequantized, HF row
+    order for Q/K; Gemma's norm weights back to transformers' 1 + w convention)."""
     import torch
-    from transformers import LlamaForCausalLM
+    import transformers
 
     dtype = getattr(torch, TORCH_DTYPES[precision])
     cfg = hf_config(spec)
+    _, model_class, names = HF_CLASSES[spec.config.arch.name]
     with torch.device("meta"):
-        model = LlamaForCausalLM(cfg)
+        model = getattr(transformers, model_class)(cfg)
     state = {}
     w = spec.load_weights(lambda a: torch.from_numpy(a).to(dtype=dtype))
+    shift = spec.config.arch.name == "gemma3"  # GGUF stores 1 + w (the converter adds it)
+    norm = (lambda t: t - 1) if shift else (lambda t: t)  # noqa: E731
     state["model.embed_tokens.weight"] = w.tok_embd
-    state["model.norm.weight"] = w.output_norm
+    state["model.norm.weight"] = norm(w.output_norm)
     state["lm_head.weight"] = w.output
     for i, layer in enumerate(w.layers):
-        for ours, theirs in HF_LAYER_NAMES.items():
-            state[f"model.layers.{i}.{theirs}.weight"] = getattr(layer, ours)
+        for ours, tensor in layer.tensors().items():
+            state[f"model.layers.{i}.{names[ours]}"] = norm(tensor) if ours.endswith("norm") else tensor
     model.load_state_dict(state, assign=True, strict=False)
     if spec.tied_embeddings:
         model.tie_weights()
-    # buffers (RoPE inv_freq) were created on meta: rebuild them on the target device
+    # buffers created on meta (RoPE inv_freq, Gemma's embedding scale): rebuild them for real
     model.model.rotary_emb = type(model.model.rotary_emb)(config=cfg)
+    embed = model.model.embed_tokens
+    if hasattr(embed, "scalar_embed_scale"):
+        embed.embed_scale = torch.tensor(embed.scalar_embed_scale)
+    left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+    if left:
+        raise RuntimeError(f"transformers model has tensors the GGUF did not fill: {', '.join(left[:3])}")
     return model.to(device=device, dtype=dtype).eval()
 
 
 class TransformersBackend(TorchBased):
     name = "transformers"
-    description = "Hugging Face LlamaForCausalLM, stepped through its own KV cache"
+    description = "Hugging Face's model class for the architecture, stepped through its own KV cache"
     requires = (TRANSFORMERS, TORCH)
 
     @classmethod

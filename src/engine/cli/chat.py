@@ -69,7 +69,7 @@ class ChatSession:
         """The conversation's ids, dropping the oldest turns while it would overflow the context."""
         dropped = 0
         while True:
-            ids = self.tok.encode(self.tok.apply_chat_template(self.messages, add_generation_prompt=True))
+            ids = self.tok.encode_chat(self.messages)
             if len(ids) + self.max_tokens <= self.context or len(self.messages) <= 1:
                 break
             del self.messages[: 2 if len(self.messages) > 2 else 1]

@@ -13,141 +13,15 @@ import sys
 import time
 import traceback
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import click
 
 from engine.cli import node_cmd, serve_cmd
+from engine.cli.options import POSITIVE, MeasureCommand, cells_from_options, measure_options
 from engine.errors import BenchError, InputError
 
 RESULTS_DIR = Path(os.environ.get("BENCH_RESULTS_DIR", "results"))
-POSITIVE = click.IntRange(min=1)
-
-
-def _key_value(ctx, param, values: tuple[str, ...]) -> tuple[tuple[str, str], ...]:
-    out = []
-    for text in values:
-        if "=" not in text:
-            raise click.BadParameter(f"expected KEY=VALUE, got {text!r}")
-        key, value = text.split("=", 1)
-        out.append((key.strip(), value))
-    return tuple(out)
-
-
-def _backend_options_help() -> str:
-    import backends
-
-    lines = [f"{o.name} ({name}, {o.type.__name__}): {o.help}" for name, cls in backends.registry().items()
-             for o in cls.options]
-    return "Backend options for -o KEY=VALUE: " + ("; ".join(lines) if lines else "none") + "."
-
-
-class MeasureCommand(click.Command):
-    """`run` and `sweep`: their help ends with the options every backend declares (read when the
-    help is shown, so importing the CLI stays cheap)."""
-
-    def format_epilog(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
-        formatter.write_paragraph()
-        formatter.write_text(_backend_options_help())
-
-
-def measure_options(fn: Callable) -> Callable:
-    """What to measure: shared by `run` and `sweep`. Repeat an option to sweep it."""
-    options = [
-        click.option("--framework", "-f", multiple=True, help="framework name (default: every one available here)"),
-        click.option("--model", "-m", multiple=True, help="GGUF path, 'default', or synth:SHAPE[:QTYPE]"),
-        click.option("--precision", "-p", multiple=True, help="f32, bf16, f16, or the file's own type such as q4_1"),
-        click.option("--device", "-d", multiple=True, help="cpu, cuda, mps, gpu, metal, auto (default: auto)"),
-        click.option("--prompt", help="prompt text (instead of --prompt-tokens)"),
-        click.option("--prompt-tokens", type=POSITIVE, multiple=True, help="seeded prompt length (default 32)"),
-        click.option("--gen-tokens", "-n", type=POSITIVE, multiple=True, help="tokens to generate (default 32)"),
-        click.option("--threads", "-t", type=click.IntRange(min=0), multiple=True,
-                     help="threads (default: the framework's own)"),
-        click.option("--compile", "compile_", is_flag=True, help="JIT-compile the decode step where the framework can"),
-        click.option("--modes", type=click.Choice(["default", "best"]), default="default", show_default=True,
-                     help="best: every mode each framework declares (precisions, compile, options); the fastest "
-                          "that passes the fidelity bar is flagged `best`"),
-        click.option("--option", "-o", multiple=True, callback=_key_value, metavar="KEY=VALUE",
-                     help="backend option, checked against what the frameworks declare (see below)"),
-        click.option("--repeats", "-r", type=POSITIVE, help="measured generations per cell (default 3)"),
-        click.option("--warmup", type=click.IntRange(min=0), help="warm-up generations per cell (default 1)"),
-        click.option("--min-time", type=float, help="keep repeating until this many seconds are measured"),
-        click.option("--seed", type=int, help="seed of the prompt stream and the sampler (default 0)"),
-        click.option("--timeout", type=float, help="seconds a cell may run before it is killed (default 900)"),
-        click.option("--memory-limit-mb", type=click.IntRange(min=0), help="address-space limit of each run's process"),
-        click.option("--output", "-O", help="results CSV (a JSONL with raw samples goes beside it); "
-                                            "default results/bench-TIMESTAMP.csv"),
-        click.option("--format", "fmt", type=click.Choice(["table", "csv", "jsonl", "markdown"]), default="table",
-                     help="stdout format"),
-        click.option("--resume", is_flag=True, help="skip cells already in --output"),
-        click.option("--no-check", is_flag=True, help="skip the token check against the reference"),
-        click.option("--delay", type=float, default=0.0, help="seconds to pause between cells (cool-down)"),
-        click.option("--interleave/--no-interleave", default=True, show_default=True,
-                     help="take the repeats of all loaded models round-robin, so drift hits every framework alike"),
-    ]
-    for option in reversed(options):
-        fn = option(fn)
-    return fn
-
-
-# CLI option -> Cell field: repeated options become sweep axes, single ones apply to every cell
-AXES = {"framework": "framework", "precision": "precision", "device": "device", "prompt_tokens": "prompt_tokens",
-        "gen_tokens": "gen_tokens", "threads": "threads", "node": "node"}
-FIXED = {"repeats": "repeats", "warmup": "warmup", "min_time": "min_time_s", "seed": "seed", "timeout": "timeout_s",
-         "memory_limit_mb": "memory_limit_mb", "prompt": "prompt_text"}
-
-
-def cells_from_options(o: dict[str, Any], config: str | None = None) -> list:
-    import backends
-    from engine.model.catalog import resolve_model
-    from engine.sweep.cells import apply_options, expand, load_config
-
-    for name in o["framework"]:
-        backends.get(name)  # unknown names fail here, listing the known ones
-    axes: dict[str, Any] = {key: list(o[opt]) for opt, key in AXES.items() if o.get(opt)}
-    if o["model"]:
-        axes["model"] = [resolve_model(m) for m in o["model"]]
-    fixed: dict[str, Any] = {key: o[opt] for opt, key in FIXED.items() if o[opt] is not None}
-    if o["compile_"]:
-        fixed["compile"] = True
-    if o["option"]:
-        fixed["options"] = tuple(sorted(o["option"]))
-    if config:
-        cells = load_config(config, resolve_model("default"), {**axes, **fixed}, resolve_model)
-    else:
-        axes.setdefault("framework", backends.available())
-        axes.setdefault("model", [resolve_model("default")])
-        cells = expand(axes, fixed)
-    if o["modes"] == "best":
-        if o["precision"] or o["compile_"]:
-            raise InputError("--modes best chooses precisions and compilation itself; drop -p/--compile")
-        from engine.model.spec import ModelSpec
-        from engine.sweep.best import with_modes
-
-        cells = with_modes(cells, ModelSpec.open)
-    cells = apply_options(cells, backends.parse_options)
-    _validate(cells, on_cluster=bool(o.get("ray_address")))
-    return cells
-
-
-def _validate(cells: list, on_cluster: bool = False) -> None:
-    """Fail before any run on what the parent can check: names, precisions, devices (on a
-    cluster the nodes' devices are the nodes' business: a cell no node can run is `unavailable`)."""
-    import backends
-    from engine.model.spec import ModelSpec
-
-    named = sorted({c.node for c in cells if c.node})
-    if named and not on_cluster:
-        raise InputError(f"the node setting ({', '.join(named)}) needs a cluster: add --ray HOST:PORT")
-    specs: dict[str, Any] = {}
-    for c in cells:
-        cls = backends.get(c.framework)
-        if c.model not in specs:
-            specs[c.model] = ModelSpec.open(c.model)
-        if cls.availability().ok:
-            cls.resolve_precision(specs[c.model], c.precision)
-            if not on_cluster:
-                cls.resolve_device(c.device)
 
 
 def run_cells_command(o: dict[str, Any], debug: bool, config: str | None = None) -> int:
@@ -304,7 +178,21 @@ def doctor(obj, remeasure: bool, ray_address: str | None) -> int:
         t.add_row(name, "[green]ok[/]" if a.ok else "[red]unavailable[/]", a.version or "-",
                   ", ".join(cls.devices), notes)
     display.stdout.print(t)
+    display.stdout.print(_models_table())
     return 0
+
+
+def _models_table():
+    from rich.table import Table
+
+    from engine.model.catalog import NAMED_MODELS
+
+    t = Table(header_style="bold")
+    for col in ("model", "status", "what", "install"):
+        t.add_column(col)
+    for m in NAMED_MODELS.values():
+        t.add_row(m.name, "[green]installed[/]" if m.installed else "[red]not installed[/]", m.description, m.install)
+    return t
 
 
 def _synth_choices(name: str) -> list[str]:
@@ -318,14 +206,16 @@ def _synth_choices(name: str) -> list[str]:
 @click.option("--qtype", type=click.Choice(_synth_choices("QTYPES")), default="f32", show_default=True)
 @click.option("--seed", type=int, default=0)
 @click.option("--untied", is_flag=True, help="write a separate output.weight")
-@click.option("--tokenizer", type=click.Choice(["gpt2", "llama"]), default="gpt2",
-              help="byte-level BPE (gpt2) or SentencePiece (llama) vocabulary")
+@click.option("--arch", type=click.Choice(_synth_choices("ARCH_TOKENIZER")), default="llama", show_default=True,
+              help="architecture (tiny shapes get its features at test size: head size, window, layers)")
+@click.option("--tokenizer", type=click.Choice(_synth_choices("TOKENIZERS")), default=None,
+              help="byte-level BPE (gpt2, qwen2) or SentencePiece (llama, gemma); default: the architecture's kind")
 @click.option("--out", "-O", required=True)
-def synth(shape: str, qtype: str, seed: int, untied: bool, tokenizer: str, out: str) -> int:
-    """Write a random-weight Llama GGUF."""
+def synth(shape: str, qtype: str, seed: int, untied: bool, arch: str, tokenizer: str | None, out: str) -> int:
+    """Write a random-weight GGUF of any supported architecture."""
     from engine.model.synth import write_synthetic
 
-    click.echo(write_synthetic(out, shape, qtype, seed, tied=not untied, tokenizer=tokenizer))
+    click.echo(write_synthetic(out, shape, qtype, seed, tied=not untied, architecture=arch, tokenizer=tokenizer))
     return 0
 
 

@@ -1,8 +1,10 @@
-"""The Llama forward pass, written once against a small ops protocol.
+"""The Llama-family forward pass (llama, qwen2, qwen3, gemma3), written once against a small ops protocol.
 
 numpy, torch, MLX, tinygrad and the hybrid backend each implement `LlamaOps` with their own
 fastest primitives and wrap `forward` in their own JIT; the arithmetic and its order live here.
-Arrays only need `.reshape` and `[-1:]`; everything else goes through the ops.
+Arrays only need `.reshape` and `[-1:]`; everything else goes through the ops. Architectures
+differ only in data the config carries (`cfg.arch`: biases, Q/K norms, post-norms, activation,
+embedding scale; per layer: attention window and RoPE), never in a copy of this code.
 """
 
 from __future__ import annotations
@@ -20,16 +22,31 @@ class LlamaOps(Protocol):
     def embed(self, table: Array, tokens: Array) -> Array: ...  # (T,) -> (T, dim)
     def rms_norm(self, x: Array, weight: Array) -> Array: ...
     def linear(self, x: Array, weight: Array) -> Array: ...  # x @ weight.T
-    def rope(self, x: Array, start: Any) -> Array: ...  # (T, heads, head_dim), rotate-half
+    def rope(self, x: Array, start: Any, layer: int) -> Array: ...  # (T, heads, head_dim), rotate-half,
+    # ^ with layer's base and scale (cfg.rope(layer))
     def attend(self, layer: int, q: Array, k: Array, v: Array, start: Any) -> Array: ...
-    # ^ writes k, v to the KV cache at [start, start+T), attends causally, returns (T, heads*head_dim)
+    # ^ writes k, v to the KV cache at [start, start+T), attends causally (within cfg.window(layer)
+    #   when it is not 0) with scale cfg.scale, returns (T, heads*head_dim)
     def silu_mul(self, gate: Array, up: Array) -> Array: ...
+    def gelu_mul(self, gate: Array, up: Array) -> Array: ...  # GELU, tanh approximation
+    def add_bias(self, x: Array, bias: Array) -> Array: ...
+    def scale(self, x: Array, factor: float) -> Array: ...
     def residual(self, x: Array, delta: Array) -> Array: ...  # x + delta: where lazy frameworks materialise
     def project(self, layer: int, kind: str, x: Array, weights: tuple) -> tuple: ...
     # ^ several linears of one input ("qkv", "gate_up"); a framework may run them as one fused matmul
 
 
-class SeparateProjections:
+class ElementwiseDefaults:
+    """`add_bias` and `scale` through the arrays' own operators: every framework here has them."""
+
+    def add_bias(self, x: Array, bias: Array) -> Array:
+        return x + bias
+
+    def scale(self, x: Array, factor: float) -> Array:
+        return x * factor
+
+
+class SeparateProjections(ElementwiseDefaults):
     """`project` as one `linear` per weight: for ops tables without fused weights."""
 
     def project(self, layer: int, kind: str, x: Array, weights: tuple) -> tuple:
@@ -39,7 +56,7 @@ class SeparateProjections:
 FUSED_PROJECTIONS = (("qkv", ("wq", "wk", "wv")), ("gate_up", ("w_gate", "w_up")))
 
 
-class FusedProjections:
+class FusedProjections(ElementwiseDefaults):
     """`project` as one matmul over concatenated weights (one GEMV instead of three and two).
 
     `fuse(layers)` concatenates each layer's Q/K/V and gate/up rows and makes the separate weights
@@ -62,17 +79,27 @@ class FusedProjections:
         return tuple(self.split_last(self.linear(x, fused), sizes))
 
 
+ACTIVATIONS = {"silu": "silu_mul", "gelu_tanh": "gelu_mul"}  # cfg.arch.activation -> the gated op
+
+
 def block(ops: LlamaOps, i: int, layer: Any, cfg: LlamaConfig, x: Array, start: Any, n_tokens: int) -> Array:
-    """Transformer block `i`: attention then SwiGLU feed-forward, each with a pre-norm and residual."""
-    hd = cfg.head_dim
+    """Transformer block `i`: attention then a gated feed-forward, each with a pre-norm (and, where
+    the architecture has them, a post-norm) and a residual."""
+    arch, hd = cfg.arch, cfg.head_dim
     h = ops.rms_norm(x, layer.attn_norm)
     q, k, v = ops.project(i, "qkv", h, (layer.wq, layer.wk, layer.wv))
-    q = ops.rope(q.reshape(n_tokens, cfg.n_heads, hd), start)
-    k = ops.rope(k.reshape(n_tokens, cfg.n_kv_heads, hd), start)
-    x = ops.residual(x, ops.linear(ops.attend(i, q, k, v.reshape(n_tokens, cfg.n_kv_heads, hd), start), layer.wo))
+    if arch.qkv_bias:
+        q, k, v = ops.add_bias(q, layer.bq), ops.add_bias(k, layer.bk), ops.add_bias(v, layer.bv)
+    q, k = q.reshape(n_tokens, cfg.n_heads, hd), k.reshape(n_tokens, cfg.n_kv_heads, hd)
+    if arch.qk_norm:  # one RMSNorm over each head's vector
+        q, k = ops.rms_norm(q, layer.q_norm), ops.rms_norm(k, layer.k_norm)
+    q, k = ops.rope(q, start, i), ops.rope(k, start, i)
+    a = ops.linear(ops.attend(i, q, k, v.reshape(n_tokens, cfg.n_kv_heads, hd), start), layer.wo)
+    x = ops.residual(x, ops.rms_norm(a, layer.post_attn_norm) if arch.post_norms else a)
     h = ops.rms_norm(x, layer.ffn_norm)
     gate, up = ops.project(i, "gate_up", h, (layer.w_gate, layer.w_up))
-    return ops.residual(x, ops.linear(ops.silu_mul(gate, up), layer.w_down))
+    f = ops.linear(getattr(ops, ACTIVATIONS[arch.activation])(gate, up), layer.w_down)
+    return ops.residual(x, ops.rms_norm(f, layer.post_ffn_norm) if arch.post_norms else f)
 
 
 def head(ops: LlamaOps, w: LlamaWeights, x: Array) -> Array:
@@ -80,21 +107,40 @@ def head(ops: LlamaOps, w: LlamaWeights, x: Array) -> Array:
     return ops.linear(ops.rms_norm(x[-1:], w.output_norm), w.output)
 
 
+def embed(ops: LlamaOps, w: LlamaWeights, cfg: LlamaConfig, tokens: Array) -> Array:
+    x = ops.embed(w.tok_embd, tokens)
+    return ops.scale(x, cfg.embed_scale) if cfg.arch.embed_scale else x
+
+
 def forward(ops: LlamaOps, w: LlamaWeights, cfg: LlamaConfig, tokens: Array, start: Any, n_tokens: int) -> Array:
     """Logits of the last position, shape (1, vocab), for `n_tokens` tokens placed at `start`."""
-    x = ops.embed(w.tok_embd, tokens)
+    x = embed(ops, w, cfg, tokens)
     for i, layer in enumerate(w.layers):
         x = block(ops, i, layer, cfg, x, start, n_tokens)
     return head(ops, w, x)
 
 
-def rope_tables(cfg: LlamaConfig, max_seq: int) -> tuple[np.ndarray, np.ndarray]:
+def rope_tables(cfg: LlamaConfig, max_seq: int, base: float | None = None,
+                position_scale: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
     """cos, sin of shape (max_seq, head_dim): rotate-half layout, float32."""
     half = cfg.head_dim // 2
-    inv_freq = 1.0 / (cfg.rope_base ** (np.arange(half, dtype=np.float64) * 2 / cfg.head_dim))
-    angles = np.outer(np.arange(max_seq, dtype=np.float64), inv_freq)
+    base = cfg.rope_base if base is None else base
+    inv_freq = 1.0 / (base ** (np.arange(half, dtype=np.float64) * 2 / cfg.head_dim))
+    angles = np.outer(np.arange(max_seq, dtype=np.float64) * position_scale, inv_freq)
     angles = np.concatenate([angles, angles], axis=1)
     return np.cos(angles).astype(np.float32), np.sin(angles).astype(np.float32)
+
+
+def layer_rope_tables(cfg: LlamaConfig, max_seq: int, convert=lambda a: a) -> list[tuple[Any, Any]]:
+    """(cos, sin) for every layer, through `convert`; layers with the same RoPE share one pair."""
+    made: dict[tuple[float, float], tuple[Any, Any]] = {}
+    out = []
+    for i in range(cfg.n_layers):
+        key = cfg.rope(i)
+        if key not in made:
+            made[key] = tuple(convert(t) for t in rope_tables(cfg, max_seq, *key))
+        out.append(made[key])
+    return out
 
 
 def check_tokens(tokens: Sequence[int], start: int, max_seq: int, vocab: int) -> None:

@@ -113,13 +113,16 @@ class Tokenizer:
         else:
             raise ModelError(f"{spec.path}: tokenizer model {model!r} not supported (supported: gpt2, llama)")
         types = spec.field("tokenizer.ggml.token_type") or [1] * len(tokens)
+        eot = spec.field("tokenizer.ggml.eot_token_id")
+        if eot is None:  # end-of-turn tokens llama.cpp also recognises by their text
+            eot = next((tokens.index(t) for t in EOT_TEXTS if t in tokens), None)
         return cls(
             hf, tokens, types,
             bos_id=spec.field("tokenizer.ggml.bos_token_id"),
             eos_id=spec.field("tokenizer.ggml.eos_token_id"),
-            eot_id=spec.field("tokenizer.ggml.eot_token_id"),
+            eot_id=eot,
             add_bos=bool(spec.field("tokenizer.ggml.add_bos_token", default_bos)),
-            chat_template=spec.field("tokenizer.chat_template"),
+            chat_template=spec.field("tokenizer.chat_template") or DEFAULT_TEMPLATES.get(spec.config.arch.name),
         )
 
     def encode(self, text: str, add_bos: bool | None = None) -> list[int]:
@@ -128,6 +131,12 @@ class Tokenizer:
         if (self.add_bos if add_bos is None else add_bos) and self.bos_id is not None:
             ids = [self.bos_id, *ids]
         return ids
+
+    def encode_chat(self, messages: Sequence[dict], add_generation_prompt: bool = True) -> list[int]:
+        """The rendered conversation's ids; a template that writes the BOS token itself gets no second one."""
+        text = self.apply_chat_template(messages, add_generation_prompt)
+        bos = self.token_text(self.bos_id) if self.bos_id is not None else None
+        return self.encode(text, add_bos=False if bos and text.startswith(bos) else None)
 
     def decode(self, ids: Sequence[int]) -> str:
         return self._tk.decode(list(ids), skip_special_tokens=False)
@@ -167,6 +176,18 @@ class Tokenizer:
         except TemplateError as e:
             raise ModelError(f"chat template failed to render: {e}") from e
 
+
+EOT_TEXTS = ("<end_of_turn>", "<|im_end|>", "<|eot_id|>")
+
+# Gemma's turn format, for Gemma files that carry no template (a system message opens the first user turn)
+_GEMMA = (
+    "{{ bos_token }}{% set sys = messages[0]['content'] + '\n\n' if messages and messages[0]['role'] == 'system' "
+    "else '' %}{% for m in messages %}{% if m['role'] != 'system' %}"
+    "<start_of_turn>{{ 'model' if m['role'] == 'assistant' else m['role'] }}\n"
+    "{{ sys if loop.index0 == (1 if sys else 0) else '' }}{{ m['content'] | trim }}<end_of_turn>\n"
+    "{% endif %}{% endfor %}{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}"
+)
+DEFAULT_TEMPLATES = {"gemma3": _GEMMA}
 
 # used when a file carries no template of its own
 _CHATML = (

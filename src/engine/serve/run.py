@@ -9,8 +9,7 @@ import hashlib
 import json
 import os
 import shlex
-import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
