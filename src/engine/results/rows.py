@@ -19,15 +19,46 @@ import uuid
 from dataclasses import asdict, dataclass, field, fields, replace
 from functools import cache
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any, ClassVar, Iterable, Mapping
 
 from engine import __version__
 
 STATUSES = ("ok", "error", "crash", "oom", "timeout", "unavailable", "lost")
 
 
+class TypedRow:
+    """What every results row (a frozen dataclass) shares: its CSV columns, its typed JSON form and
+    back, and added flags. `jsonl_only` names the fields too large for the CSV (raw samples)."""
+
+    jsonl_only: ClassVar[tuple[str, ...]] = ()
+
+    def __post_init__(self) -> None:
+        if self.status not in STATUSES:
+            raise ValueError(f"status must be one of {STATUSES}, got {self.status!r}")
+        object.__setattr__(self, "flags", tuple(self.flags))
+
+    @classmethod
+    def csv_columns(cls) -> list[str]:
+        return [f.name for f in fields(cls) if f.name not in cls.jsonl_only]
+
+    def as_dict(self) -> dict[str, Any]:
+        """Typed, JSON-ready: lists stay lists, dicts stay objects, a missing number is None."""
+        d = asdict(self)
+        d["flags"] = list(self.flags)
+        return {k: None if isinstance(v, float) and math.isnan(v) else v for k, v in d.items()}
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]):
+        """Inverse of `as_dict` (a JSONL line); derived columns are recomputed, unknown keys dropped."""
+        init = {f.name: f.type for f in fields(cls) if f.init}
+        return cls(**{k: math.nan if v is None and init[k] == "float" else v for k, v in d.items() if k in init})
+
+    def with_flags(self, flags: Iterable[str]):
+        return replace(self, flags=(*self.flags, *flags))
+
+
 @dataclass(frozen=True)
-class BenchmarkResult:
+class BenchmarkResult(TypedRow):
     # identity
     run_id: str = ""
     cell_id: str = ""
@@ -114,9 +145,10 @@ class BenchmarkResult:
     # JSONL only
     itl_s: list[float] = field(default_factory=list)
 
+    jsonl_only: ClassVar[tuple[str, ...]] = ("itl_s",)
+
     def __post_init__(self) -> None:
-        if self.status not in STATUSES:
-            raise ValueError(f"status must be one of {STATUSES}, got {self.status!r}")
+        super().__post_init__()
         derived = dict(first_token_time=self.ttft_s, jit_compilation_time=self.compile_s,
                        model_loading_time=self.load_s, peak_memory_gb=self.peak_rss_bytes / 1e9 if self.peak_rss_bytes
                        else math.nan, model_memory_gb=self.model_bytes / 1e9 if self.model_bytes else math.nan,
@@ -124,30 +156,9 @@ class BenchmarkResult:
                        if self.tokens else "")
         for name, value in derived.items():  # the aliases and derived columns, computed in one place
             object.__setattr__(self, name, value)
-        object.__setattr__(self, "flags", tuple(self.flags))
-
-    @classmethod
-    def csv_columns(cls) -> list[str]:
-        return [f.name for f in fields(cls) if f.name not in JSONL_ONLY]
-
-    def as_dict(self) -> dict[str, Any]:
-        """Typed, JSON-ready: lists stay lists, `extra` stays an object, a missing number is None."""
-        d = asdict(self)
-        d["flags"] = list(self.flags)
-        return {k: None if isinstance(v, float) and math.isnan(v) else v for k, v in d.items()}
-
-    @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> "BenchmarkResult":
-        """Inverse of `as_dict` (a JSONL line); derived columns are recomputed."""
-        return cls(**{k: math.nan if v is None and k in _FLOAT_FIELDS else v for k, v in d.items() if k in _INIT_FIELDS})
-
-    def with_flags(self, flags: Iterable[str]) -> "BenchmarkResult":
-        return replace(self, flags=(*self.flags, *flags))
 
 
-JSONL_ONLY = ("itl_s",)
-_INIT_FIELDS = {f.name for f in fields(BenchmarkResult) if f.init}
-_FLOAT_FIELDS = {f.name for f in fields(BenchmarkResult) if f.type == "float"}
+JSONL_ONLY = BenchmarkResult.jsonl_only
 
 
 def csv_record(row: Mapping[str, Any]) -> dict[str, Any]:

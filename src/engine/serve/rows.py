@@ -8,15 +8,15 @@ docs/results-schema.md describes every column and tests/test_schema.py keeps the
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field, fields
-from typing import Any, Mapping
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
 
 from engine import __version__
-from engine.results.rows import STATUSES
+from engine.results.rows import TypedRow
 
 
 @dataclass(frozen=True)
-class ServeResult:
+class ServeResult(TypedRow):
     # identity
     run_id: str = ""
     level_id: str = ""
@@ -85,24 +85,8 @@ class ServeResult:
     # JSONL only
     requests: list[dict[str, Any]] = field(default_factory=list)
 
-    def __post_init__(self) -> None:
-        if self.status not in STATUSES:
-            raise ValueError(f"status must be one of {STATUSES}, got {self.status!r}")
-        object.__setattr__(self, "flags", tuple(self.flags))
-
-    @classmethod
-    def csv_columns(cls) -> list[str]:
-        return [f.name for f in fields(cls) if f.name not in SERVE_JSONL_ONLY]
-
-    def as_dict(self) -> dict[str, Any]:
-        d = asdict(self)
-        d["flags"] = list(self.flags)
-        return {k: None if isinstance(v, float) and math.isnan(v) else v for k, v in d.items()}
-
-    @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> "ServeResult":
-        names = {f.name: f.type for f in fields(cls)}
-        return cls(**{k: math.nan if v is None and names[k] == "float" else v for k, v in d.items() if k in names})
+    jsonl_only: ClassVar[tuple[str, ...]] = ("requests",)
 
 
-SERVE_JSONL_ONLY = ("requests",)
+SERVE_JSONL_ONLY = ServeResult.jsonl_only
+
