@@ -228,3 +228,16 @@ def test_every_command_has_help(command):
     assert "Usage:" in r.output
     if command in ("run", "sweep"):
         assert "beam (tinygrad, int)" in r.output  # the backends' declared options are listed
+
+
+def test_modes_of_one_precision_stay_distinct_cells(tiny_f32):
+    """tinygrad's two modes differ only in an option (BEAM 0 and 2): both must be measured."""
+    import backends
+    from engine.model.spec import ModelSpec
+    from engine.sweep.best import with_modes
+    from engine.sweep.cells import apply_options, expand
+
+    cells = expand({"framework": ["tinygrad", "numpy"]}, {"model": tiny_f32})
+    cells = apply_options(with_modes(cells, ModelSpec.open), backends.parse_options)
+    assert sorted(c.options for c in cells if c.framework == "tinygrad") == [(("beam", 0),), (("beam", 2),)]
+    assert [c.options for c in cells if c.framework == "numpy"] == [()]

@@ -109,10 +109,10 @@ def cells_from_options(o: dict[str, Any], config: str | None = None) -> list:
     if o["modes"] == "best":
         if o["precision"] or o["compile_"]:
             raise InputError("--modes best chooses precisions and compilation itself; drop -p/--compile")
-        from engine.model.spec import ModelSpec
+        from engine.model.spec import open_spec
         from engine.sweep.best import with_modes
 
-        cells = with_modes(cells, ModelSpec.open)
+        cells = with_modes(cells, open_spec)
     cells = apply_options(cells, backends.parse_options)
     _validate(cells, on_cluster=bool(o.get("ray_address")))
     return cells
@@ -122,17 +122,15 @@ def _validate(cells: list, on_cluster: bool = False) -> None:
     """Fail before any run on what the parent can check: names, precisions, devices (on a
     cluster the nodes' devices are the nodes' business: a cell no node can run is `unavailable`)."""
     import backends
-    from engine.model.spec import ModelSpec
+    from engine.model.spec import open_spec
 
     named = sorted({c.node for c in cells if c.node})
     if named and not on_cluster:
         raise InputError(f"the node setting ({', '.join(named)}) needs a cluster: add --ray HOST:PORT")
-    specs: dict[str, Any] = {}
     for c in cells:
         cls = backends.get(c.framework)
-        if c.model not in specs:
-            specs[c.model] = ModelSpec.open(c.model)
+        spec = open_spec(c.model)
         if cls.availability().ok:
-            cls.resolve_precision(specs[c.model], c.precision)
+            cls.resolve_precision(spec, c.precision)
             if not on_cluster:
                 cls.resolve_device(c.device)

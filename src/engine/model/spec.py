@@ -8,6 +8,7 @@ so every array backend uses the Hugging Face (rotate-half) layout and agrees wit
 
 from __future__ import annotations
 
+import functools
 import os
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -279,6 +280,13 @@ def release_freed_memory() -> None:
         ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)
     except (OSError, AttributeError):  # not glibc (musl has no malloc_trim)
         pass
+
+
+@functools.lru_cache(maxsize=16)
+def open_spec(path: str) -> ModelSpec:
+    """One parse per file per process, for the parent's planning (validation, modes, memory
+    estimates); a 262k-token vocabulary takes seconds to read."""
+    return ModelSpec.open(path)
 
 
 def default_model_path() -> str:

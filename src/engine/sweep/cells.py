@@ -30,13 +30,12 @@ def expand(axes: Mapping[str, Any], fixed: Mapping[str, Any]) -> list[Cell]:
 
 
 def apply_options(cells: list[Cell], parse: Callable[[list[str], dict[str, Any]], dict[str, dict[str, Any]]]) -> list[Cell]:
-    """Give each cell only the backend options its framework declares, typed by `parse`
-    (the registry's `parse_options`, which refuses a key no framework of the sweep knows)."""
-    given = {kv for c in cells for kv in c.options}
-    if not given:
-        return cells
-    typed = parse(sorted({c.framework for c in cells}), dict(given))
-    return dedupe(replace(c, options=tuple(sorted(typed[c.framework].items()))) for c in cells)
+    """Give each cell only the backend options its framework declares, typed by `parse` (the
+    registry's `parse_options`, which refuses a key no framework of the sweep knows). Each cell's
+    own values are kept: modes give cells of one framework different values of one option."""
+    frameworks = sorted({c.framework for c in cells})
+    return dedupe(replace(c, options=tuple(sorted(parse(frameworks, dict(c.options))[c.framework].items())))
+                  if c.options else c for c in cells)
 
 
 def dedupe(cells: Iterable[Cell]) -> list[Cell]:

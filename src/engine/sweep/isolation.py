@@ -77,10 +77,10 @@ def plan(lanes: list[Lane], interleave: bool) -> tuple[str, str]:
 
 def estimated_bytes(cell: Cell) -> int:
     """A loaded model's memory, pessimistically: every parameter as f32, plus the framework."""
-    from engine.model.spec import ModelSpec
+    from engine.model.spec import open_spec
 
     try:
-        return ModelSpec.open(cell.model).n_params * 4 + PER_MODEL_OVERHEAD
+        return open_spec(cell.model).n_params * 4 + PER_MODEL_OVERHEAD
     except Exception:  # an unreadable model fails in its own child, with its own row
         return PER_MODEL_OVERHEAD
 
