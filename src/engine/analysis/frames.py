@@ -60,7 +60,9 @@ def cell_summary(df: pd.DataFrame) -> pd.DataFrame:
 
 
 def _label(r) -> str:
-    return f"{r.framework} {r.precision}" + (" compiled" if r.optimization_level == "compile" else "")
+    options = json.loads(r.options) if isinstance(getattr(r, "options", None), str) and r.options else {}
+    return f"{r.framework} {r.precision}" + (" compiled" if r.optimization_level == "compile" else "") + "".join(
+        f" {k}={v}" for k, v in sorted(options.items()))
 
 
 def fig_decode(summary: pd.DataFrame):
