@@ -89,7 +89,7 @@ class Opened:
 
 
 def open_backend(name: str, spec: "ModelSpec", precision: str = "auto", device: str = "auto", *,
-                 threads: int | None = None, max_seq_len: int = 512, compile: bool = False,
+                 threads: int | None = None, max_seq_len: int = 512, max_batch: int = 1, compile: bool = False,
                  options: Mapping[str, Any] | None = None) -> Opened:
     """Check availability, resolve precision and device, load, time the load: the one sequence
     every caller (measurement, chat, tests, scripts) uses."""
@@ -99,7 +99,8 @@ def open_backend(name: str, spec: "ModelSpec", precision: str = "auto", device: 
         raise UnavailableError(f"framework {name} is unavailable: {avail.reason}")
     precision = cls.resolve_precision(spec, precision)
     opts = LoadOptions(precision=precision, device=cls.resolve_device(device), threads=threads or None,
-                       max_seq_len=max_seq_len, compile=compile, options=cls.parse_options(options or {}))
+                       max_seq_len=max_seq_len, max_batch=max_batch, compile=compile,
+                       options=cls.parse_options(options or {}))
     backend = cls()
     t = time.perf_counter()
     info = backend.load(spec, opts)

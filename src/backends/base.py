@@ -11,7 +11,7 @@ import numpy as np
 
 from engine.generate.backend import (FLOAT_PRECISIONS, Availability, Backend, BackendOption, LoadInfo,  # noqa: F401
                                      LoadOptions, Mode, Requirement, pip_extra)
-from engine.model.forward import check_tokens
+from engine.model.forward import check_batch
 
 if TYPE_CHECKING:
     from engine.model.spec import ModelSpec
@@ -20,33 +20,44 @@ BYTES_PER_ELEMENT = {"f32": 4, "bf16": 2, "f16": 2}
 
 
 class ArrayLlamaBackend(Backend):
-    """A backend that runs engine.llama.forward through its own ops table.
+    """A backend that runs engine.model.forward through its own ops table, for a batch of
+    sequences at once (one sequence is a batch of 1).
 
-    Subclasses implement `build` (weights + ops + KV cache) and `step` (one forward call to
-    host logits); positions and bounds checks live here once."""
+    Subclasses implement `build` (weights + ops + KV caches for `opts.max_batch` sequences) and
+    `step` (one forward call to host logits); positions and bounds checks live here once."""
+
+    batched = True
 
     def load(self, spec: "ModelSpec", opts: LoadOptions) -> LoadInfo:
         self.config = spec.config
-        self.max_seq = opts.max_seq_len
-        self.pos = 0
+        self.max_seq, self.max_batch = opts.max_seq_len, opts.max_batch
+        self.pos, self.batch = 0, 1
         return self.build(spec, opts)
 
     @abstractmethod
     def build(self, spec: "ModelSpec", opts: LoadOptions) -> LoadInfo: ...
 
     @abstractmethod
-    def step(self, tokens: Sequence[int], start: int) -> np.ndarray:
-        """Forward `tokens` at positions [start, start+len); host float32 logits (vocab,)."""
+    def step(self, tokens: list[list[int]], start: int) -> np.ndarray:
+        """Forward `tokens` (B sequences of T ids) at positions [start, start+T) of sequences
+        0..B-1; host float32 logits (B, vocab) of each sequence's last token."""
 
-    def prefill(self, tokens: Sequence[int]) -> np.ndarray:
-        tokens = list(tokens)
-        check_tokens(tokens, self.pos, self.max_seq, self.config.vocab_size)
-        logits = self.step(tokens, self.pos)
-        self.pos += len(tokens)
+    def prefill_batch(self, prompts: Sequence[Sequence[int]]) -> np.ndarray:
+        prompts = [list(p) for p in prompts]
+        check_batch(prompts, self.pos, self.batch, self.max_batch, self.max_seq, self.config.vocab_size)
+        self.batch = len(prompts)
+        logits = self.step(prompts, self.pos)
+        self.pos += len(prompts[0])
         return logits
 
+    def decode_batch(self, tokens: Sequence[int]) -> np.ndarray:
+        return self.prefill_batch([[t] for t in tokens])
+
+    def prefill(self, tokens: Sequence[int]) -> np.ndarray:
+        return self.prefill_batch([tokens])[0]
+
     def decode(self, token: int) -> np.ndarray:
-        return self.prefill([token])
+        return self.prefill_batch([[token]])[0]
 
     def reset(self) -> None:
         self.pos = 0  # cache entries past `pos` are masked out, so nothing needs clearing

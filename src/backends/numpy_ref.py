@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from typing import Sequence
-
 import numpy as np
 
 from backends.base import ArrayLlamaBackend, LoadInfo, LoadOptions, float_load_info
@@ -21,10 +19,10 @@ def attention_mask(start: int, t: int, end: int, window: int) -> np.ndarray:
 
 
 class NumpyOps(SeparateProjections):
-    def __init__(self, cfg, max_seq: int):
+    def __init__(self, cfg, max_seq: int, max_batch: int):
         self.cfg = cfg
         self.rope_tables = layer_rope_tables(cfg, max_seq)
-        shape = (cfg.n_layers, max_seq, cfg.n_kv_heads, cfg.head_dim)
+        shape = (cfg.n_layers, max_batch, max_seq, cfg.n_kv_heads, cfg.head_dim)
         self.k_cache = np.zeros(shape, np.float32)
         self.v_cache = np.zeros(shape, np.float32)
 
@@ -35,27 +33,29 @@ class NumpyOps(SeparateProjections):
         return x / np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + self.cfg.rms_eps) * weight
 
     def linear(self, x, weight):
-        return x @ weight.T
+        # one GEMM over every sequence's tokens: a stacked (B, T, dim) matmul would call BLAS once
+        # per sequence and read the weights B times
+        return (x.reshape(-1, x.shape[-1]) @ weight.T).reshape(*x.shape[:-1], weight.shape[0])
 
     def rope(self, x, start, layer):
-        t, half = x.shape[0], x.shape[-1] // 2
+        t, half = x.shape[1], x.shape[-1] // 2
         cos, sin = self.rope_tables[layer]
         cos, sin = cos[start:start + t, None, :], sin[start:start + t, None, :]
         rotated = np.concatenate([-x[..., half:], x[..., :half]], axis=-1)
         return x * cos + rotated * sin
 
     def attend(self, layer, q, k, v, start):
-        t, n_heads, hd = q.shape
+        b, t, n_heads, hd = q.shape
         kv = self.cfg.n_kv_heads
         end = start + t
-        self.k_cache[layer, start:end], self.v_cache[layer, start:end] = k, v
-        keys, values = self.k_cache[layer, :end], self.v_cache[layer, :end]  # (S, kv, hd)
-        qg = q.reshape(t, kv, n_heads // kv, hd)
-        scores = np.einsum("tkgd,skd->kgts", qg, keys) * self.cfg.scale  # a Python float keeps float32
+        self.k_cache[layer, :b, start:end], self.v_cache[layer, :b, start:end] = k, v
+        keys, values = self.k_cache[layer, :b, :end], self.v_cache[layer, :b, :end]  # (B, S, kv, hd)
+        qg = q.reshape(b, t, kv, n_heads // kv, hd)
+        scores = np.einsum("btkgd,bskd->bkgts", qg, keys) * self.cfg.scale  # a Python float keeps float32
         scores = np.where(attention_mask(start, t, end, self.cfg.window(layer)), -np.inf, scores)
         scores = np.exp(scores - scores.max(axis=-1, keepdims=True))
         scores /= scores.sum(axis=-1, keepdims=True)
-        return np.einsum("kgts,skd->tkgd", scores, values).reshape(t, n_heads * hd)
+        return np.einsum("bkgts,bskd->btkgd", scores, values).reshape(b, t, n_heads * hd)
 
     def silu_mul(self, gate, up):
         return gate / (1.0 + np.exp(-gate)) * up
@@ -78,7 +78,7 @@ class NumpyBackend(ArrayLlamaBackend):
 
     def build(self, spec, opts: LoadOptions) -> LoadInfo:
         self.weights = spec.load_weights(lambda a: a)
-        self.ops = NumpyOps(spec.config, opts.max_seq_len)
+        self.ops = NumpyOps(spec.config, opts.max_seq_len, opts.max_batch)
         return float_load_info(spec, "f32", "cpu")
 
     def threads_used(self) -> tuple[int, str]:
@@ -87,6 +87,6 @@ class NumpyBackend(ArrayLlamaBackend):
         blas = [p["num_threads"] for p in threadpool_info() if p.get("user_api") == "blas"]
         return (max(blas), "") if blas else (1, "numpy found no BLAS library: its matmuls run on one thread")
 
-    def step(self, tokens: Sequence[int], start: int) -> np.ndarray:
-        logits = forward(self.ops, self.weights, self.config, tokens, start, len(tokens))
-        return np.asarray(logits[0], dtype=np.float32)
+    def step(self, tokens: list[list[int]], start: int) -> np.ndarray:
+        logits = forward(self.ops, self.weights, self.config, np.asarray(tokens), start, len(tokens), len(tokens[0]))
+        return np.asarray(logits, dtype=np.float32)

@@ -101,18 +101,17 @@ class ChatSession:
         cfg = GenerationConfig(max_new_tokens=budget, temperature=self.temperature, seed=self.seed,
                                stop_ids=self.tok.stop_ids)
         gen, text_so_far = Generation(), ""
-        tokens = gen.tokens
         self.cached = None  # unknown until the reply completes
         try:
             for ev in self.engine.stream(feed, cfg, reset=not reuse):
                 gen.add(ev)
-                full = self.tok.decode(tokens)
+                full = self.tok.decode(gen.tokens)
                 out.write(full[len(text_so_far):])
                 out.flush()
                 text_so_far = full
-            self.cached = ids + tokens[:-1] if tokens else ids
+            self.cached = ids + gen.tokens[:-1] if gen.tokens else ids
         except KeyboardInterrupt:
-            if not tokens:
+            if not gen.tokens:
                 raise
             out.write(" [stopped]")
         out.write("\n")

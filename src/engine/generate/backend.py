@@ -92,7 +92,8 @@ class LoadOptions:
     precision: str = "auto"
     device: str = "auto"
     threads: int | None = None
-    max_seq_len: int = 512
+    max_seq_len: int = 512  # positions per sequence
+    max_batch: int = 1  # sequences decoded together at most (KV caches to hold)
     compile: bool = False
     options: Mapping[str, Any] = field(default_factory=dict)
 
@@ -119,6 +120,7 @@ class Backend(ABC):
     devices: ClassVar[tuple[str, ...]] = ("cpu",)  # every device it knows, in order of preference
     options: ClassVar[tuple[BackendOption, ...]] = ()
     is_reference: ClassVar[bool] = False
+    batched: ClassVar[bool] = False  # overrides prefill_batch/decode_batch to step many sequences at once
 
     @classmethod
     def availability(cls) -> Availability:
@@ -192,6 +194,22 @@ class Backend(ABC):
     @abstractmethod
     def reset(self) -> None:
         """Empty the KV cache: the next prefill starts at position 0."""
+
+    def prefill_batch(self, prompts: Sequence[Sequence[int]]) -> np.ndarray:
+        """Append prompts[b] (all of one length) to sequence b; logits (B, vocab) of each last token.
+        The first call after `reset` sets B. A backend that cannot batch (`batched` False) runs
+        B = 1 only: looping over sequences would measure B single runs, not a batch."""
+        self._refuse_batch(len(prompts))
+        return self.prefill(prompts[0])[None]
+
+    def decode_batch(self, tokens: Sequence[int]) -> np.ndarray:
+        """Append tokens[b] to sequence b; logits (B, vocab)."""
+        self._refuse_batch(len(tokens))
+        return self.decode(tokens[0])[None]
+
+    def _refuse_batch(self, n: int) -> None:
+        if n != 1:
+            raise UnavailableError(f"framework {self.name} cannot decode a batch of {n} sequences in one step")
 
     def memory(self) -> dict[str, int]:
         """What the framework's own allocator reports, in bytes (empty when it has none)."""

@@ -1,10 +1,12 @@
 """InferenceEngine: the one generate loop every framework runs through, and its timing.
 
-    t0 = clock(); logits = backend.prefill(prompt); tok = sample(logits); t1 = clock()
-    for i in range(n - 1): logits = backend.decode(tok); tok = sample(logits); t[i] = clock()
+    t0 = clock(); logits = backend.prefill_batch(prompts); toks = sample(logits); t1 = clock()
+    for i in range(n - 1): logits = backend.decode_batch(toks); toks = sample(logits); t[i] = clock()
 
-Backends return host logits only after their queued work is complete, so the clock is read
-after real work. `stream()` yields per-token events; `generate()` drains it into a Generation.
+One sequence is a batch of one. A batch's sequences are prefilled together and decoded in
+lockstep, one token per sequence per step, each with its own sampler (seed + b). Backends return
+host logits only after their queued work is complete, so the clock is read after real work.
+`stream()` yields one event per step; `generate()` drains it into a Generation.
 """
 
 from __future__ import annotations
@@ -42,27 +44,50 @@ class GenerationConfig:
 
 @dataclass(frozen=True)
 class TokenEvent:
-    token: int
-    index: int  # 0 for the token sampled from the prefill logits
-    t_ns: int  # clock when the token was on the host
+    """One step: a token per sequence of the batch, None for a sequence that has stopped."""
+
+    tokens: tuple[int | None, ...]
+    index: int  # 0 for the tokens sampled from the prefill logits
+    t_ns: int  # clock when the tokens were on the host
     dt_ns: int  # since the previous event (the TTFT for index 0)
+
+    @property
+    def token(self) -> int | None:
+        """The first sequence's token: the only one when generating one sequence."""
+        return self.tokens[0]
 
 
 @dataclass
 class Generation:
-    """One generation's tokens and timings, filled event by event (`add`), so a consumer that
-    streams (chat) and one that drains (measurement) keep the same books."""
+    """One generation's tokens (per sequence of the batch) and timings per step, filled event by
+    event (`add`), so a consumer that streams (chat) and one that drains (measurement) keep the
+    same books."""
 
-    tokens: list[int] = field(default_factory=list)
+    sequences: list[list[int]] = field(default_factory=list)  # generated ids, one list per sequence
     ttft_ns: int = 0
-    itl_ns: list[int] = field(default_factory=list)  # between consecutive tokens
+    itl_ns: list[int] = field(default_factory=list)  # between consecutive steps
+    decode_tokens: int = 0  # tokens the decode steps produced, all sequences
 
     def add(self, ev: TokenEvent) -> None:
-        self.tokens.append(ev.token)
+        if not self.sequences:
+            self.sequences = [[] for _ in ev.tokens]
+        for seq, token in zip(self.sequences, ev.tokens):
+            if token is not None:
+                seq.append(token)
         if ev.index == 0:
             self.ttft_ns = ev.dt_ns
         else:
             self.itl_ns.append(ev.dt_ns)
+            self.decode_tokens += sum(t is not None for t in ev.tokens)
+
+    @property
+    def tokens(self) -> list[int]:
+        """The first sequence's ids: the only sequence outside a batch."""
+        return self.sequences[0] if self.sequences else []
+
+    @property
+    def batch_size(self) -> int:
+        return len(self.sequences)
 
     @property
     def total_ns(self) -> int:
@@ -78,9 +103,13 @@ class Generation:
 
     @property
     def decode_tps(self) -> float:
-        """Decode tokens per second from the measured inter-token latencies (never by subtraction);
-        NaN with no decode step."""
-        return len(self.itl_ns) / (sum(self.itl_ns) / 1e9) if self.itl_ns else math.nan
+        """Decode tokens per second, every sequence of the batch together, from the measured step
+        latencies (never by subtraction); NaN with no decode step."""
+        return self.decode_tokens / (sum(self.itl_ns) / 1e9) if self.itl_ns else math.nan
+
+    @property
+    def decode_tps_per_seq(self) -> float:
+        return self.decode_tps / self.batch_size if self.itl_ns else math.nan
 
 
 class InferenceEngine:
@@ -91,27 +120,39 @@ class InferenceEngine:
     def stream(self, prompt_ids: Sequence[int], cfg: GenerationConfig, reset: bool = True) -> Iterator[TokenEvent]:
         """Generate after `prompt_ids`. With reset=False the KV cache is kept and the prompt is
         appended to it (multi-turn chat). A stop id ends the stream and is not yielded."""
+        return self.stream_batch([prompt_ids], cfg, reset)
+
+    def stream_batch(self, prompts: Sequence[Sequence[int]], cfg: GenerationConfig,
+                     reset: bool = True) -> Iterator[TokenEvent]:
+        """Generate after each of `prompts` (one length) in lockstep. A sequence that samples a
+        stop id is done (None from then on) but keeps its slot, as a static batch does; the
+        stream ends when every sequence is done."""
         backend, clock = self.backend, self.clock
-        sample = Sampler(cfg.temperature, cfg.top_k, cfg.top_p, cfg.seed)
+        samplers = [Sampler(cfg.temperature, cfg.top_k, cfg.top_p, cfg.seed + b) for b in range(len(prompts))]
         stops = () if cfg.ignore_eos else cfg.stop_ids
+        live = [True] * len(prompts)
         if reset:
             backend.reset()
         t0 = clock()
-        token = sample(backend.prefill(prompt_ids))
+        tokens = [s(row) for s, row in zip(samplers, backend.prefill_batch(prompts))]
         now = clock()
         for index in range(cfg.max_new_tokens):
             if index:
-                token = sample(backend.decode(token))
+                tokens = [s(row) for s, row in zip(samplers, backend.decode_batch(tokens))]
                 prev, now = now, clock()
                 dt = now - prev
             else:
                 dt = now - t0
-            if token in stops:
+            live = [alive and t not in stops for alive, t in zip(live, tokens)]
+            if not any(live):
                 return
-            yield TokenEvent(token, index, now, dt)
+            yield TokenEvent(tuple(t if alive else None for t, alive in zip(tokens, live)), index, now, dt)
 
     def generate(self, prompt_ids: Sequence[int], cfg: GenerationConfig) -> Generation:
+        return self.generate_batch([prompt_ids], cfg)
+
+    def generate_batch(self, prompts: Sequence[Sequence[int]], cfg: GenerationConfig) -> Generation:
         gen = Generation()
-        for ev in self.stream(prompt_ids, cfg):
+        for ev in self.stream_batch(prompts, cfg):
             gen.add(ev)
         return gen

@@ -2,7 +2,9 @@
 
 numpy, torch, MLX, tinygrad and the hybrid backend each implement `LlamaOps` with their own
 fastest primitives and wrap `forward` in their own JIT; the arithmetic and its order live here.
-Arrays only need `.reshape` and `[-1:]`; everything else goes through the ops. Architectures
+Activations are (batch, tokens, dim): `batch` independent sequences, each with its own KV cache,
+all at the same positions, so one step reads the weights once for every sequence. Arrays only
+need `.reshape` and `[:, -1]`; everything else goes through the ops. Architectures
 differ only in data the config carries (`cfg.arch`: biases, Q/K norms, post-norms, activation,
 embedding scale; per layer: attention window and RoPE), never in a copy of this code.
 """
@@ -19,14 +21,15 @@ Array = Any
 
 
 class LlamaOps(Protocol):
-    def embed(self, table: Array, tokens: Array) -> Array: ...  # (T,) -> (T, dim)
+    def embed(self, table: Array, tokens: Array) -> Array: ...  # (B, T) -> (B, T, dim)
     def rms_norm(self, x: Array, weight: Array) -> Array: ...
     def linear(self, x: Array, weight: Array) -> Array: ...  # x @ weight.T
-    def rope(self, x: Array, start: Any, layer: int) -> Array: ...  # (T, heads, head_dim), rotate-half,
+    def rope(self, x: Array, start: Any, layer: int) -> Array: ...  # (B, T, heads, head_dim), rotate-half,
     # ^ with layer's base and scale (cfg.rope(layer))
     def attend(self, layer: int, q: Array, k: Array, v: Array, start: Any) -> Array: ...
-    # ^ writes k, v to the KV cache at [start, start+T), attends causally (within cfg.window(layer)
-    #   when it is not 0) with scale cfg.scale, returns (T, heads*head_dim)
+    # ^ q (B, T, heads, hd), k and v (B, T, kv_heads, hd): writes k, v to sequence b's KV cache at
+    #   [start, start+T), attends causally (within cfg.window(layer) when it is not 0) with scale
+    #   cfg.scale, returns (B, T, heads*head_dim)
     def silu_mul(self, gate: Array, up: Array) -> Array: ...
     def gelu_mul(self, gate: Array, up: Array) -> Array: ...  # GELU, tanh approximation
     def add_bias(self, x: Array, bias: Array) -> Array: ...
@@ -82,7 +85,8 @@ class FusedProjections(ElementwiseDefaults):
 ACTIVATIONS = {"silu": "silu_mul", "gelu_tanh": "gelu_mul"}  # cfg.arch.activation -> the gated op
 
 
-def block(ops: LlamaOps, i: int, layer: Any, cfg: LlamaConfig, x: Array, start: Any, n_tokens: int) -> Array:
+def block(ops: LlamaOps, i: int, layer: Any, cfg: LlamaConfig, x: Array, start: Any, batch: int,
+          n_tokens: int) -> Array:
     """Transformer block `i`: attention then a gated feed-forward, each with a pre-norm (and, where
     the architecture has them, a post-norm) and a residual."""
     arch, hd = cfg.arch, cfg.head_dim
@@ -90,11 +94,11 @@ def block(ops: LlamaOps, i: int, layer: Any, cfg: LlamaConfig, x: Array, start: 
     q, k, v = ops.project(i, "qkv", h, (layer.wq, layer.wk, layer.wv))
     if arch.qkv_bias:
         q, k, v = ops.add_bias(q, layer.bq), ops.add_bias(k, layer.bk), ops.add_bias(v, layer.bv)
-    q, k = q.reshape(n_tokens, cfg.n_heads, hd), k.reshape(n_tokens, cfg.n_kv_heads, hd)
+    q, k = q.reshape(batch, n_tokens, cfg.n_heads, hd), k.reshape(batch, n_tokens, cfg.n_kv_heads, hd)
     if arch.qk_norm:  # one RMSNorm over each head's vector
         q, k = ops.rms_norm(q, layer.q_norm), ops.rms_norm(k, layer.k_norm)
     q, k = ops.rope(q, start, i), ops.rope(k, start, i)
-    a = ops.linear(ops.attend(i, q, k, v.reshape(n_tokens, cfg.n_kv_heads, hd), start), layer.wo)
+    a = ops.linear(ops.attend(i, q, k, v.reshape(batch, n_tokens, cfg.n_kv_heads, hd), start), layer.wo)
     x = ops.residual(x, ops.rms_norm(a, layer.post_attn_norm) if arch.post_norms else a)
     h = ops.rms_norm(x, layer.ffn_norm)
     gate, up = ops.project(i, "gate_up", h, (layer.w_gate, layer.w_up))
@@ -103,8 +107,8 @@ def block(ops: LlamaOps, i: int, layer: Any, cfg: LlamaConfig, x: Array, start: 
 
 
 def head(ops: LlamaOps, w: LlamaWeights, x: Array) -> Array:
-    """Logits of the last position, shape (1, vocab)."""
-    return ops.linear(ops.rms_norm(x[-1:], w.output_norm), w.output)
+    """Logits of each sequence's last position, shape (B, vocab)."""
+    return ops.linear(ops.rms_norm(x[:, -1], w.output_norm), w.output)
 
 
 def embed(ops: LlamaOps, w: LlamaWeights, cfg: LlamaConfig, tokens: Array) -> Array:
@@ -112,11 +116,12 @@ def embed(ops: LlamaOps, w: LlamaWeights, cfg: LlamaConfig, tokens: Array) -> Ar
     return ops.scale(x, cfg.embed_scale) if cfg.arch.embed_scale else x
 
 
-def forward(ops: LlamaOps, w: LlamaWeights, cfg: LlamaConfig, tokens: Array, start: Any, n_tokens: int) -> Array:
-    """Logits of the last position, shape (1, vocab), for `n_tokens` tokens placed at `start`."""
+def forward(ops: LlamaOps, w: LlamaWeights, cfg: LlamaConfig, tokens: Array, start: Any, batch: int,
+            n_tokens: int) -> Array:
+    """Logits (B, vocab) of each sequence's last position, for `tokens` (B, T) placed at `start`."""
     x = embed(ops, w, cfg, tokens)
     for i, layer in enumerate(w.layers):
-        x = block(ops, i, layer, cfg, x, start, n_tokens)
+        x = block(ops, i, layer, cfg, x, start, batch, n_tokens)
     return head(ops, w, x)
 
 
@@ -141,6 +146,24 @@ def layer_rope_tables(cfg: LlamaConfig, max_seq: int, convert=lambda a: a) -> li
             made[key] = tuple(convert(t) for t in rope_tables(cfg, max_seq, *key))
         out.append(made[key])
     return out
+
+
+def check_batch(prompts: Sequence[Sequence[int]], start: int, batch: int, max_batch: int, max_seq: int,
+                vocab: int) -> None:
+    """Prompts appended to a batch of sequences: as many as the batch holds (any number up to
+    `max_batch` when starting at 0), all of one length, each in range."""
+    from engine.errors import InputError
+
+    if not prompts:
+        raise InputError("empty batch: at least one sequence is needed")
+    if len(prompts) > max_batch:
+        raise InputError(f"batch of {len(prompts)} sequences exceeds the {max_batch} this model was loaded for")
+    if start and len(prompts) != batch:
+        raise InputError(f"batch of {len(prompts)} sequences appended to a batch of {batch}")
+    if len({len(p) for p in prompts}) > 1:
+        raise InputError(f"sequences of a batch must have one length, got {sorted({len(p) for p in prompts})}")
+    for p in prompts:
+        check_tokens(p, start, max_seq, vocab)
 
 
 def check_tokens(tokens: Sequence[int], start: int, max_seq: int, vocab: int) -> None:
