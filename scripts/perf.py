@@ -1,6 +1,6 @@
 """Speed targets, measured side by side in one run on the default model; prints ratios.
 
-    .venv/bin/python scripts/perf.py [torch|mlx|tinygrad|llamacpp|hybrid|all] [--gen N] [--repeats R]
+    .venv/bin/python scripts/perf.py [torch|mlx|tinygrad|llamacpp|hybrid|batch|all] [--gen N] [--repeats R]
 
 Every measurement runs in a fresh process: ours through the harness's own isolated cells (the
 numbers `bench run` reports), the baselines (Hugging Face `generate()`, a raw llama-cpp-python
@@ -40,9 +40,10 @@ class Figure:
 
 
 def ours(name: str, framework: str, precision: str, gen: int, repeats: int, compile: bool = False,
-         options: tuple = (), timeout_s: float = 1800) -> Figure:
+         options: tuple = (), timeout_s: float = 1800, batch_size: int = 1) -> Figure:
     cell = Cell(framework=framework, model=default_model_path(), precision=precision, prompt_tokens=PROMPT,
-                gen_tokens=gen, repeats=repeats, warmup=1, compile=compile, options=options, timeout_s=timeout_s)
+                gen_tokens=gen, repeats=repeats, warmup=1, compile=compile, options=options, timeout_s=timeout_s,
+                batch_size=batch_size)
     (_, rows), = run_cells([cell], host_bandwidth()["host_gbps"], "perf")
     if rows[0].status != "ok":
         print(f"  {name}: {rows[0].status}: {rows[0].error}", file=sys.stderr)
@@ -192,13 +193,29 @@ def section_hybrid(gen: int, repeats: int):
     return _ratios(rows)
 
 
+BATCH = 8
+# framework, precision (the default model at f32; llama.cpp at the file's own Q4_1), target for batch 8 / batch 1
+BATCH_TARGETS = [("numpy", "f32", 3.0), ("torch", "f32", 3.0), ("llamacpp", "q4_1", 3.0), ("mlx", "f32", 0.0),
+                 ("tinygrad", "f32", 0.0), ("hybrid", "f32", 0.0), ("transformers", "f32", 0.0)]
+
+
+def section_batch(gen: int, repeats: int):
+    """Aggregate decode tok/s of 8 sequences in lockstep against one sequence, per framework."""
+    rows = []
+    for fw, prec, target in BATCH_TARGETS:
+        one = ours(f"{fw} {prec} batch 1", fw, prec, gen, repeats)
+        rows += [(one, "", 0.0), (ours(f"{fw} {prec} batch {BATCH}", fw, prec, gen, repeats, batch_size=BATCH),
+                                  one.name, target)]
+    return _ratios(rows)
+
+
 def _ratios(rows):
     base = {f.name: f for f, _, _ in rows}
     return [(f, (f.decode_tps / base[b].decode_tps) if b else float("nan"), t, b) for f, b, t in rows]
 
 
 SECTIONS = {"torch": section_torch, "mlx": section_mlx, "tinygrad": section_tinygrad, "llamacpp": section_llamacpp,
-            "hybrid": section_hybrid}
+            "hybrid": section_hybrid, "batch": section_batch}
 
 
 def main() -> int:

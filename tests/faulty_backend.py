@@ -28,7 +28,7 @@ class FaultyBackend(NumpyBackend):
 
     def step(self, tokens, start):
         self.generations += start == 0
-        if (self.fault_prompt is not None and len(tokens) != self.fault_prompt) or \
+        if (self.fault_prompt is not None and len(tokens[0]) != self.fault_prompt) or \
                 self.generations < self.fault_generation:
             return super().step(tokens, start)
         if self.fault == "raise":
@@ -42,3 +42,12 @@ class FaultyBackend(NumpyBackend):
             while True:
                 hog.append(bytearray(64 * 2**20))
         return super().step(tokens, start)
+
+
+class SerialBackend(NumpyBackend):
+    """The reference's arithmetic, declared unable to batch: what a one-sequence framework looks like."""
+
+    name = "serial"
+    description = "one sequence at a time (tests)"
+    is_reference = False
+    batched = False

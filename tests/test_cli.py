@@ -5,7 +5,7 @@ import json
 import pandas as pd
 import pytest
 
-from conftest import bench
+from conftest import FAULT_ENV, bench
 from engine.results.rows import BenchmarkResult
 
 
@@ -132,12 +132,14 @@ def test_options_reach_only_the_frameworks_that_declare_them(tiny_f32):
     assert cells["tinygrad"].options == (("beam", 2),) and cells["numpy"].options == ()
 
 
-def test_prompt_longer_than_context_is_an_error_row(tiny_f32, tmp_path):
+def test_prompt_longer_than_context_fails_before_any_run(tiny_f32, tmp_path):
+    """Checked by the parent for every cell (each sequence of a batch needs prompt + generation
+    positions), so a sweep never half-runs on it."""
     out = tmp_path / "ctx.csv"
-    r = bench("run", "-f", "numpy", "-m", tiny_f32, "--prompt-tokens", "300", "-n", "8", "-O", str(out))
-    assert r.returncode == 1
-    df = pd.read_csv(out)
-    assert df.status.tolist() == ["error"] and "exceed the model's context of 256" in df.error.iloc[0]
+    r = bench("run", "-f", "numpy", "-m", tiny_f32, "--prompt-tokens", "200", "-n", "8", "-n", "64", "-b", "4",
+              "-O", str(out))
+    assert r.returncode == 2 and not out.exists()
+    assert r.stderr.strip() == "error: prompt (200) + generation (64) tokens exceed the model's context of 256"
 
 
 def test_existing_rows_survive_a_later_failure(tiny_f32, tmp_path):
@@ -145,7 +147,10 @@ def test_existing_rows_survive_a_later_failure(tiny_f32, tmp_path):
     assert bench("run", "-f", "numpy", "-m", tiny_f32, "-n", "2", "-r", "1", "-O", str(out)).returncode == 0
     before = out.read_text()
     r = bench("run", "-f", "numpy", "-m", tiny_f32, "--prompt-tokens", "999", "-O", str(out))
-    assert r.returncode == 1 and out.read_text().startswith(before)
+    assert r.returncode == 2 and out.read_text() == before
+    r = bench("run", "-f", "faulty", "-m", tiny_f32, "-o", "fault=raise", "-O", str(out),
+              env=FAULT_ENV)
+    assert r.returncode == 1 and out.read_text().startswith(before) and "injected failure" in out.read_text()
 
 
 def test_doctor(tmp_path):

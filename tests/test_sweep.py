@@ -9,13 +9,11 @@ import time
 import pandas as pd
 import pytest
 
-from conftest import TESTS, bench
+from conftest import FAULT_ENV, TESTS, bench
 from engine.measure.cell import Cell
 from engine.sweep.cells import expand, load_config
 from engine.errors import InputError
 
-FAULT_ENV = {"BENCH_BACKEND_MODULES": "faulty_backend",
-             "PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")])}
 
 
 def test_every_fault_becomes_a_row_and_the_sweep_goes_on(tiny_f32, tmp_path):

@@ -21,3 +21,7 @@ class UnavailableError(BenchError):
     """A framework or device that cannot run on this host; the message says how to fix it."""
 
     exit_code = 3
+
+
+class OutOfMemoryError(BenchError):
+    """A cell that would not fit the memory it may use: its row's status is `oom`."""

@@ -52,6 +52,8 @@ def compare(baseline: str, candidate: str, metric: str = "decode_tps", threshold
             continue
         r0 = xa.iloc[0]
         label = f"{r0.framework} {r0.precision} {r0.device} p{r0.prompt_tokens} g{r0.gen_tokens}"
+        if r0.get("batch_size", 1) > 1:
+            label += f" b{r0.batch_size}"
         va, vb = xa[metric].to_numpy(float), xb[metric].to_numpy(float)
         ratio = vb.mean() / va.mean()
         if len(va) > 1 and len(vb) > 1:

@@ -11,8 +11,8 @@ from typing import Iterable
 import numpy as np
 import pandas as pd
 
-CELL = ["framework", "precision", "device", "model", "prompt_tokens", "gen_tokens", "threads", "optimization_level",
-        "options"]
+CELL = ["framework", "precision", "device", "model", "prompt_tokens", "gen_tokens", "batch_size", "threads",
+        "optimization_level", "options"]
 
 
 def latest_results(directory: str | os.PathLike = "results") -> Path:
@@ -48,21 +48,31 @@ def cell_summary(df: pd.DataFrame) -> pd.DataFrame:
     ok = df[df.status == "ok"]
     if ok.empty:
         return pd.DataFrame(columns=CELL)
+    if "batch_size" not in ok.columns:  # files from before batching: one sequence per cell
+        ok = ok.assign(batch_size=1, decode_tps_per_seq=ok.decode_tps)
     g = ok.groupby([c for c in CELL if c in ok.columns], dropna=False)  # older files lack newer columns
     out = g.agg(decode_tps=("decode_tps", "mean"), ci_low=("decode_tps_ci95_low", "first"),
-                ci_high=("decode_tps_ci95_high", "first"), ttft_s=("ttft_s", "mean"),
+                ci_high=("decode_tps_ci95_high", "first"), decode_tps_per_seq=("decode_tps_per_seq", "mean"),
+                itl_p50_s=("itl_p50_s", "mean"), ttft_s=("ttft_s", "mean"),
                 prefill_tps=("prefill_tps", "mean"), peak_rss_mb=("peak_rss_bytes", lambda s: s.max() / 1e6),
                 roofline_frac=("roofline_frac", "mean"), match_tokens=("match_tokens", "min"),
                 kl_vs_reference=("kl_vs_reference", "mean"), top1_agreement=("top1_agreement", "mean"),
                 flags=("flags", lambda s: ";".join(sorted({f for v in s.dropna() for f in str(v).split(";") if f}))),
                 repeats=("repeat", "count")).reset_index()
-    return out.sort_values(["model", "prompt_tokens", "gen_tokens", "decode_tps"], ascending=[True, True, True, False])
+    return out.sort_values(["model", "prompt_tokens", "gen_tokens", "batch_size", "decode_tps"],
+                           ascending=[True, True, True, True, False])
 
 
-def _label(r) -> str:
+def _mode(r) -> str:
+    """How a framework ran: precision, compilation, options (the batch size aside)."""
     options = json.loads(r.options) if isinstance(getattr(r, "options", None), str) and r.options else {}
     return f"{r.framework} {r.precision}" + (" compiled" if r.optimization_level == "compile" else "") + "".join(
         f" {k}={v}" for k, v in sorted(options.items()))
+
+
+def _label(r) -> str:
+    batch = getattr(r, "batch_size", 1)
+    return _mode(r) + (f" batch {batch}" if batch > 1 else "")
 
 
 def fig_decode(summary: pd.DataFrame):
@@ -83,10 +93,11 @@ def fig_prefill(summary: pd.DataFrame):
     import matplotlib.pyplot as plt
 
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4))
-    for key, grp in summary.groupby(["framework", "precision"]):
+    for key, grp in summary.groupby(["framework", "precision", "batch_size"]):
         grp = grp.groupby("prompt_tokens", as_index=False)[["ttft_s", "prefill_tps"]].mean()
-        a1.plot(grp.prompt_tokens, grp.ttft_s * 1e3, marker="o", label=" ".join(key))
-        a2.plot(grp.prompt_tokens, grp.prefill_tps, marker="o", label=" ".join(key))
+        label = " ".join(key[:2]) + (f" batch {key[2]}" if key[2] > 1 else "")
+        a1.plot(grp.prompt_tokens, grp.ttft_s * 1e3, marker="o", label=label)
+        a2.plot(grp.prompt_tokens, grp.prefill_tps, marker="o", label=label)
     a1.set(xlabel="prompt tokens", ylabel="TTFT (ms)", title="Time to first token")
     a2.set(xlabel="prompt tokens", ylabel="prefill tokens/s", title="Prefill throughput")
     a1.legend(fontsize=8)
@@ -131,11 +142,34 @@ def fig_roofline(summary: pd.DataFrame):
     return fig
 
 
+def fig_batch(summary: pd.DataFrame):
+    """Aggregate decode tok/s and per-step latency against batch size, one line per framework mode
+    and workload; None when the results hold one batch size."""
+    import matplotlib.pyplot as plt
+
+    if summary.batch_size.nunique() < 2:
+        return None
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4))
+    lines = summary.assign(mode=[_mode(r) for r in summary.itertuples()])
+    for (mode, p, g), grp in lines.groupby(["mode", "prompt_tokens", "gen_tokens"]):
+        grp = grp.sort_values("batch_size")
+        label = f"{mode} p{p}/g{g}"
+        a1.plot(grp.batch_size, grp.decode_tps, marker="o", label=label)
+        a2.plot(grp.batch_size, grp.itl_p50_s * 1e3, marker="o", label=label)
+    a1.set(xlabel="batch size", ylabel="decode tokens/s, all sequences", title="Throughput against batch size")
+    a2.set(xlabel="batch size", ylabel="per-step latency p50 (ms)", title="Step latency against batch size")
+    for ax in (a1, a2):
+        ax.set_xscale("log", base=2)
+    a1.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
 FIGURES = {"decode_tps": fig_decode, "prefill_ttft": fig_prefill, "memory_vs_throughput": fig_memory,
-           "roofline": fig_roofline}
+           "roofline": fig_roofline, "batch_scaling": fig_batch}
 
 
 def correctness_table(summary: pd.DataFrame) -> pd.DataFrame:
-    t = summary[["framework", "precision", "prompt_tokens", "gen_tokens", "decode_tps", "match_tokens", "kl_vs_reference",
-                 "top1_agreement", "flags"]]
+    t = summary[["framework", "precision", "prompt_tokens", "gen_tokens", "batch_size", "decode_tps", "match_tokens",
+                 "kl_vs_reference", "top1_agreement", "flags"]]
     return t.rename(columns={"match_tokens": "tokens equal to reference"})

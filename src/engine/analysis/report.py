@@ -47,6 +47,8 @@ def write_report(paths: list[str], out: Path) -> Path:
     if not summary.empty:
         for name, make in FIGURES.items():
             fig = make(summary)
+            if fig is None:  # nothing to draw for these results (one batch size)
+                continue
             fig.savefig(out / f"{name}.png", dpi=110)
             plt.close(fig)
             figures.append(name)
@@ -63,12 +65,14 @@ def write_report(paths: list[str], out: Path) -> Path:
         md.append(f"Host: {', '.join(map(str, host))}; memory bandwidth {df.host_gbps.dropna().mean():.1f} GB/s\n")
         md.append("## Cells\n\n" + _markdown_table(summary.round(4)) + "\n")
         md.append("## Winner per workload (decode tokens/s)\n")
-        best = summary.loc[summary.groupby(["model", "prompt_tokens", "gen_tokens"]).decode_tps.idxmax()]
-        md.append(_markdown_table(best[["model", "prompt_tokens", "gen_tokens", "framework", "precision", "decode_tps"]]) + "\n")
+        workload = ["model", "prompt_tokens", "gen_tokens", "batch_size"]
+        best = summary.loc[summary.groupby(workload).decode_tps.idxmax()]
+        md.append(_markdown_table(best[[*workload, "framework", "precision", "decode_tps"]]) + "\n")
         md.append("## Correctness against the reference\n\n" + _markdown_table(correctness_table(summary)) + "\n")
     flagged = df[(df.status != "ok") | df["flags"].fillna("").astype(bool)].drop_duplicates("cell_id")
     md.append("## Flagged cells\n")
-    md.append(_markdown_table(flagged[["framework", "precision", "prompt_tokens", "gen_tokens", "status", "flags", "error"]]
+    md.append(_markdown_table(flagged[["framework", "precision", "prompt_tokens", "gen_tokens",
+                                       *(["batch_size"] if "batch_size" in flagged else []), "status", "flags", "error"]]
                               .fillna("")) if len(flagged) else "None.")
     md.append("\n## Figures\n\n" + "\n".join(f"![{f}]({f}.png)" for f in figures) + "\n")
     path = out / "report.md"

@@ -31,7 +31,7 @@ class Turn:
     framework: str
     precision: str
     device: str
-    prompt_tokens: int
+    prompt_ids: list[int]  # the whole conversation fed so far
     gen: Generation
     rss_bytes: int
 
@@ -116,7 +116,7 @@ class ChatSession:
             out.write(" [stopped]")
         out.write("\n")
         self.messages.append({"role": "assistant", "content": text_so_far})
-        turn = Turn(self.framework, self.precision, self.device, len(ids), gen, psutil.Process().memory_info().rss)
+        turn = Turn(self.framework, self.precision, self.device, ids, gen, psutil.Process().memory_info().rss)
         self.turns.append(turn)
         return turn
 
@@ -133,7 +133,7 @@ def stats_table(turns: list[Turn]):
     for c in ("turn", "framework", "precision", "prompt", "generated", "TTFT ms", "decode tok/s"):
         t.add_column(c)
     for i, turn in enumerate(turns, 1):
-        t.add_row(str(i), turn.framework, turn.precision, str(turn.prompt_tokens), str(len(turn.gen.tokens)),
+        t.add_row(str(i), turn.framework, turn.precision, str(len(turn.prompt_ids)), str(len(turn.gen.tokens)),
                   f"{turn.gen.ttft_s * 1e3:.0f}", f"{turn.gen.decode_tps:.1f}")
     return t
 
@@ -147,7 +147,7 @@ def save_turns(session: ChatSession, path: str) -> int:
     rows = [BenchmarkResult(
         run_id=run_id, cell_id=f"chat-{run_id}-{i}", repeat=0, framework=t.framework, precision=t.precision,
         device=t.device, model=session.spec.name, model_size=session.spec.size_label, iterations=1,
-        sampled_rss_peak_bytes=t.rss_bytes, optimization_level="chat", **timing_fields(t.gen, t.prompt_tokens),
+        sampled_rss_peak_bytes=t.rss_bytes, optimization_level="chat", **timing_fields(t.gen, [t.prompt_ids]),
         **provenance()) for i, t in enumerate(session.turns)]
     ResultWriter(path).write(rows)
     return len(rows)

@@ -17,9 +17,14 @@ stderr = Console(stderr=True, highlight=False, width=None if sys.stderr.isatty()
 stdout = Console(highlight=False, width=None if sys.stdout.isatty() else 200)
 
 
+def workload(cell: Cell) -> str:
+    batch = f" batch {cell.batch_size}" if cell.batch_size > 1 else ""
+    return f"prompt {cell.prompt_tokens} gen {cell.gen_tokens}{batch}"
+
+
 def progress_line(cell: Cell, rows: list[BenchmarkResult], done: int, total: int) -> str:
     r = rows[0]
-    what = f"{cell.framework} {r.precision or cell.precision} prompt {r.prompt_tokens} gen {cell.gen_tokens}"
+    what = f"{cell.framework} {r.precision or cell.precision} {workload(cell)}"
     if r.node:
         what += f" on {r.node}"
     if r.status != "ok":
@@ -62,7 +67,7 @@ class SweepProgress:
         if self.live:
             precision = "" if cell.precision == "auto" else f" {cell.precision}"
             where = f" on {node}" if node else ""
-            self.running[node] = f"{cell.framework}{precision} prompt {cell.prompt_tokens} gen {cell.gen_tokens}{where}"
+            self.running[node] = f"{cell.framework}{precision} {workload(cell)}{where}"
             self.progress.update(self.task, description=" | ".join(self.running.values()))
 
     def finish(self, cell: Cell, rows: list[BenchmarkResult], done: int, total: int) -> None:

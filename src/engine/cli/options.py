@@ -49,6 +49,9 @@ def measure_options(fn: Callable) -> Callable:
         click.option("--prompt", help="prompt text (instead of --prompt-tokens)"),
         click.option("--prompt-tokens", type=POSITIVE, multiple=True, help="seeded prompt length (default 32)"),
         click.option("--gen-tokens", "-n", type=POSITIVE, multiple=True, help="tokens to generate (default 32)"),
+        click.option("--batch-size", "-b", type=POSITIVE, multiple=True,
+                     help="sequences prefilled together and decoded in lockstep, each with its own seeded "
+                          "prompt (default 1)"),
         click.option("--threads", "-t", type=click.IntRange(min=0), multiple=True,
                      help="threads (default: the framework's own)"),
         click.option("--compile", "compile_", is_flag=True, help="JIT-compile the decode step where the framework can"),
@@ -80,7 +83,7 @@ def measure_options(fn: Callable) -> Callable:
 
 # CLI option -> Cell field: repeated options become sweep axes, single ones apply to every cell
 AXES = {"framework": "framework", "precision": "precision", "device": "device", "prompt_tokens": "prompt_tokens",
-        "gen_tokens": "gen_tokens", "threads": "threads", "node": "node"}
+        "gen_tokens": "gen_tokens", "batch_size": "batch_size", "threads": "threads", "node": "node"}
 FIXED = {"repeats": "repeats", "warmup": "warmup", "min_time": "min_time_s", "seed": "seed", "timeout": "timeout_s",
          "memory_limit_mb": "memory_limit_mb", "prompt": "prompt_text"}
 
@@ -122,6 +125,7 @@ def _validate(cells: list, on_cluster: bool = False) -> None:
     """Fail before any run on what the parent can check: names, precisions, devices (on a
     cluster the nodes' devices are the nodes' business: a cell no node can run is `unavailable`)."""
     import backends
+    from engine.measure.runner import positions_needed
     from engine.model.spec import open_spec
 
     named = sorted({c.node for c in cells if c.node})
@@ -130,6 +134,7 @@ def _validate(cells: list, on_cluster: bool = False) -> None:
     for c in cells:
         cls = backends.get(c.framework)
         spec = open_spec(c.model)
+        positions_needed(spec, c)  # every sequence's prompt + generation within the context
         if cls.availability().ok:
             cls.resolve_precision(spec, c.precision)
             if not on_cluster:

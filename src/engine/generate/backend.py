@@ -199,17 +199,18 @@ class Backend(ABC):
         """Append prompts[b] (all of one length) to sequence b; logits (B, vocab) of each last token.
         The first call after `reset` sets B. A backend that cannot batch (`batched` False) runs
         B = 1 only: looping over sequences would measure B single runs, not a batch."""
-        self._refuse_batch(len(prompts))
+        self.check_batch_size(len(prompts))
         return self.prefill(prompts[0])[None]
 
     def decode_batch(self, tokens: Sequence[int]) -> np.ndarray:
         """Append tokens[b] to sequence b; logits (B, vocab)."""
-        self._refuse_batch(len(tokens))
+        self.check_batch_size(len(tokens))
         return self.decode(tokens[0])[None]
 
-    def _refuse_batch(self, n: int) -> None:
-        if n != 1:
-            raise UnavailableError(f"framework {self.name} cannot decode a batch of {n} sequences in one step")
+    @classmethod
+    def check_batch_size(cls, n: int) -> None:
+        if n != 1 and not cls.batched:
+            raise UnavailableError(f"framework {cls.name} cannot decode a batch of {n} sequences in one step")
 
     def memory(self) -> dict[str, int]:
         """What the framework's own allocator reports, in bytes (empty when it has none)."""

@@ -28,6 +28,7 @@ class Cell:
     prompt_tokens: int = 32
     prompt_text: str = ""
     gen_tokens: int = 32
+    batch_size: int = 1  # sequences prefilled together and decoded in lockstep
     repeats: int = 3
     warmup: int = 1
     min_time_s: float = 0.0
@@ -41,7 +42,7 @@ class Cell:
     node: str = ""  # a cluster node's name (`bench node ... --name`); '' means any node that can run it
 
     def __post_init__(self) -> None:
-        for name in ("prompt_tokens", "gen_tokens", "repeats"):
+        for name in ("prompt_tokens", "gen_tokens", "batch_size", "repeats"):
             if getattr(self, name) < 1:
                 raise InputError(f"{name} must be at least 1, got {getattr(self, name)}")
         for name in ("warmup", "threads", "memory_limit_mb"):
@@ -54,14 +55,21 @@ class Cell:
     def cell_id(self) -> str:
         """Stable across runs and machines: what was measured, not how long it may take."""
         key = {k: v for k, v in asdict(self).items() if k not in ("timeout_s", "noise_threshold")}
-        if not self.node:
-            del key["node"]  # ids from before the node axis existed stay valid
+        for axis, default in (("node", ""), ("batch_size", 1)):
+            if key[axis] == default:
+                del key[axis]  # ids from before the axis existed stay valid
         key["model"] = os.path.basename(self.model)
         return hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
 
     @property
     def resolved_threads(self) -> int:
         return self.threads or physical_cores()
+
+    @property
+    def sequence_seeds(self) -> list[int]:
+        """The prompt seed of each sequence of the batch: sequence b of a batch at seed s runs the
+        prompt a single-sequence cell at seed s + b runs (with --prompt text, the same text)."""
+        return [self.seed + b for b in range(self.batch_size)]
 
     @property
     def load_key(self) -> tuple:

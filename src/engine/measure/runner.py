@@ -30,10 +30,11 @@ class LoadedModel:
     """A backend loaded for a cell's load key; consecutive cells with the same key reuse it.
     The first cell measured on it pays (and reports) the load and the first-call overhead."""
 
-    def __init__(self, cell: Cell, spec: ModelSpec, max_seq_len: int):
+    def __init__(self, cell: Cell, spec: ModelSpec, max_seq_len: int, max_batch: int = 1):
         self.spec = spec
         opened = backends.open_backend(cell.framework, spec, cell.precision, cell.device, threads=cell.resolved_threads,
-                                       max_seq_len=max_seq_len, compile=cell.compile, options=dict(cell.options))
+                                       max_seq_len=max_seq_len, max_batch=max_batch, compile=cell.compile,
+                                       options=dict(cell.options))
         self.backend, self.info, self.precision = opened.backend, opened.info, opened.precision
         self.version, self.load_s = opened.version, opened.load_s
         self.used = False
@@ -42,13 +43,34 @@ class LoadedModel:
         self.backend.close()
 
 
-def needed_seq_len(spec: ModelSpec, cell: Cell) -> tuple[list[int], int]:
-    prompt = prompt_ids(spec, cell.prompt_tokens, cell.prompt_text, cell.seed)
-    need = len(prompt) + cell.gen_tokens
-    if need > spec.config.context_length:
-        raise InputError(f"prompt ({len(prompt)}) + generation ({cell.gen_tokens}) tokens exceed the "
+def cell_prompts(spec: ModelSpec, cell: Cell) -> list[list[int]]:
+    """Each sequence's prompt."""
+    return [prompt_ids(spec, cell.prompt_tokens, cell.prompt_text, seed) for seed in cell.sequence_seeds]
+
+
+def positions_needed(spec: ModelSpec, cell: Cell) -> int:
+    """Positions each sequence of the cell fills (prompt + generation), checked against the context."""
+    prompt = len(prompt_ids(spec, cell.prompt_tokens, cell.prompt_text, cell.seed))
+    if prompt + cell.gen_tokens > spec.config.context_length:
+        raise InputError(f"prompt ({prompt}) + generation ({cell.gen_tokens}) tokens exceed the "
                          f"model's context of {spec.config.context_length}")
-    return prompt, need
+    return prompt + cell.gen_tokens
+
+
+def kv_memory_shortfall(spec: ModelSpec, cell: Cell, max_seq_len: int) -> str:
+    """Why a batch's KV caches (f32, the largest any backend holds) do not fit the cell's memory
+    limit, or this host's available memory; '' when they fit. A clear `oom` row instead of a
+    process the kernel kills."""
+    import psutil
+
+    need = cell.batch_size * max_seq_len * spec.config.kv_bytes_per_token(4)
+    limit, what = cell.memory_limit_mb * 2**20, f"the memory limit of {cell.memory_limit_mb} MB"
+    if not limit:
+        limit, what = psutil.virtual_memory().available, "this host's available memory"
+    if need <= limit:
+        return ""
+    return (f"a batch of {cell.batch_size} sequences x {max_seq_len} positions needs {need / 2**20:.0f} MB "
+            f"of KV cache, beyond {what}")
 
 
 class CellRun:
@@ -56,8 +78,8 @@ class CellRun:
     loaded models (A B C A B C ...). The first step also runs the warm-up; `step()` says when the
     cell has its repeats (and `min_time_s` of measurement); `rows()` then builds its rows."""
 
-    def __init__(self, cell: Cell, loaded: LoadedModel, prompt: list[int], host_gbps: float, run_id: str):
-        self.cell, self.loaded, self.prompt, self.host_gbps, self.run_id = cell, loaded, prompt, host_gbps, run_id
+    def __init__(self, cell: Cell, loaded: LoadedModel, prompts: list[list[int]], host_gbps: float, run_id: str):
+        self.cell, self.loaded, self.prompts, self.host_gbps, self.run_id = cell, loaded, prompts, host_gbps, run_id
         self.engine = InferenceEngine(loaded.backend)
         self.gen_cfg = GenerationConfig(max_new_tokens=cell.gen_tokens, ignore_eos=True, seed=cell.seed)
         self.warm: list[float] | None = None
@@ -68,10 +90,10 @@ class CellRun:
     def step(self) -> bool:
         """Warm up (first call only), measure one repeat; True when the cell is complete."""
         if self.warm is None:
-            self.warm = [_timed(self.engine, self.prompt, self.gen_cfg) for _ in range(self.cell.warmup)]
+            self.warm = [_timed(self.engine, self.prompts, self.gen_cfg) for _ in range(self.cell.warmup)]
         self.measured_at.append(utc_now_ms())
         t = time.perf_counter()
-        self.runs.append(self.engine.generate(self.prompt, self.gen_cfg))
+        self.runs.append(self.engine.generate_batch(self.prompts, self.gen_cfg))
         self.measured_s += time.perf_counter() - t
         self.peak_rss_bytes = high_water_mark_bytes()  # through the timed runs, before any bookkeeping
         n, c = len(self.runs), self.cell
@@ -86,16 +108,18 @@ class CellRun:
         compile_s = loaded.info.compile_s + (max(0.0, warm[0] - steady) if warm and not loaded.used else 0.0)
         load_s = 0.0 if loaded.used else loaded.load_s  # on the row that paid it
         loaded.used = True
-        fid = measure_fidelity(self.cell, loaded, self.prompt, runs[0].tokens)  # outside the timed runs
-        rows = build_rows(self.cell, loaded, self.prompt, runs, sum(warm), compile_s, load_s, device_mem,
+        # outside the timed runs; teacher-forced one sequence at a time, so for the first sequence
+        fid = measure_fidelity(self.cell, loaded, self.prompts[0], runs[0].tokens)
+        rows = build_rows(self.cell, loaded, self.prompts, runs, sum(warm), compile_s, load_s, device_mem,
                           self.host_gbps, self.run_id, self.peak_rss_bytes)
         return [replace(r, kl_vs_reference=fid.kl_vs_reference, top1_agreement=fid.top1_agreement, measured_at=at)
                 for r, at in zip(rows, self.measured_at)]
 
 
-def measure(cell: Cell, loaded: LoadedModel, prompt: list[int], host_gbps: float, run_id: str) -> list[BenchmarkResult]:
+def measure(cell: Cell, loaded: LoadedModel, prompts: list[list[int]], host_gbps: float,
+            run_id: str) -> list[BenchmarkResult]:
     """Every repeat of one cell, back to back, in this process."""
-    run = CellRun(cell, loaded, prompt, host_gbps, run_id)
+    run = CellRun(cell, loaded, prompts, host_gbps, run_id)
     while not run.step():
         pass
     return run.rows()
@@ -119,20 +143,21 @@ def measure_fidelity(cell: Cell, loaded: LoadedModel, prompt: list[int], tokens:
     return fidelity.compare(ref_logprobs, fidelity.teacher_forced_logprobs(loaded.backend, prompt, ref_tokens))
 
 
-def _timed(engine: InferenceEngine, prompt: list[int], cfg: GenerationConfig) -> float:
+def _timed(engine: InferenceEngine, prompts: list[list[int]], cfg: GenerationConfig) -> float:
     t = time.perf_counter()
-    engine.generate(prompt, cfg)
+    engine.generate_batch(prompts, cfg)
     return time.perf_counter() - t
 
 
-def build_rows(cell: Cell, loaded: LoadedModel, prompt: list[int], runs: list[Generation], warmup_s: float,
+def build_rows(cell: Cell, loaded: LoadedModel, prompts: list[list[int]], runs: list[Generation], warmup_s: float,
                compile_s: float, load_s: float, device_mem: dict[str, int], host_gbps: float, run_id: str,
                peak_rss_bytes: int) -> list[BenchmarkResult]:
     info, spec = loaded.info, loaded.spec
     threads_used, threads_note = loaded.backend.threads_used()
     cell_stats = summarize([r.decode_tps for r in runs if not math.isnan(r.decode_tps)])
-    kv_depth = len(prompt) + cell.gen_tokens / 2  # mean KV length a decode step reads
-    bytes_per_token = info.decode_bytes + info.kv_bytes_per_token * kv_depth
+    kv_depth = len(prompts[0]) + cell.gen_tokens / 2  # mean KV length a decode step reads
+    # a step reads the weights once and each sequence's KV cache, for one token per sequence
+    bytes_per_token = (info.decode_bytes + len(prompts) * info.kv_bytes_per_token * kv_depth) / len(prompts)
     common = dict(
         run_id=run_id, cell_id=cell.cell_id, framework=cell.framework, precision=loaded.precision,
         device=info.device, model=spec.name, model_size=spec.size_label, threads=cell.resolved_threads,
@@ -141,7 +166,7 @@ def build_rows(cell: Cell, loaded: LoadedModel, prompt: list[int], runs: list[Ge
         decode_tps_mean=cell_stats.mean, decode_tps_std=cell_stats.std, decode_tps_ci95_low=cell_stats.ci95_low,
         decode_tps_ci95_high=cell_stats.ci95_high, decode_tps_cov=cell_stats.cov,
         peak_rss_bytes=peak_rss_bytes, device_memory_bytes=max(device_mem.values(), default=0),
-        model_bytes=info.weight_bytes, bytes_per_token=bytes_per_token, host_gbps=host_gbps, prompt_ids=list(prompt),
+        model_bytes=info.weight_bytes, bytes_per_token=bytes_per_token, host_gbps=host_gbps,
         framework_version=loaded.version, extra={**info.details, **{f"memory_{k}": v for k, v in device_mem.items()},
                **({"threads_note": threads_note} if threads_note else {})},
         **provenance(),
@@ -152,22 +177,27 @@ def build_rows(cell: Cell, loaded: LoadedModel, prompt: list[int], runs: list[Ge
         achieved = bytes_per_token * run.decode_tps / 1e9
         roofline = achieved / host_gbps if host_gbps else math.nan
         rows.append(BenchmarkResult(
-            **common, **timing_fields(run, len(prompt)), repeat=i, load_s=load_s if i == 0 else 0.0,
+            **common, **timing_fields(run, prompts), repeat=i, load_s=load_s if i == 0 else 0.0,
             achieved_gbps=achieved, roofline_frac=roofline, flags=flags + (("over_roofline",) if roofline > 1.0 else ()),
         ))
     return rows
 
 
-def timing_fields(run: Generation, prompt_tokens: int) -> dict[str, Any]:
-    """The row fields one generation determines: tokens, TTFT, decode speed, latency percentiles."""
-    itl, total = run.itl_s, run.total_ns / 1e9
+def timing_fields(run: Generation, prompts: list[list[int]]) -> dict[str, Any]:
+    """The row fields one generation determines: tokens, TTFT, decode speed, latency percentiles.
+    For a batch, speeds count every sequence's tokens and latencies are per step."""
+    itl, total, batch = run.itl_s, run.total_ns / 1e9, run.batch_size
     return dict(
-        prompt_tokens=prompt_tokens, gen_tokens=len(run.tokens), tokens=list(run.tokens), itl_s=itl,
-        ttft_s=run.ttft_s, prefill_tps=prompt_tokens / run.ttft_s, decode_tps=run.decode_tps,
+        prompt_tokens=len(prompts[0]), gen_tokens=len(run.tokens), batch_size=batch, tokens=list(run.tokens),
+        prompt_ids=list(prompts[0]), batch_tokens=[list(s) for s in run.sequences],
+        batch_prompt_ids=[list(p) for p in prompts], itl_s=itl, ttft_s=run.ttft_s,
+        prefill_tps=batch * len(prompts[0]) / run.ttft_s, decode_tps=run.decode_tps,
+        decode_tps_per_seq=run.decode_tps_per_seq,
         itl_p50_s=percentile(itl, 50), itl_p90_s=percentile(itl, 90), itl_p99_s=percentile(itl, 99),
         total_time=total, avg_token_time=sum(itl) / len(itl) if itl else math.nan,
         min_token_time=min(itl, default=math.nan), max_token_time=max(itl, default=math.nan),
-        avg_tokens_per_second=len(run.tokens) / total, peak_tokens_per_second=1 / min(itl) if itl else math.nan,
+        avg_tokens_per_second=sum(map(len, run.sequences)) / total,
+        peak_tokens_per_second=batch / min(itl) if itl else math.nan,
     )
 
 
@@ -175,13 +205,15 @@ def cell_flags(cov: float, noise_threshold: float) -> tuple[str, ...]:
     return ("noisy",) if not math.isnan(cov) and cov > noise_threshold else ()
 
 
-def with_reference(rows: list[BenchmarkResult], reference: list[int]) -> list[BenchmarkResult]:
-    """Record how many leading tokens agree with the reference's; flag `diverged` when not all."""
+def with_reference(rows: list[BenchmarkResult], references: list[list[int]]) -> list[BenchmarkResult]:
+    """Record, per sequence, how many leading tokens agree with the reference's for that sequence's
+    prompt alone; `match_tokens` is the least of them; flag `diverged` when a sequence falls short."""
     out = []
     for r in rows:
-        match = leading_matches(r.tokens, reference)
-        r = replace(r, match_tokens=match)
-        out.append(r.with_flags(("diverged",)) if match < len(r.tokens) else r)
+        matches = [leading_matches(seq, ref) for seq, ref in zip(r.batch_tokens, references)]
+        r = replace(r, match_tokens=min(matches), batch_match_tokens=matches)
+        short = any(m < len(seq) for m, seq in zip(matches, r.batch_tokens))
+        out.append(r.with_flags(("diverged",)) if short else r)
     return out
 
 
@@ -193,6 +225,7 @@ def failure_row(cell: Cell, status: str, error: str, run_id: str, **extra: Any) 
     return BenchmarkResult(
         run_id=run_id, cell_id=cell.cell_id, status=status, error=error, framework=cell.framework,
         precision=cell.precision, device=cell.device, model=cell.model.rsplit("/", 1)[-1],
-        prompt_tokens=cell.prompt_tokens, gen_tokens=cell.gen_tokens, threads=cell.resolved_threads, options=dict(cell.options),
+        prompt_tokens=cell.prompt_tokens, gen_tokens=cell.gen_tokens, batch_size=cell.batch_size,
+        threads=cell.resolved_threads, options=dict(cell.options),
         optimization_level="compile" if cell.compile else "eager", **provenance(), **extra,
     )

@@ -74,6 +74,7 @@ class BenchmarkResult(TypedRow):
     model_size: str = ""
     prompt_tokens: int = 0
     gen_tokens: int = 0
+    batch_size: int = 1  # sequences decoded in lockstep
     threads: int = 0
     threads_used: int = 0
     optimization_level: str = ""
@@ -85,7 +86,8 @@ class BenchmarkResult(TypedRow):
     compile_s: float = math.nan
     ttft_s: float = math.nan
     prefill_tps: float = math.nan
-    decode_tps: float = math.nan
+    decode_tps: float = math.nan  # every sequence of the batch together
+    decode_tps_per_seq: float = math.nan
     itl_p50_s: float = math.nan
     itl_p90_s: float = math.nan
     itl_p99_s: float = math.nan
@@ -118,10 +120,13 @@ class BenchmarkResult(TypedRow):
     host_gbps: float = math.nan
     roofline_frac: float = math.nan
     # correctness
-    tokens: list[int] = field(default_factory=list)  # generated ids
+    tokens: list[int] = field(default_factory=list)  # generated ids (of the first sequence of a batch)
     tokens_sha: str = field(default="", init=False)
     prompt_ids: list[int] = field(default_factory=list)
-    match_tokens: int = -1  # leading tokens equal to the reference backend's; -1 when not compared
+    batch_tokens: list[list[int]] = field(default_factory=list)  # every sequence's generated ids
+    batch_prompt_ids: list[list[int]] = field(default_factory=list)
+    match_tokens: int = -1  # leading tokens equal to the reference backend's (least over the batch); -1: not compared
+    batch_match_tokens: list[int] = field(default_factory=list)  # per sequence
     kl_vs_reference: float = math.nan
     top1_agreement: float = math.nan
     # provenance
@@ -162,14 +167,16 @@ JSONL_ONLY = BenchmarkResult.jsonl_only
 
 
 def csv_record(row: Mapping[str, Any]) -> dict[str, Any]:
-    """A typed row (`as_dict`) flattened for the CSV: id lists space-joined, flags ';'-joined,
-    `extra` as JSON text, NaN as an empty cell."""
+    """A typed row (`as_dict`) flattened for the CSV: id lists space-joined (a list per sequence
+    '|'-joined), flags ';'-joined, `extra` as JSON text, NaN as an empty cell."""
     out = {}
     for k, v in row.items():
         if k == "flags" and not isinstance(v, str):
             v = ";".join(v)
         elif isinstance(v, dict):
             v = json.dumps(v, sort_keys=True, default=json_default) if v else ""
+        elif isinstance(v, (list, tuple)) and v and isinstance(v[0], (list, tuple)):
+            v = "|".join(" ".join(map(str, seq)) for seq in v)
         elif isinstance(v, (list, tuple)):
             v = " ".join(map(str, v))
         elif v is None or (isinstance(v, float) and math.isnan(v)):

@@ -76,7 +76,7 @@ class JsonlPrinter(Printer):
 
 # the per-cell summary shared by the terminal table and markdown: (column, right-aligned)
 SUMMARY_COLUMNS = (("framework", False), ("prec", False), ("dev", False), ("prompt", True), ("gen", True),
-                   ("decode tok/s (95% CI)", True), ("TTFT ms", True), ("prefill tok/s", True),
+                   ("batch", True), ("decode tok/s (95% CI)", True), ("TTFT ms", True), ("prefill tok/s", True),
                    ("ITL p50/p99 ms", True), ("peak RSS MB", True), ("GB/s", True), ("roofline", True),
                    ("match", True), ("status", False))
 
@@ -96,7 +96,7 @@ def summary_cells(cell_rows: list[BenchmarkResult]) -> tuple[list[str], str]:
     """One cell's summary line (strings in SUMMARY_COLUMNS order, status last) and its status."""
     r = cell_rows[0]
     framework = f"{r.framework} @{r.node}" if r.node else r.framework  # which machine, on a cluster
-    what = [framework, r.precision, r.device, str(r.prompt_tokens), str(r.gen_tokens)]
+    what = [framework, r.precision, r.device, str(r.prompt_tokens), str(r.gen_tokens), str(r.batch_size)]
     if r.status != "ok":
         return what + ["-"] * 8 + [f"{r.status}: {r.error[:80]}"], r.status
     mean = lambda f: sum(getattr(x, f) for x in cell_rows) / len(cell_rows)  # noqa: E731

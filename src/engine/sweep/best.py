@@ -51,7 +51,7 @@ def best_cells(rows: list[BenchmarkResult]) -> set[str]:
     for r in rows:
         if r.status != "ok" or not passes(r):
             continue
-        key = (r.framework, r.model, r.device, r.prompt_tokens, r.gen_tokens, r.threads, tuple(r.prompt_ids))
+        key = (r.framework, r.model, r.device, r.prompt_tokens, r.gen_tokens, r.batch_size, r.threads, tuple(r.prompt_ids))
         if key not in best or r.decode_tps_mean > best[key].decode_tps_mean:
             best[key] = r
     return {r.cell_id for r in best.values()}

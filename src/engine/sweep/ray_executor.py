@@ -85,7 +85,7 @@ def missing_references(cells: list[Cell]) -> list[Cell]:
     """The cells whose reference distributions (for the fidelity columns) this node has not saved:
     they are keyed by the model file as this node has it, so each node runs the reference itself."""
     from engine.measure import fidelity
-    from engine.measure.runner import needed_seq_len
+    from engine.generate.prompts import prompt_ids
     from engine.model.spec import ModelSpec
 
     specs: dict[str, Any] = {}
@@ -95,7 +95,7 @@ def missing_references(cells: list[Cell]) -> list[Cell]:
             continue
         try:
             spec = specs.setdefault(c.model, ModelSpec.open(c.model))
-            prompt, _ = needed_seq_len(spec, c)
+            prompt = prompt_ids(spec, c.prompt_tokens, c.prompt_text, c.seed)
         except Exception:  # the measuring child reports a bad model or prompt as the cell's row
             continue
         if not fidelity.reference_file(c.model, prompt, c.gen_tokens).exists():

@@ -34,7 +34,8 @@ class SweepOutcome:
 
 class ReferenceTokens:
     """Greedy tokens of the reference backend per (model, prompt, length), from one reference run
-    in a child per prompt before the sweep (which also saves the reference's distributions)."""
+    in a child per prompt before the sweep (which also saves the reference's distributions).
+    A batch is checked sequence by sequence against the reference run on that prompt alone."""
 
     def __init__(self, host_gbps: float, run_id: str, executor: Executor = run_cells):
         self.host_gbps, self.run_id, self.executor = host_gbps, run_id, executor
@@ -42,28 +43,46 @@ class ReferenceTokens:
         self._cache: dict[tuple, list[int] | None] = {}
 
     @staticmethod
-    def key(cell: Cell) -> tuple:
-        return (cell.model, cell.prompt_tokens, cell.prompt_text, cell.gen_tokens, cell.seed)
+    def key(cell: Cell, seed: int) -> tuple:
+        """What decides the reference's tokens for one sequence: the model, its prompt, the length."""
+        return (cell.model, cell.prompt_tokens, cell.prompt_text, cell.gen_tokens, cell.seed if cell.prompt_text else seed)
 
     def offer(self, cell: Cell, rows: list[BenchmarkResult]) -> None:
         if cell.framework == self.name and rows[0].status == "ok":
-            self._cache[self.key(cell)] = list(rows[0].tokens)
+            for seed, tokens in zip(cell.sequence_seeds, rows[0].batch_tokens):
+                self._cache[self.key(cell, seed)] = list(tokens)
 
     def prefetch(self, cells: list[Cell]) -> None:
         """Run the reference once for every prompt of the sweep, which also saves its distributions
         for the fidelity columns. Done before the sweep, never while a measured child runs, so
-        nothing competes for cores and every measured cell finds the reference ready."""
+        nothing competes for cores and every measured cell finds the reference ready. Cells that
+        differ only in batch size share one reference run at the largest batch: its sequence b is
+        the reference for sequence b of each (the reference's batched tokens equal its unbatched
+        ones: tests/test_batch.py). A batch whose KV caches cannot fit gets none: it will not run."""
+        from engine.measure.runner import kv_memory_shortfall, positions_needed
+        from engine.model.spec import open_spec
+
         missing: dict[tuple, Cell] = {}
         for c in cells:
-            if self.key(c) not in self._cache:
-                missing.setdefault(self.key(c), replace(
-                    c, framework=self.name, precision="auto", device="auto", repeats=1, warmup=0,
-                    min_time_s=0.0, compile=False, options=(), threads=0, memory_limit_mb=0))
+            try:
+                spec = open_spec(c.model)
+                if kv_memory_shortfall(spec, c, positions_needed(spec, c)):
+                    continue
+            except Exception:  # a bad model or prompt fails in its own cell, with its own row
+                continue
+            if all(self.key(c, seed) in self._cache for seed in c.sequence_seeds):
+                continue
+            key = self.key(c, c.seed)
+            if key not in missing or missing[key].batch_size < c.batch_size:
+                missing[key] = replace(c, framework=self.name, precision="auto", device="auto", repeats=1, warmup=0,
+                                       min_time_s=0.0, compile=False, options=(), threads=0, memory_limit_mb=0)
         for ref, rows in self.executor(list(missing.values()), self.host_gbps, self.run_id):
             self.offer(ref, rows)
 
-    def get(self, cell: Cell) -> list[int] | None:
-        return self._cache.get(self.key(cell))
+    def get(self, cell: Cell) -> list[list[int]] | None:
+        """The reference's tokens for each sequence of `cell`; None when one is missing."""
+        refs = [self._cache.get(self.key(cell, seed)) for seed in cell.sequence_seeds]
+        return None if any(r is None for r in refs) else refs
 
 
 def run_sweep(cells: list[Cell], writer: ResultWriter, host_gbps: float, run_id: str, *, resume: bool = False,

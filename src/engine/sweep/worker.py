@@ -37,25 +37,32 @@ def main(argv: list[str]) -> int:
     # imported after the limit is set, so framework imports count against it
     import scipy.special  # noqa: F401  (statistics after the timed runs: loaded first, the same for every framework)
 
-    from engine.errors import BenchError, UnavailableError
+    import backends
+    from engine.errors import BenchError, OutOfMemoryError, UnavailableError
     from engine.measure.cell import Cell
-    from engine.measure.runner import CellRun, LoadedModel, needed_seq_len
+    from engine.measure.runner import CellRun, LoadedModel, cell_prompts, kv_memory_shortfall, positions_needed
     from engine.model.spec import ModelSpec
 
     cells = {c["cell_id"]: Cell.from_json(c["cell"]) for c in job["cells"]}
-    loaded, running = None, {}
+    spec, loaded, running, max_seq = None, None, {}, 0
     for line in sys.stdin:
         cell_id = line.strip()
         cell = cells[cell_id]
         emit("start", cell_id)
         try:
-            if loaded is None:
-                spec = ModelSpec.open(cell.model)
-                max_seq = max(needed_seq_len(spec, c)[1] for c in cells.values())
-                loaded = LoadedModel(cell, spec, max_seq)
             if cell_id not in running:
-                prompt, _ = needed_seq_len(loaded.spec, cell)
-                running[cell_id] = CellRun(cell, loaded, prompt, job["host_gbps"], job["run_id"])
+                backends.get(cell.framework).check_batch_size(cell.batch_size)
+                if spec is None:
+                    spec = ModelSpec.open(cell.model)
+                    max_seq = max(positions_needed(spec, c) for c in cells.values())
+                short = kv_memory_shortfall(spec, cell, max_seq)
+                if short:
+                    raise OutOfMemoryError(short)
+                if loaded is None:  # KV caches for the largest batch of the group that fits
+                    max_batch = max(c.batch_size for c in cells.values() if not kv_memory_shortfall(spec, c, max_seq))
+                    loaded = LoadedModel(cell, spec, max_seq, max_batch)
+                prompts = cell_prompts(spec, cell)
+                running[cell_id] = CellRun(cell, loaded, prompts, job["host_gbps"], job["run_id"])
             if running[cell_id].step():
                 emit("done", cell_id, rows=[r.as_dict() for r in running.pop(cell_id).rows()])
             else:
@@ -63,6 +70,9 @@ def main(argv: list[str]) -> int:
         except MemoryError:
             emit("failed", cell_id, status="oom", error="out of memory (MemoryError)")
             return 0  # the heap may be unusable: let the parent start a fresh process
+        except OutOfMemoryError as e:  # refused before allocating: the process is fine
+            running.pop(cell_id, None)
+            emit("failed", cell_id, status="oom", error=str(e))
         except UnavailableError as e:
             running.pop(cell_id, None)
             emit("failed", cell_id, status="unavailable", error=str(e))

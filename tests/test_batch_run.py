@@ -1,0 +1,65 @@
+"""Batches through the CLI: `bench run -b 1 -b N` rows carry every sequence's prompt, tokens and
+reference match; what cannot run is a row with its reason; `bench report` draws the scaling."""
+
+import json
+
+import pandas as pd
+
+from conftest import FAULT_ENV, bench
+from engine.generate.prompts import seeded_prompt
+from engine.model.spec import ModelSpec
+
+
+def _jsonl(csv):
+    return [json.loads(line) for line in csv.with_suffix(".jsonl").read_text().splitlines()]
+
+
+def test_batch_rows_hold_every_sequence_checked_against_the_reference(tiny_f32, tmp_path):
+    out = tmp_path / "b.csv"
+    r = bench("run", "-f", "numpy", "-m", tiny_f32, "-b", "1", "-b", "3", "-n", "6", "-r", "2", "-O", str(out))
+    assert r.returncode == 0, r.stderr
+    rows = _jsonl(out)
+    assert sorted(x["batch_size"] for x in rows) == [1, 1, 3, 3]
+    one = next(x for x in rows if x["batch_size"] == 1)
+    spec = ModelSpec.open(tiny_f32)
+    for x in (x for x in rows if x["batch_size"] == 3):
+        # sequence b runs the prompt a single-sequence cell runs at seed b, and generates what it generates
+        assert x["batch_prompt_ids"] == [seeded_prompt(spec, 32, b) for b in range(3)]
+        assert x["prompt_ids"] == one["prompt_ids"] == x["batch_prompt_ids"][0]
+        assert x["tokens"] == one["tokens"] == x["batch_tokens"][0]
+        assert [len(t) for t in x["batch_tokens"]] == [6, 6, 6] and x["gen_tokens"] == 6
+        assert x["batch_match_tokens"] == [6, 6, 6] and x["match_tokens"] == 6 and "diverged" not in x["flags"]
+        assert abs(x["decode_tps"] - 3 * x["decode_tps_per_seq"]) < 1e-6 * x["decode_tps"]
+        assert len(x["itl_s"]) == 5  # per step, not per token
+        assert x["bytes_per_token"] < one["bytes_per_token"]  # the weights are read once per step for 3 tokens
+    csv = pd.read_csv(out, dtype=str)
+    batched = csv[csv.batch_size == "3"].iloc[0]
+    assert [s.split() for s in batched.batch_tokens.split("|")] == [[str(t) for t in s] for s in rows[2]["batch_tokens"]]
+    assert batched.batch_match_tokens == "6 6 6"
+    assert len(next(x for x in rows if x["batch_size"] == 1)["batch_tokens"]) == 1
+
+    report = bench("report", str(out), "--out", str(tmp_path / "rep"))
+    assert report.returncode == 0, report.stderr
+    assert (tmp_path / "rep" / "batch_scaling.png").stat().st_size > 10_000
+    assert "| batch_size |" in (tmp_path / "rep" / "report.md").read_text().replace("batch_size | framework", "batch_size |")
+
+
+def test_a_batch_beyond_the_memory_limit_is_an_oom_row_and_the_rest_runs(tiny_f32, tmp_path):
+    out = tmp_path / "m.csv"
+    r = bench("run", "-f", "numpy", "-m", tiny_f32, "-b", "1", "-b", "200000", "-n", "8",
+              "--memory-limit-mb", "3000", "-O", str(out))
+    assert r.returncode == 1
+    df = pd.read_csv(out)
+    assert dict(zip(df.batch_size, df.status)) == {1: "ok", 200000: "oom"}
+    error = df[df.status == "oom"].error.iloc[0]
+    assert error == ("a batch of 200000 sequences x 40 positions needs 3906 MB of KV cache, "
+                     "beyond the memory limit of 3000 MB")
+
+
+def test_a_framework_that_cannot_batch_is_unavailable_for_batches(tiny_f32, tmp_path):
+    out = tmp_path / "s.csv"
+    r = bench("run", "-f", "serial", "-m", tiny_f32, "-b", "1", "-b", "2", "-n", "4", "-O", str(out), env=FAULT_ENV)
+    assert r.returncode == 0, r.stderr  # unavailable is not a failure
+    df = pd.read_csv(out)
+    assert dict(zip(df.batch_size, df.status)) == {1: "ok", 2: "unavailable"}
+    assert df[df.status == "unavailable"].error.iloc[0] == "framework serial cannot decode a batch of 2 sequences in one step"
