@@ -33,9 +33,10 @@ class NumpyOps(SeparateProjections):
         return x / np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + self.cfg.rms_eps) * weight
 
     def linear(self, x, weight):
-        # one GEMM over every sequence's tokens: a stacked (B, T, dim) matmul would call BLAS once
-        # per sequence and read the weights B times
-        return (x.reshape(-1, x.shape[-1]) @ weight.T).reshape(*x.shape[:-1], weight.shape[0])
+        # one GEMM over every sequence's tokens (a stacked (B, T, dim) matmul would call BLAS once per
+        # sequence and read the weights B times), weight-major: OpenBLAS runs a few-row product ~1.7x
+        # faster this way round (8 rows of a 1536x576 matrix: 186 us against 322 us for x @ w.T)
+        return (weight @ x.reshape(-1, x.shape[-1]).T).T.reshape(*x.shape[:-1], weight.shape[0])
 
     def rope(self, x, start, layer):
         t, half = x.shape[1], x.shape[-1] // 2
