@@ -82,3 +82,35 @@ def test_bench_run_numpy_default_model(tmp_path):
     assert (df.decode_tps > 0).all() and df.roofline_frac.between(0, 1, inclusive="neither").all()
     assert (df.model_size == "135M").all() and (df.match_tokens == 8).all()
     assert np.isclose(df.bytes_per_token.iloc[0], 538_062_336 + 46_080 * (16 + 4), rtol=1e-6)
+
+
+BATCH_GEN = 8
+FAST_BATCHERS = ["numpy", "torch", "transformers", "llamacpp"]
+SLOW_BATCHERS = ["mlx", "tinygrad", "hybrid"]  # JIT capture per batch shape, or one-threaded matmuls here
+
+
+@pytest.mark.parametrize("name", FAST_BATCHERS + [pytest.param(n, marks=pytest.mark.slow) for n in SLOW_BATCHERS])
+def test_batches_of_1_4_8_generate_what_each_sequence_generates_alone(default_model, default_spec, name):
+    from engine.generate.prompts import seeded_prompt
+
+    cls = backends.get(name)
+    if not cls.availability().ok:
+        pytest.skip(cls.availability().reason)
+    prompts = [seeded_prompt(default_spec, 16, seed) for seed in range(8)]
+    b = load_backend(name, default_model, "auto" if name == "llamacpp" else "f32", max_seq=32, max_batch=8)
+    eng, cfg = InferenceEngine(b), GenerationConfig(max_new_tokens=BATCH_GEN, ignore_eos=True)
+    alone = [eng.generate(p, cfg).tokens for p in prompts]
+    for size in (1, 4, 8):
+        assert eng.generate_batch(prompts[:size], cfg).sequences == alone[:size], f"batch of {size}"
+    b.close()
+
+
+def test_bench_run_torch_batches_of_1_and_8(tmp_path):
+    """The issue's example: every sequence's tokens, each matched against the reference."""
+    out = tmp_path / "batch.csv"
+    r = bench("run", "-f", "torch", "-b", "1", "-b", "8", "-n", "32", "-r", "1", "--warmup", "1", "-O", str(out))
+    assert r.returncode == 0, r.stderr
+    df = pd.read_csv(out, dtype={"batch_match_tokens": str})
+    assert sorted(df.batch_size) == [1, 8] and (df.status == "ok").all()
+    assert df.set_index("batch_size").batch_match_tokens.to_dict() == {1: "32", 8: " ".join(["32"] * 8)}
+    assert [len(seq.split()) for seq in df[df.batch_size == 8].batch_tokens.iloc[0].split("|")] == [32] * 8
