@@ -41,6 +41,11 @@ def _unbatched(b, prompt, feed):
 def test_batched_logits_equal_unbatched_per_sequence(arch_models, name, arch):
     _requires(name)
     b = load_backend(name, arch_models[arch], _precision(name), max_batch=len(PROMPTS))
+    _assert_batched_equals_alone(b)
+    b.close()
+
+
+def _assert_batched_equals_alone(b):
     feeds = [[(7 * s + 3 * i) % 250 + 1 for i in range(STEPS)] for s in range(len(PROMPTS))]  # one token stream each
     alone = [_unbatched(b, p, f) for p, f in zip(PROMPTS, feeds)]
     b.reset()
@@ -50,7 +55,6 @@ def test_batched_logits_equal_unbatched_per_sequence(arch_models, name, arch):
         assert logits.shape == (len(PROMPTS), alone[0][0].shape[0]) and logits.dtype == np.float32
         for s in range(len(PROMPTS)):
             assert _rel(logits[s], alone[s][step]) < 1e-3, f"step {step} sequence {s}: {_rel(logits[s], alone[s][step]):.2e}"
-    b.close()
 
 
 @pytest.mark.parametrize("name", BATCHED)
@@ -92,3 +96,19 @@ def test_a_backend_that_cannot_batch_says_so(tiny_f32):
     assert b.prefill_batch([[1, 2]]).shape == (1, 4)  # a batch of one is a plain sequence
     with pytest.raises(UnavailableError, match="framework one cannot decode a batch of 2 sequences"):
         b.prefill_batch([[1], [2]])
+
+
+# mlx, transformers
+
+def test_mlx_native_q4_1_batched_equals_unbatched(tiny_models):
+    _requires("mlx")
+    b = load_backend("mlx", tiny_models["q4_1"], "q4_1", max_batch=len(PROMPTS))
+    _assert_batched_equals_alone(b)
+    b.close()
+
+
+def test_transformers_bf16_batched_equals_unbatched(tiny_f32):
+    _requires("transformers")
+    b = load_backend("transformers", tiny_f32, "bf16", max_batch=len(PROMPTS))
+    _assert_batched_equals_alone(b)
+    b.close()

@@ -9,7 +9,7 @@ before the host reads logits, so nothing unevaluated is timed as done.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -37,11 +37,11 @@ class QuantizedMatrix:
 
 
 class MlxOps(SeparateProjections):
-    def __init__(self, cfg, max_seq: int, dtype):
+    def __init__(self, cfg, max_seq: int, max_batch: int, dtype):
         import mlx.core as mx
 
         self.mx, self.cfg, self.dtype = mx, cfg, dtype
-        shape = (1, cfg.n_kv_heads, max_seq, cfg.head_dim)
+        shape = (max_batch, cfg.n_kv_heads, max_seq, cfg.head_dim)
         self.k_cache = [mx.zeros(shape, dtype=dtype) for _ in range(cfg.n_layers)]
         self.v_cache = [mx.zeros(shape, dtype=dtype) for _ in range(cfg.n_layers)]
 
@@ -55,24 +55,26 @@ class MlxOps(SeparateProjections):
         return self.mx.fast.rms_norm(x, weight, self.cfg.rms_eps)
 
     def linear(self, x, weight):
+        # x (B, T, dim) against a 2D weight: MLX folds B*T into the rows of one matmul (mx.matmul
+        # flattens; Metal's quantized kernel takes contiguous x as B*T rows), so no per-sequence loop
         if isinstance(weight, QuantizedMatrix):
             return self.mx.quantized_matmul(x, weight.weight, weight.scales, weight.biases, transpose=True,
                                             group_size=GROUP_SIZE, bits=weight.bits)
         return x @ weight.T
 
     def rope(self, x, start, layer):
-        # (T, H, D) -> (H, T, D): mx.fast.rope rotates along the second-to-last axis
+        # (B, T, H, D) -> (B, H, T, D): mx.fast.rope rotates along the second-to-last axis
         base, position_scale = self.cfg.rope(layer)
-        rotated = self.mx.fast.rope(x.transpose(1, 0, 2), self.cfg.head_dim, traditional=False,
+        rotated = self.mx.fast.rope(x.transpose(0, 2, 1, 3), self.cfg.head_dim, traditional=False,
                                     base=base, scale=position_scale, offset=start)
-        return rotated.transpose(1, 0, 2)
+        return rotated.transpose(0, 2, 1, 3)
 
     def attend(self, layer, q, k, v, start):
-        t = q.shape[0]
+        b, t = q.shape[:2]
         end = start + t
         kc, vc = self.k_cache[layer], self.v_cache[layer]
-        kc[:, :, start:end, :] = k.transpose(1, 0, 2)[None]
-        vc[:, :, start:end, :] = v.transpose(1, 0, 2)[None]
+        kc[:b, :, start:end, :] = k.transpose(0, 2, 1, 3)
+        vc[:b, :, start:end, :] = v.transpose(0, 2, 1, 3)
         window = self.cfg.window(layer)
         if window and end > window:  # keys (start+i-window, start+i] for query i
             mx = self.mx
@@ -81,8 +83,8 @@ class MlxOps(SeparateProjections):
         else:
             mask = "causal" if t > 1 else None  # causal aligned to the end of the keys
         out = self.mx.fast.scaled_dot_product_attention(
-            q.transpose(1, 0, 2)[None], kc[:, :, :end, :], vc[:, :, :end, :], scale=self.cfg.scale, mask=mask)
-        return out[0].transpose(1, 0, 2).reshape(t, -1)
+            q.transpose(0, 2, 1, 3), kc[:b, :, :end, :], vc[:b, :, :end, :], scale=self.cfg.scale, mask=mask)
+        return out.transpose(0, 2, 1, 3).reshape(b, t, -1)
 
     def silu_mul(self, gate, up):
         return gate * self.mx.sigmoid(gate) * up
@@ -126,7 +128,7 @@ class MlxBackend(ArrayLlamaBackend):
             dtype = {"f32": mx.float32, "bf16": mx.bfloat16, "f16": mx.float16}[opts.precision]
             self.weights = spec.load_weights(lambda a: mx.array(a).astype(dtype))
         mx.eval(_arrays(self.weights))
-        self.ops = MlxOps(spec.config, opts.max_seq_len, dtype)
+        self.ops = MlxOps(spec.config, opts.max_seq_len, opts.max_batch, dtype)
         if opts.precision in NATIVE_QUANT:  # the file's own blocks: sizes as stored in the GGUF
             info = LoadInfo(precision=opts.precision, device=opts.device,
                             weight_bytes=sum(x.nbytes for x in _weights(self.weights)),
@@ -154,10 +156,11 @@ class MlxBackend(ArrayLlamaBackend):
 
         return spec.load_weights(lambda a: a, tensor=tensor)
 
-    def step(self, tokens: Sequence[int], start: int) -> np.ndarray:
+    def step(self, tokens: list[list[int]], start: int) -> np.ndarray:
         mx = self.mx
-        logits = forward(self.ops, self.weights, self.config, mx.array(list(tokens)), start, len(tokens))
-        out = logits[0].astype(mx.float32)
+        batch, n_tokens = len(tokens), len(tokens[0])
+        logits = forward(self.ops, self.weights, self.config, mx.array(tokens), start, batch, n_tokens)
+        out = logits.astype(mx.float32)
         mx.eval(out, *self.ops.k_cache, *self.ops.v_cache)
         return np.array(out)
 

@@ -4,8 +4,6 @@ Qwen2ForCausalLM, Qwen3ForCausalLM, Gemma3ForCausalLM) as most users run it, bui
 
 from __future__ import annotations
 
-from typing import Sequence
-
 import numpy as np
 
 from backends.base import LoadInfo, LoadOptions, Mode, Requirement, float_load_info, pip_extra
@@ -125,13 +123,13 @@ class TransformersBackend(TorchBased):
         super().reset()
         self.cache = None
 
-    def step(self, tokens: Sequence[int], start: int) -> np.ndarray:
+    def step(self, tokens: list[list[int]], start: int) -> np.ndarray:
         import torch
         from transformers import DynamicCache
 
         if self.cache is None:
             self.cache = DynamicCache(config=self.model.config)
-        ids = torch.tensor([list(tokens)], device=self.device)
+        ids = torch.tensor(tokens, device=self.device)  # (B, T): equal lengths, so no padding or mask
         out = self.model(input_ids=ids, cache=self.cache, use_cache=True, logits_to_keep=1)
         synchronize(self.device)
-        return out.logits[0, -1].float().cpu().numpy()
+        return out.logits[:, -1].float().cpu().numpy()
