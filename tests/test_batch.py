@@ -112,3 +112,59 @@ def test_transformers_bf16_batched_equals_unbatched(tiny_f32):
     b = load_backend("transformers", tiny_f32, "bf16", max_batch=len(PROMPTS))
     _assert_batched_equals_alone(b)
     b.close()
+
+
+# llama.cpp
+
+
+def _llamacpp(path, max_batch, max_seq=64):
+    _requires("llamacpp")
+    return load_backend("llamacpp", path, max_seq=max_seq, max_batch=max_batch)
+
+
+def test_llamacpp_decodes_a_batch_in_one_call_and_chunks_a_long_prefill(arch_models):
+    """A step of B sequences is one llama_decode; a batched prefill past the tokens one call
+    holds (n_batch) goes in chunks of whole positions, and still equals each sequence alone."""
+    b = _llamacpp(arch_models["llama"], max_batch=4, max_seq=200)
+    calls = []
+    decode = b._ctx.decode
+    b._ctx.decode = lambda batch: calls.append(batch.n_tokens()) or decode(batch)
+    prompts = [[(31 * s + 7 * i) % 250 + 1 for i in range(150)] for s in range(4)]
+    alone = [_unbatched(b, p, [3])[-1] for p in prompts]
+    b.reset()
+    calls.clear()
+    b.prefill_batch(prompts)
+    assert len(calls) == 2 and max(calls) <= b.n_batch  # 4 x 150 tokens, n_batch 512
+    calls.clear()
+    logits = b.decode_batch([3] * 4)
+    assert calls == [4]
+    for s in range(4):
+        assert _rel(logits[s], alone[s]) < 1e-3
+    b.close()
+
+
+def test_llamacpp_batch_size_may_change_after_reset(arch_models):
+    b = _llamacpp(arch_models["qwen2"], max_batch=3)
+    alone = [_unbatched(b, p, [])[0] for p in PROMPTS]
+    b.reset()
+    three = b.prefill_batch(PROMPTS)
+    b.reset()
+    two = b.prefill_batch(PROMPTS[1:])
+    for s in range(3):
+        assert _rel(three[s], alone[s]) < 1e-3
+    for s in range(2):
+        assert _rel(two[s], alone[s + 1]) < 1e-3
+    b.close()
+
+
+def test_llamacpp_bounds_are_the_requested_ones(tiny_f32):
+    """llama.cpp pads each sequence's KV cells (to 256): the context is still max_seq_len."""
+    b = _llamacpp(tiny_f32, max_batch=2, max_seq=8)
+    with pytest.raises(InputError, match="batch of 3 sequences exceeds the 2 this model was loaded for"):
+        b.prefill_batch(PROMPTS)
+    with pytest.raises(InputError, match="exceeds the context of 8"):
+        b.prefill_batch([list(range(9))] * 2)
+    b.prefill_batch([p[:6] for p in PROMPTS[:2]])
+    with pytest.raises(InputError, match="exceeds the context of 8"):
+        b.prefill_batch([[1, 2, 3]] * 2)
+    b.close()

@@ -3,17 +3,17 @@
 
 from __future__ import annotations
 
+import os
 import platform
 import sys
-from typing import Sequence
 
 import numpy as np
 
-from backends.base import Availability, Backend, LoadInfo, LoadOptions, Requirement, pip_extra
-from engine.model.forward import check_tokens
+from backends.base import ArrayLlamaBackend, Availability, LoadInfo, LoadOptions, Requirement, pip_extra
 
 LLAMA_CPP = Requirement("llama_cpp", "llama-cpp-python", pip_extra("llamacpp"))
 KV_BYTES = 2  # llama.cpp's default KV cache type is f16
+CELL_PAD = 256  # llama.cpp rounds each sequence's KV cells up to a multiple of this
 
 
 def _gpu_offload() -> bool:
@@ -26,7 +26,45 @@ def _apple_silicon() -> bool:
     return sys.platform == "darwin" and platform.machine() == "arm64"
 
 
-class LlamaCppBackend(Backend):
+class _Rows:
+    """One reusable llama_batch, laid out position-major: row i belongs to sequence i % B, so
+    the sequence ids depend on B alone, and the last B rows (each sequence's last token) are
+    the ones whose logits come back, in sequence order."""
+
+    def __init__(self, capacity: int):
+        from llama_cpp import _internals
+
+        self.batch = _internals.LlamaBatch(n_tokens=capacity, embd=0, n_seq_max=1, verbose=False)
+        raw = self.batch.batch
+        view = lambda ptr: np.ctypeslib.as_array(ptr, shape=(capacity,))  # noqa: E731  (writes reach llama.cpp)
+        self.token, self.pos, self.logits = view(raw.token), view(raw.pos), view(raw.logits)
+        view(raw.n_seq_id)[:] = 1
+        self.capacity, self.b = capacity, 0
+
+    def fill(self, ids: np.ndarray, start: int):
+        """The batch holding ids (B, T) at positions [start, start + T) of sequences 0..B-1."""
+        b, t = ids.shape
+        n = b * t
+        if b != self.b:  # seq_id is one C array per row: rewritten only when B changes
+            for i in range(self.capacity):
+                self.batch.batch.seq_id[i][0] = i % b
+            self.b = b
+        self.token[:n] = ids.T.ravel()
+        self.pos[:n] = np.repeat(np.arange(start, start + t, dtype=np.int32), b)
+        self.logits[:n] = 0
+        self.logits[n - b:n] = 1
+        self.batch.batch.n_tokens = n
+        return self.batch
+
+    def close(self) -> None:
+        self.batch.close()
+
+
+class LlamaCppBackend(ArrayLlamaBackend):
+    """llama.cpp through its own batch API: sequence b of a batch is llama.cpp sequence id b,
+    with its own KV cells, and every step of all sequences is one llama_decode. One sequence
+    is a batch of one (ArrayLlamaBackend keeps positions and checks bounds)."""
+
     name = "llamacpp"
     description = "llama.cpp native kernels (llama-cpp-python), the file's own quantization"
     requires = (LLAMA_CPP,)
@@ -53,42 +91,71 @@ class LlamaCppBackend(Backend):
             return "Metal needs Apple silicon" if device == "metal" else "no CUDA on Apple silicon"
         return ""
 
-    def load(self, spec, opts: LoadOptions) -> LoadInfo:
+    def build(self, spec, opts: LoadOptions) -> LoadInfo:
         import llama_cpp
+        from llama_cpp import _internals  # the model/context/batch owners llama_cpp.Llama itself uses
+        from llama_cpp._logger import set_verbose
 
-        self.n_vocab = spec.config.vocab_size
-        threads = opts.threads or None
-        self.llm = llama_cpp.Llama(
-            model_path=spec.path, n_ctx=opts.max_seq_len, n_batch=min(512, opts.max_seq_len),
-            n_threads=threads, n_threads_batch=threads, n_gpu_layers=0 if opts.device == "cpu" else -1,
-            logits_all=False, verbose=False,
-        )
-        self.max_seq = opts.max_seq_len
+        set_verbose(False)  # as Llama(verbose=False): llama-cpp-python prints llama.cpp's log otherwise
+        llama_cpp.llama_backend_init()
+        offload = opts.device != "cpu"
+        mparams = llama_cpp.llama_model_default_params()
+        mparams.n_gpu_layers = 0x7FFFFFFF if offload else 0  # every layer (llama.cpp caps it)
+        self._model = _internals.LlamaModel(path_model=spec.path, params=mparams, verbose=False)
+        self._ctx = _internals.LlamaContext(model=self._model, params=self._context_params(opts), verbose=False)
+        self._mem = llama_cpp.llama_get_memory(self._ctx.ctx)
+        self.n_batch = llama_cpp.llama_n_batch(self._ctx.ctx)
+        self._rows = _Rows(self.n_batch)
         weight_bytes = sum(spec.file_bytes(n) for n in spec.tensor_names)
         return LoadInfo(
             precision=opts.precision, device=opts.device, weight_bytes=weight_bytes,
             decode_bytes=spec.decode_read_bytes(spec.file_bytes),
             kv_bytes_per_token=spec.config.kv_bytes_per_token(KV_BYTES),
-            details={"n_threads": self.llm.n_threads, "n_gpu_layers": 0 if opts.device == "cpu" else -1},
+            details={"n_threads": self.threads_used()[0], "n_gpu_layers": -1 if offload else 0,
+                     "n_seq_max": opts.max_batch, "n_ctx": llama_cpp.llama_n_ctx(self._ctx.ctx)},
         )
 
-    def prefill(self, tokens: Sequence[int]) -> np.ndarray:
-        tokens = list(tokens)
-        check_tokens(tokens, self.llm.n_tokens, self.max_seq, self.n_vocab)
-        self.llm.eval(tokens)  # llama_decode returns after the computation is complete
-        return np.ctypeslib.as_array(self.llm._ctx.get_logits(), shape=(self.n_vocab,)).copy()
+    @staticmethod
+    def _context_params(opts: LoadOptions):
+        import llama_cpp
 
-    def decode(self, token: int) -> np.ndarray:
-        return self.prefill([token])
+        p = llama_cpp.llama_context_default_params()
+        # one KV stream per sequence (not unified): each attends over its own cells only, and
+        # llama.cpp pads each stream to a multiple of CELL_PAD cells (a warning when n_ctx is not)
+        p.n_seq_max, p.kv_unified = opts.max_batch, False
+        p.n_ctx = opts.max_batch * -(-opts.max_seq_len // CELL_PAD) * CELL_PAD
+        # tokens per llama_decode: a longer batched prefill goes in chunks of whole positions
+        p.n_batch = p.n_ubatch = opts.max_batch * min(max(512 // opts.max_batch, 1), opts.max_seq_len)
+        p.n_threads = opts.threads or max(os.cpu_count() // 2, 1)  # llama-cpp-python's defaults
+        p.n_threads_batch = opts.threads or os.cpu_count()
+        p.flash_attn_type = llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED  # as llama_cpp.Llama runs by default
+        return p
+
+    def step(self, tokens: list[list[int]], start: int) -> np.ndarray:
+        import llama_cpp
+
+        ids = np.asarray(tokens, dtype=np.int32)
+        b, t = ids.shape
+        chunk = self.n_batch // b
+        for p in range(0, t, chunk):
+            self._ctx.decode(self._rows.fill(ids[:, p:p + chunk], start + p))  # raises on failure
+        logits = llama_cpp.llama_get_logits(self._ctx.ctx)  # rows with logits set, in batch order
+        return np.ctypeslib.as_array(logits, shape=(b, self.config.vocab_size)).copy()
 
     def reset(self) -> None:
-        self.llm.reset()  # the next eval removes cached positions past 0
+        import llama_cpp
+
+        super().reset()
+        llama_cpp.llama_memory_clear(self._mem, False)  # cells only: positions restart at 0
 
     def threads_used(self) -> tuple[int, str]:
-        return int(self.llm.n_threads), ""
+        import llama_cpp
+
+        return int(llama_cpp.llama_n_threads(self._ctx.ctx)), ""
 
     def close(self) -> None:
-        self.llm.close()
+        self._rows.close()
+        self._model.close()  # closes the context first
 
 
 class MetalBackend(LlamaCppBackend):
