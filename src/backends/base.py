@@ -20,11 +20,11 @@ BYTES_PER_ELEMENT = {"f32": 4, "bf16": 2, "f16": 2}
 
 
 class ArrayLlamaBackend(Backend):
-    """A backend that runs engine.model.forward through its own ops table, for a batch of
-    sequences at once (one sequence is a batch of 1).
+    """A backend that steps a batch of sequences at once (one sequence is a batch of 1): the array
+    frameworks run engine.model.forward through their own ops table, llama.cpp its own graph.
 
-    Subclasses implement `build` (weights + ops + KV caches for `opts.max_batch` sequences) and
-    `step` (one forward call to host logits); positions and bounds checks live here once."""
+    Subclasses implement `build` (weights, KV caches for `opts.max_batch` sequences) and `step`
+    (one forward call to host logits); positions and bounds checks live here once."""
 
     batched = True
 
