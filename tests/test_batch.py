@@ -45,16 +45,20 @@ def test_batched_logits_equal_unbatched_per_sequence(arch_models, name, arch):
     b.close()
 
 
-def _assert_batched_equals_alone(b):
-    feeds = [[(7 * s + 3 * i) % 250 + 1 for i in range(STEPS)] for s in range(len(PROMPTS))]  # one token stream each
-    alone = [_unbatched(b, p, f) for p, f in zip(PROMPTS, feeds)]
+def _batched_and_alone(b, prompts=PROMPTS, steps=STEPS):
+    """Per step, the batch's logits and each sequence's logits alone, over the same token streams."""
+    feeds = [[(5 * s + 2 * i) % 250 + 1 for i in range(steps)] for s in range(len(prompts))]
+    alone = [_unbatched(b, p, f) for p, f in zip(prompts, feeds)]
     b.reset()
-    batched = [b.prefill_batch(PROMPTS)]
-    batched += [b.decode_batch([f[i] for f in feeds]) for i in range(STEPS)]
-    for step, logits in enumerate(batched):
-        assert logits.shape == (len(PROMPTS), alone[0][0].shape[0]) and logits.dtype == np.float32
-        for s in range(len(PROMPTS)):
-            assert _rel(logits[s], alone[s][step]) < 1e-3, f"step {step} sequence {s}: {_rel(logits[s], alone[s][step]):.2e}"
+    batched = [b.prefill_batch(prompts)] + [b.decode_batch([f[i] for f in feeds]) for i in range(steps)]
+    return batched, [[seq[step] for seq in alone] for step in range(steps + 1)]
+
+
+def _assert_batched_equals_alone(b, tolerance=1e-3):
+    for step, (batch, alone) in enumerate(zip(*_batched_and_alone(b))):
+        assert batch.shape == (len(PROMPTS), alone[0].shape[0]) and batch.dtype == np.float32
+        for s, logits in enumerate(alone):
+            assert _rel(batch[s], logits) < tolerance, f"step {step} sequence {s}: {_rel(batch[s], logits):.2e}"
 
 
 @pytest.mark.parametrize("name", BATCHED)
@@ -168,3 +172,89 @@ def test_llamacpp_bounds_are_the_requested_ones(tiny_f32):
     with pytest.raises(InputError, match="exceeds the context of 8"):
         b.prefill_batch([[1, 2, 3]] * 2)
     b.close()
+
+
+# torch, tinygrad, hybrid
+
+@pytest.mark.parametrize("file,precision,tolerance", [("q4_1", "q4_1", 1e-3), ("f32", "bf16", 3e-2)])
+def test_torch_batched_equals_unbatched_per_sequence(tiny_models, file, precision, tolerance):
+    """The int4 kernel takes every sequence's rows in one call; a bf16 batch runs F.linear where
+    one sequence runs torch.mv, so bf16 rounding may separate them."""
+    _requires("torch")
+    _assert_batched_equals_alone(load_backend("torch", tiny_models[file], precision, max_batch=3), tolerance)
+
+
+def test_torch_decode_reads_each_weight_once_for_the_batch(tiny_f32):
+    """Not a loop over sequences: a batch's decode step makes the linear calls one sequence
+    makes, each on B rows."""
+    _requires("torch")
+    b = load_backend("torch", tiny_f32, "f32", max_batch=3)
+    shapes, linear = [], b.ops.linear
+    b.ops.linear = lambda x, w: shapes.append(tuple(x.shape[:-1])) or linear(x, w)
+    for batch in (1, 3):
+        b.reset()
+        b.prefill_batch(PROMPTS[:batch])
+        shapes.clear()
+        b.decode_batch([4] * batch)
+        assert shapes == [(batch, 1)] * (len(b.weights.layers) * 4) + [(batch,)]  # qkv, wo, gate_up, down; head
+
+
+def test_torch_compiled_decode_batches(tiny_f32):
+    """torch.compile (dynamic=False) captures one decode graph per batch size."""
+    _requires("torch")
+    b = load_backend("torch", tiny_f32, "f32", max_batch=3, compile=True)
+    batch, alone = _batched_and_alone(b, steps=2)
+    for step, (got, want) in enumerate(zip(batch, alone)):
+        assert max(_rel(g, w) for g, w in zip(got, want)) < 1e-3, f"step {step}"
+
+
+def _replayed_decode_counts(b, batch):
+    """tinygrad's (kernels, bytes) of one replayed decode step of a batch."""
+    from tinygrad.helpers import GlobalCounters
+
+    b.reset()
+    b.prefill_batch(PROMPTS[:batch])
+    for token in range(3):  # capture, then replay
+        b.decode_batch([token + 1] * batch)
+    GlobalCounters.reset()
+    b.decode_batch([9] * batch)
+    return GlobalCounters.kernel_count, GlobalCounters.global_mem
+
+
+@pytest.mark.parametrize("name", ["tinygrad", "hybrid"])
+def test_tinygrad_decode_of_a_batch_runs_the_kernels_of_one_sequence(tiny_f32, name):
+    """One graph per batch size, not a loop over sequences; the jits are keyed by batch size."""
+    _requires(name)
+    b = load_backend(name, tiny_f32, "f32", max_batch=3)
+    (kernels_1, _), (kernels_3, _) = _replayed_decode_counts(b, 1), _replayed_decode_counts(b, 3)
+    assert kernels_3 <= kernels_1 + 2
+    jits = b._decode.jits if name == "tinygrad" else b.segments[0].decode.jits
+    assert sorted(jits) == [1, 3]
+
+
+def test_tinygrad_decode_embeds_rows_not_the_table(tiny_f32):
+    """Each sequence's symbolic token id reads its embedding row: an extra sequence costs far less
+    than reading the table."""
+    _requires("tinygrad")
+    b = load_backend("tinygrad", tiny_f32, "f32", max_batch=3)
+    (_, bytes_1), (_, bytes_3) = _replayed_decode_counts(b, 1), _replayed_decode_counts(b, 3)
+    assert (bytes_3 - bytes_1) / 2 < b.weights.tok_embd.nbytes() / 2
+
+
+@pytest.mark.parametrize("name", ["torch", "tinygrad", "hybrid"])
+def test_appending_to_a_batch_equals_each_sequence_alone(arch_models, name):
+    """prefill_batch after a batch appends a chunk to each sequence (chat turns): positions > 0, T > 1."""
+    _requires(name)
+    b = load_backend(name, arch_models["gemma3"], "f32", max_batch=3)
+    chunks = [[11, 12, 13], [21, 22, 23], [31, 32, 33]]
+    alone = []
+    for prompt, chunk in zip(PROMPTS, chunks):
+        b.reset()
+        b.prefill(prompt)
+        alone.append([b.prefill(chunk), b.decode(7)])
+    b.reset()
+    b.prefill_batch(PROMPTS)
+    batched = [b.prefill_batch(chunks), b.decode_batch([7] * 3)]
+    for step, logits in enumerate(batched):
+        for s in range(3):
+            assert _rel(logits[s], alone[s][step]) < 1e-3, f"step {step} sequence {s}"

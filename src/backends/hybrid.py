@@ -2,19 +2,20 @@
 views of torch's buffers (`Tensor.from_blob` on the same addresses); torch does the embedding,
 the final norm, the output projection and the host side.
 
-Consecutive tinygrad blocks form a segment whose decode step runs under one TinyJit. A block
-whose tinygrad path fails to build or run falls back to torch; the row records how many did.
+Consecutive tinygrad blocks form a segment whose decode step runs under one TinyJit per batch
+size. A block whose tinygrad path fails to build or run falls back to torch; the row records how
+many did.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 
 from backends.base import ArrayLlamaBackend, LoadInfo, LoadOptions, float_load_info
-from backends.tinygrad_llama import TINYGRAD, PrefillJits, TinyOps
+from backends.tinygrad_llama import TINYGRAD, ShapeJits, TinyOps
 from backends.torch_llama import TORCH, TorchOps, enter_inference
 from engine.model.spec import LayerWeights
 from engine.model.forward import block, embed, head
@@ -34,8 +35,8 @@ class Segment:
 
     tinygrad: bool
     layers: list[int] = field(default_factory=list)
-    jit: Any = None  # decode: one captured graph for every position
-    prefill: Any = None  # prefills from position 0, one captured graph per length
+    decode: Any = None  # one captured graph per batch size, for every position
+    prefill: Any = None  # prefills from position 0, one captured graph per (batch, length)
 
 
 class HybridBackend(ArrayLlamaBackend):
@@ -50,14 +51,14 @@ class HybridBackend(ArrayLlamaBackend):
 
     def build(self, spec, opts: LoadOptions) -> LoadInfo:
         import torch
-        from tinygrad import TinyJit, UOp
+        from tinygrad import UOp
 
         enter_inference(opts.threads)
         cfg = spec.config
         self.weights = spec.load_weights(lambda a: torch.from_numpy(a))  # the one copy
-        self.torch_ops = TorchOps(cfg, opts.max_seq_len, torch.float32, "cpu")
+        self.torch_ops = TorchOps(cfg, opts.max_seq_len, opts.max_batch, torch.float32, "cpu")
         self.torch_ops.fuse(self.weights.layers)  # still one copy: the layer weights become views
-        self.tiny_ops = TinyOps(cfg, opts.max_seq_len, _tiny_f32(), "CPU")
+        self.tiny_ops = TinyOps(cfg, opts.max_seq_len, opts.max_batch, _tiny_f32(), "CPU")
         self.tiny_layers: dict[int, LayerWeights] = {}
         self.fallbacks: dict[int, str] = {}
         for i, layer in enumerate(self.weights.layers):
@@ -73,8 +74,8 @@ class HybridBackend(ArrayLlamaBackend):
             self.segments[-1].layers.append(i)
         for seg in self.segments:
             if seg.tinygrad:
-                seg.jit = TinyJit(lambda x, start, _seg=seg: self._run_tiny(_seg, x, start))
-                seg.prefill = PrefillJits(lambda x, _seg=seg: self._run_tiny(_seg, x, 0))
+                seg.decode = ShapeJits(lambda x, start, _seg=seg: self._run_tiny(_seg, x, start))
+                seg.prefill = ShapeJits(lambda x, _seg=seg: self._run_tiny(_seg, x, 0))
         self._start_var = UOp.variable("start", 1, opts.max_seq_len - 1)
         return float_load_info(spec, "f32", "cpu", fallback_blocks=len(self.fallbacks),
                                fallback_errors=list(self.fallbacks.values())[:3])
@@ -89,39 +90,39 @@ class HybridBackend(ArrayLlamaBackend):
         from tinygrad import Tensor
 
         views = LayerWeights(**{name: tinygrad_view(w) for name, w in layer.tensors().items()})
-        probe = Tensor.zeros(1, self.config.dim).contiguous()
-        block(self.tiny_ops, i, views, self.config, probe, 0, 1).realize()
+        probe = Tensor.zeros(1, 1, self.config.dim).contiguous()
+        block(self.tiny_ops, i, views, self.config, probe, 0, 1, 1).realize()
         return views
 
     def _run_tiny(self, seg: Segment, x, start):
-        n = x.shape[0]
+        batch, n = x.shape[:2]
         for i in seg.layers:
-            x = block(self.tiny_ops, i, self.tiny_layers[i], self.config, x, start, n)
+            x = block(self.tiny_ops, i, self.tiny_layers[i], self.config, x, start, batch, n)
         return x.realize()
 
-    def step(self, tokens: Sequence[int], start: int) -> np.ndarray:
+    def step(self, tokens: list[list[int]], start: int) -> np.ndarray:
         import torch
         from tinygrad import Tensor
 
-        n = len(tokens)
+        batch, n = len(tokens), len(tokens[0])
         pos = self.torch_ops.positions[start:start + n]
         self.torch_ops.end = start + n
         x = embed(self.torch_ops, self.weights, self.config, torch.tensor(tokens))
         for seg in self.segments:
             if not seg.tinygrad:
                 for i in seg.layers:
-                    x = block(self.torch_ops, i, self.weights.layers[i], self.config, x, pos, n)
+                    x = block(self.torch_ops, i, self.weights.layers[i], self.config, x, pos, batch, n)
                 continue
-            host = x.numpy()  # activations cross by copy (a few KB); weights never do
+            host = x.numpy()  # activations cross by copy (a few KB per token); weights never do
             xt = lambda h=host: Tensor(h).realize()  # noqa: E731  (a fresh input per JIT call)
             if n == 1 and start >= 1:
-                out = seg.jit(xt(), self._start_var.bind(start))
+                out = seg.decode(batch, lambda f=xt: (f(), self._start_var.bind(start)))
             elif start == 0:
-                out = seg.prefill(n, lambda f=xt: (f(),))
+                out = seg.prefill((batch, n), lambda f=xt: (f(),))
             else:
                 out = self._run_tiny(seg, xt(), start)
             x = torch.from_numpy(out.numpy())
-        return head(self.torch_ops, self.weights, x)[0].numpy()
+        return head(self.torch_ops, self.weights, x).numpy()
 
 
 def _tiny_f32():

@@ -4,7 +4,6 @@ attention, optional `torch.compile` of the decode step. CPU, CUDA and MPS."""
 from __future__ import annotations
 
 import time
-from typing import Sequence
 
 import numpy as np
 
@@ -60,12 +59,12 @@ def torch_memory(device: str) -> dict[str, int]:
 
 
 class TorchOps(FusedProjections):
-    def __init__(self, cfg, max_seq: int, dtype, device: str):
+    def __init__(self, cfg, max_seq: int, max_batch: int, dtype, device: str):
         import torch
 
         self.cfg = cfg
         self.rope_tables = layer_rope_tables(cfg, max_seq, lambda a: torch.from_numpy(a).to(device=device, dtype=dtype))
-        shape = (cfg.n_layers, 1, cfg.n_kv_heads, max_seq, cfg.head_dim)
+        shape = (cfg.n_layers, max_batch, cfg.n_kv_heads, max_seq, cfg.head_dim)
         self.k_cache = torch.zeros(shape, dtype=dtype, device=device)
         self.v_cache = torch.zeros(shape, dtype=dtype, device=device)
         self.positions = torch.arange(max_seq, device=device)
@@ -87,9 +86,9 @@ class TorchOps(FusedProjections):
 
         if isinstance(weight, Int4Weight):
             return int4_linear(x, weight)
-        if self.use_mv and x.shape[0] == 1:
-            return torch.mv(weight, x[0])[None]
-        return F.linear(x, weight)
+        if self.use_mv and x.numel() == x.shape[-1]:  # one token of one sequence
+            return torch.mv(weight, x.reshape(-1)).reshape(*x.shape[:-1], -1)
+        return F.linear(x, weight)  # one GEMM over every sequence's tokens
 
     def rope(self, x, pos, layer):
         import torch
@@ -102,17 +101,18 @@ class TorchOps(FusedProjections):
     def attend(self, layer, q, k, v, pos):
         import torch.nn.functional as F
 
-        kc, vc = self.k_cache[layer], self.v_cache[layer]
-        kc.index_copy_(2, pos, k.transpose(0, 1)[None])
-        vc.index_copy_(2, pos, v.transpose(0, 1)[None])
+        batch = q.shape[0]
+        kc, vc = self.k_cache[layer, :batch], self.v_cache[layer, :batch]  # (B, kv, S, hd)
+        kc.index_copy_(2, pos, k.transpose(1, 2))
+        vc.index_copy_(2, pos, v.transpose(1, 2))
         end = self.end if self.end is not None else kc.shape[2]
         mask = self.positions[None, :end] <= pos[:, None]  # (T, S): causal over absolute positions
         window = self.cfg.window(layer)
         if window:
             mask = mask & (self.positions[None, :end] > pos[:, None] - window)
-        out = F.scaled_dot_product_attention(q.transpose(0, 1)[None], kc[:, :, :end], vc[:, :, :end],
+        out = F.scaled_dot_product_attention(q.transpose(1, 2), kc[:, :, :end], vc[:, :, :end],
                                              attn_mask=mask, enable_gqa=True, scale=self.cfg.scale)
-        return out[0].transpose(0, 1).reshape(q.shape[0], -1)
+        return out.transpose(1, 2).reshape(batch, q.shape[1], -1)
 
     def silu_mul(self, gate, up):
         import torch.nn.functional as F
@@ -192,13 +192,16 @@ class TorchBackend(TorchBased):
             raise UnavailableError("torch f16 matmul is not supported on this CPU build; use bf16 or f32")
         to = lambda a: torch.from_numpy(a).to(device=self.device, dtype=dtype)  # noqa: E731
         self.weights = spec.load_weights(to)
-        self.ops = TorchOps(spec.config, opts.max_seq_len, dtype, self.device)
+        self.ops = TorchOps(spec.config, opts.max_seq_len, opts.max_batch, dtype, self.device)
         self.ops.fuse(self.weights.layers)
         self._decode = self._forward
         compile_s = 0.0
         if opts.compile:
             t = time.perf_counter()
             self._decode = torch.compile(self._forward, fullgraph=True, dynamic=False)
+            # a graph per batch size: dynamo must keep that many before falling back to eager
+            dynamo = torch._dynamo.config
+            dynamo.recompile_limit = max(dynamo.recompile_limit, opts.max_batch)
             compile_s = time.perf_counter() - t  # tracing happens on the first calls: see warm-up
         info = float_load_info(spec, opts.precision, self.device, torch_threads=torch.get_num_threads(),
                                compiled=bool(opts.compile))
@@ -214,7 +217,7 @@ class TorchBackend(TorchBased):
         if opts.compile:
             raise UnavailableError("torch.compile of the int4 path is not supported; drop --compile")
         self.weights = load_int4_weights(spec, lambda a: torch.from_numpy(a))
-        self.ops = TorchOps(spec.config, opts.max_seq_len, torch.float32, self.device)
+        self.ops = TorchOps(spec.config, opts.max_seq_len, opts.max_batch, torch.float32, self.device)
         self._decode = self._forward
         held = dict(spec.weight_items(self.weights))
         def size(name: str) -> int:  # bytes as held: packed int4 with its scales, or f32
@@ -228,21 +231,22 @@ class TorchBackend(TorchBased):
                                  **int4_counts(self.weights)})
 
     def _forward(self, tokens, pos):
-        return forward(self.ops, self.weights, self.config, tokens, pos, tokens.shape[0])
+        return forward(self.ops, self.weights, self.config, tokens, pos, *tokens.shape)
 
-    def step(self, tokens: Sequence[int], start: int) -> np.ndarray:
+    def step(self, tokens: list[list[int]], start: int) -> np.ndarray:
         import torch
 
         t = torch.tensor(tokens, device=self.device)
-        pos = self.ops.positions[start:start + len(tokens)]
-        if len(tokens) == 1 and self._decode is not self._forward:
+        n = t.shape[1]
+        pos = self.ops.positions[start:start + n]
+        if n == 1 and self._decode is not self._forward:  # one compiled graph per batch size
             self.ops.end = None
             logits = self._decode(t, pos)
         else:
-            self.ops.end = start + len(tokens)
+            self.ops.end = start + n
             logits = self._forward(t, pos)
         synchronize(self.device)
-        return logits[0].float().cpu().numpy()
+        return logits.float().cpu().numpy()
 
 
 def _cpu_half_works() -> bool:

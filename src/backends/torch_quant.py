@@ -57,10 +57,13 @@ def int4_weight(nibbles: np.ndarray, scale: np.ndarray, zero: np.ndarray) -> Int
 
 
 def int4_linear(x, w: Int4Weight):
-    """x @ w.T for float32 activations of shape (tokens, cols), computed with bf16 activations."""
+    """x @ w.T for float32 activations of shape (..., cols), computed with bf16 activations. The
+    kernel takes 2D input: every sequence's tokens go through as the rows of one call."""
     import torch
 
-    return torch.ops.aten._weight_int4pack_mm_for_cpu(x.to(torch.bfloat16), w.packed, GROUP, w.scales_zeros).float()
+    rows = x.reshape(-1, w.cols).to(torch.bfloat16)
+    y = torch.ops.aten._weight_int4pack_mm_for_cpu(rows, w.packed, GROUP, w.scales_zeros)
+    return y.float().reshape(*x.shape[:-1], w.rows)
 
 
 def load_int4_weights(spec, to_float):
