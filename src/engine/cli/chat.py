@@ -35,6 +35,10 @@ class Turn:
     gen: Generation
     rss_bytes: int
 
+    @property
+    def prompt_tokens(self) -> int:
+        return len(self.prompt_ids)
+
 
 class ChatSession:
     def __init__(self, model: str, framework: str, precision: str, device: str, context: int, max_tokens: int,
@@ -133,7 +137,7 @@ def stats_table(turns: list[Turn]):
     for c in ("turn", "framework", "precision", "prompt", "generated", "TTFT ms", "decode tok/s"):
         t.add_column(c)
     for i, turn in enumerate(turns, 1):
-        t.add_row(str(i), turn.framework, turn.precision, str(len(turn.prompt_ids)), str(len(turn.gen.tokens)),
+        t.add_row(str(i), turn.framework, turn.precision, str(turn.prompt_tokens), str(len(turn.gen.tokens)),
                   f"{turn.gen.ttft_s * 1e3:.0f}", f"{turn.gen.decode_tps:.1f}")
     return t
 
