@@ -54,6 +54,18 @@ def default_spec(default_model):
     return ModelSpec.open(default_model)
 
 
+def require_backend(name):
+    """Skip the test, naming why, where the framework is not installed here."""
+    avail = backends.get(name).availability()
+    if not avail.ok:
+        pytest.skip(f"{name} unavailable here: {avail.reason}")
+
+
+def rel_err(a, b):
+    """Largest absolute difference relative to the largest reference magnitude."""
+    return float(np.abs(a - b).max() / np.abs(b).max())
+
+
 def load_backend(name, path, precision="auto", max_seq=64, **kw):
     return backends.open_backend(name, ModelSpec.open(path), precision, max_seq_len=max_seq, **kw).backend
 

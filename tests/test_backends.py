@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 import backends
-from conftest import ARCHS, load_backend, reference_logits
+from conftest import ARCHS, load_backend, rel_err, require_backend, reference_logits
 from engine.model.spec import ModelSpec
 from engine.generate.engine import GenerationConfig, InferenceEngine
 
@@ -13,12 +13,6 @@ PROMPT = [5, 17, 99, 42, 7, 300, 12, 250]
 STEPS = 6
 # relative tolerance on logits (max abs diff / max abs reference logit) per compute precision
 TOLERANCE = {"f32": 2e-4, "f16": 2e-2, "bf16": 6e-2}
-
-
-def _requires(name):
-    avail = backends.get(name).availability()
-    if not avail.ok:
-        pytest.skip(f"{name} unavailable here: {avail.reason}")
 
 
 class _F32File:
@@ -31,14 +25,10 @@ def float_cases():
             for prec in cls.precisions(_F32File()) if prec in TOLERANCE]
 
 
-def _rel(a, b):
-    return float(np.abs(a - b).max() / np.abs(b).max())
-
-
 @pytest.mark.parametrize("arch", ARCHS)
 @pytest.mark.parametrize("name,precision", float_cases())
 def test_logits_match_reference(arch_models, name, precision, arch):
-    _requires(name)
+    require_backend(name)
     path = arch_models[arch]
     ref = reference_logits(path, PROMPT, STEPS)
     b = load_backend(name, path, precision)
@@ -47,18 +37,18 @@ def test_logits_match_reference(arch_models, name, precision, arch):
         got.append(b.decode(int(np.argmax(r))))  # follow the reference's tokens
     for i, (g, r) in enumerate(zip(got, ref)):
         assert g.shape == r.shape and g.dtype == np.float32
-        assert _rel(g, r) < TOLERANCE[precision], f"step {i}: rel err {_rel(g, r):.2e}"
+        assert rel_err(g, r) < TOLERANCE[precision], f"step {i}: rel err {rel_err(g, r):.2e}"
     b.close()
 
 
 @pytest.mark.parametrize("name", [n for n, _ in float_cases() if _ == "f32"])
 @pytest.mark.parametrize("qtype", ["q8_0", "q4_1"])
 def test_quantized_files_match_reference_on_same_weights(tiny_models, name, qtype):
-    _requires(name)
+    require_backend(name)
     path = tiny_models[qtype]
     ref = reference_logits(path, PROMPT, 2)
     b = load_backend(name, path, "f32")
-    assert _rel(b.prefill(PROMPT), ref[0]) < TOLERANCE["f32"]
+    assert rel_err(b.prefill(PROMPT), ref[0]) < TOLERANCE["f32"]
 
 
 NATIVE_TOLERANCE = 6e-2  # 8-bit (llama.cpp) or bf16 (torch int4, MLX) activations over the file's own blocks
@@ -74,13 +64,13 @@ def native_cases():
 def test_the_files_own_quantization_matches_reference(tiny_models, name, qtype):
     """Backends that run a file's blocks natively (precision = the file's type) stay within
     activation-rounding distance of the reference, which runs the same blocks dequantized to f32."""
-    _requires(name)
+    require_backend(name)
     path = tiny_models[qtype]
     ref = reference_logits(path, PROMPT, STEPS)
     b = load_backend(name, path, qtype)
     got = [b.prefill(PROMPT)] + [b.decode(int(np.argmax(r))) for r in ref[:-1]]
     for i, (g, r) in enumerate(zip(got, ref)):
-        assert _rel(g, r) < NATIVE_TOLERANCE, f"step {i}: rel err {_rel(g, r):.2e}"
+        assert rel_err(g, r) < NATIVE_TOLERANCE, f"step {i}: rel err {rel_err(g, r):.2e}"
         assert np.argmax(g) == np.argmax(r), f"step {i}: another greedy token"
 
 
@@ -101,7 +91,7 @@ def test_torch_int4_unpacks_gguf_blocks_exactly(tiny_models):
 @pytest.mark.parametrize("arch", ARCHS)
 @pytest.mark.parametrize("name", [n for n in backends.names() if n != "metal"])
 def test_greedy_tokens_equal_reference(arch_models, name, arch):
-    _requires(name)
+    require_backend(name)
     path = arch_models[arch]
     cfg = GenerationConfig(max_new_tokens=12, ignore_eos=True)
     want = InferenceEngine(load_backend("numpy", path)).generate(PROMPT, cfg).tokens
@@ -115,13 +105,13 @@ def test_greedy_tokens_equal_reference(arch_models, name, arch):
 @pytest.mark.parametrize("name", [n for n in backends.names() if n != "metal"])
 def test_incremental_prefill_equals_one_prefill(arch_models, name, arch):
     """Chat appends turns to the KV cache: prefill(a); prefill(b) == prefill(a + b)."""
-    _requires(name)
+    require_backend(name)
     b = load_backend(name, arch_models[arch], "f32" if name != "llamacpp" else "auto")
     whole = b.prefill(PROMPT)
     b.reset()
     b.prefill(PROMPT[:3])
     split = b.prefill(PROMPT[3:])
-    assert _rel(split, whole) < 1e-3
+    assert rel_err(split, whole) < 1e-3
 
 
 def test_context_overflow_is_a_clear_error(tiny_f32):
@@ -163,13 +153,13 @@ def test_accelerator_paths_match_reference(tiny_f32, name, device, missing):
     b.load(ModelSpec.open(tiny_f32), LoadOptions(precision="f32", device=cls.resolve_device(device), max_seq_len=64))
     got = [b.prefill(PROMPT), b.decode(int(np.argmax(ref[0])))]
     for g, r in zip(got, ref):
-        assert _rel(g, r) < 1e-3  # TF32 or fast-math kernels on accelerators: a little looser
+        assert rel_err(g, r) < 1e-3  # TF32 or fast-math kernels on accelerators: a little looser
 
 
 @pytest.mark.parametrize("name", ["numpy", "torch", "transformers", "mlx", "tinygrad", "hybrid"])
 def test_tied_output_shares_the_embedding(arch_models, name):
     """Gemma's 262k x 640 embedding is the output head too: one float copy, never two."""
-    _requires(name)
+    require_backend(name)
     b = load_backend(name, arch_models["gemma3"], "f32")
     if name == "transformers":
         m = b.model

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 import backends
-from conftest import ARCHS, load_backend
+from conftest import ARCHS, load_backend, rel_err, require_backend
 from engine.errors import InputError, UnavailableError
 from engine.generate.engine import GenerationConfig, InferenceEngine
 
@@ -15,18 +15,8 @@ STEPS = 5
 BATCHED = [n for n, cls in backends.registry().items() if cls.batched and n != "metal"]
 
 
-def _requires(name):
-    avail = backends.get(name).availability()
-    if not avail.ok:
-        pytest.skip(f"{name} unavailable here: {avail.reason}")
-
-
 def _precision(name):
     return "auto" if name == "llamacpp" else "f32"
-
-
-def _rel(a, b):
-    return float(np.abs(a - b).max() / np.abs(b).max())
 
 
 def _unbatched(b, prompt, feed):
@@ -39,7 +29,7 @@ def _unbatched(b, prompt, feed):
 @pytest.mark.parametrize("arch", ARCHS)
 @pytest.mark.parametrize("name", BATCHED)
 def test_batched_logits_equal_unbatched_per_sequence(arch_models, name, arch):
-    _requires(name)
+    require_backend(name)
     b = load_backend(name, arch_models[arch], _precision(name), max_batch=len(PROMPTS))
     _assert_batched_equals_alone(b)
     b.close()
@@ -58,12 +48,12 @@ def _assert_batched_equals_alone(b, tolerance=1e-3):
     for step, (batch, alone) in enumerate(zip(*_batched_and_alone(b))):
         assert batch.shape == (len(PROMPTS), alone[0].shape[0]) and batch.dtype == np.float32
         for s, logits in enumerate(alone):
-            assert _rel(batch[s], logits) < tolerance, f"step {step} sequence {s}: {_rel(batch[s], logits):.2e}"
+            assert rel_err(batch[s], logits) < tolerance, f"step {step} sequence {s}: {rel_err(batch[s], logits):.2e}"
 
 
 @pytest.mark.parametrize("name", BATCHED)
 def test_batched_greedy_tokens_equal_each_sequence_alone(arch_models, name):
-    _requires(name)
+    require_backend(name)
     b = load_backend(name, arch_models["llama"], _precision(name), max_batch=len(PROMPTS))
     eng, cfg = InferenceEngine(b), GenerationConfig(max_new_tokens=10, ignore_eos=True)
     alone = [eng.generate(p, cfg).tokens for p in PROMPTS]
@@ -105,14 +95,14 @@ def test_a_backend_that_cannot_batch_says_so(tiny_f32):
 # mlx, transformers
 
 def test_mlx_native_q4_1_batched_equals_unbatched(tiny_models):
-    _requires("mlx")
+    require_backend("mlx")
     b = load_backend("mlx", tiny_models["q4_1"], "q4_1", max_batch=len(PROMPTS))
     _assert_batched_equals_alone(b)
     b.close()
 
 
 def test_transformers_bf16_batched_equals_unbatched(tiny_f32):
-    _requires("transformers")
+    require_backend("transformers")
     b = load_backend("transformers", tiny_f32, "bf16", max_batch=len(PROMPTS))
     _assert_batched_equals_alone(b)
     b.close()
@@ -122,7 +112,7 @@ def test_transformers_bf16_batched_equals_unbatched(tiny_f32):
 
 
 def _llamacpp(path, max_batch, max_seq=64):
-    _requires("llamacpp")
+    require_backend("llamacpp")
     return load_backend("llamacpp", path, max_seq=max_seq, max_batch=max_batch)
 
 
@@ -143,7 +133,7 @@ def test_llamacpp_decodes_a_batch_in_one_call_and_chunks_a_long_prefill(arch_mod
     logits = b.decode_batch([3] * 4)
     assert calls == [4]
     for s in range(4):
-        assert _rel(logits[s], alone[s]) < 1e-3
+        assert rel_err(logits[s], alone[s]) < 1e-3
     b.close()
 
 
@@ -155,9 +145,9 @@ def test_llamacpp_batch_size_may_change_after_reset(arch_models):
     b.reset()
     two = b.prefill_batch(PROMPTS[1:])
     for s in range(3):
-        assert _rel(three[s], alone[s]) < 1e-3
+        assert rel_err(three[s], alone[s]) < 1e-3
     for s in range(2):
-        assert _rel(two[s], alone[s + 1]) < 1e-3
+        assert rel_err(two[s], alone[s + 1]) < 1e-3
     b.close()
 
 
@@ -180,14 +170,14 @@ def test_llamacpp_bounds_are_the_requested_ones(tiny_f32):
 def test_torch_batched_equals_unbatched_per_sequence(tiny_models, file, precision, tolerance):
     """The int4 kernel takes every sequence's rows in one call; a bf16 batch runs F.linear where
     one sequence runs torch.mv, so bf16 rounding may separate them."""
-    _requires("torch")
+    require_backend("torch")
     _assert_batched_equals_alone(load_backend("torch", tiny_models[file], precision, max_batch=3), tolerance)
 
 
 def test_torch_decode_reads_each_weight_once_for_the_batch(tiny_f32):
     """Not a loop over sequences: a batch's decode step makes the linear calls one sequence
     makes, each on B rows."""
-    _requires("torch")
+    require_backend("torch")
     b = load_backend("torch", tiny_f32, "f32", max_batch=3)
     shapes, linear = [], b.ops.linear
     b.ops.linear = lambda x, w: shapes.append(tuple(x.shape[:-1])) or linear(x, w)
@@ -201,11 +191,11 @@ def test_torch_decode_reads_each_weight_once_for_the_batch(tiny_f32):
 
 def test_torch_compiled_decode_batches(tiny_f32):
     """torch.compile (dynamic=False) captures one decode graph per batch size."""
-    _requires("torch")
+    require_backend("torch")
     b = load_backend("torch", tiny_f32, "f32", max_batch=3, compile=True)
     batch, alone = _batched_and_alone(b, steps=2)
     for step, (got, want) in enumerate(zip(batch, alone)):
-        assert max(_rel(g, w) for g, w in zip(got, want)) < 1e-3, f"step {step}"
+        assert max(rel_err(g, w) for g, w in zip(got, want)) < 1e-3, f"step {step}"
 
 
 def _replayed_decode_counts(b, batch):
@@ -224,7 +214,7 @@ def _replayed_decode_counts(b, batch):
 @pytest.mark.parametrize("name", ["tinygrad", "hybrid"])
 def test_tinygrad_decode_of_a_batch_runs_the_kernels_of_one_sequence(tiny_f32, name):
     """One graph per batch size, not a loop over sequences; the jits are keyed by batch size."""
-    _requires(name)
+    require_backend(name)
     b = load_backend(name, tiny_f32, "f32", max_batch=3)
     (kernels_1, _), (kernels_3, _) = _replayed_decode_counts(b, 1), _replayed_decode_counts(b, 3)
     assert kernels_3 <= kernels_1 + 2
@@ -235,7 +225,7 @@ def test_tinygrad_decode_of_a_batch_runs_the_kernels_of_one_sequence(tiny_f32, n
 def test_tinygrad_decode_embeds_rows_not_the_table(tiny_f32):
     """Each sequence's symbolic token id reads its embedding row: an extra sequence costs far less
     than reading the table."""
-    _requires("tinygrad")
+    require_backend("tinygrad")
     b = load_backend("tinygrad", tiny_f32, "f32", max_batch=3)
     (_, bytes_1), (_, bytes_3) = _replayed_decode_counts(b, 1), _replayed_decode_counts(b, 3)
     assert (bytes_3 - bytes_1) / 2 < b.weights.tok_embd.nbytes() / 2
@@ -244,7 +234,7 @@ def test_tinygrad_decode_embeds_rows_not_the_table(tiny_f32):
 @pytest.mark.parametrize("name", ["torch", "tinygrad", "hybrid"])
 def test_appending_to_a_batch_equals_each_sequence_alone(arch_models, name):
     """prefill_batch after a batch appends a chunk to each sequence (chat turns): positions > 0, T > 1."""
-    _requires(name)
+    require_backend(name)
     b = load_backend(name, arch_models["gemma3"], "f32", max_batch=3)
     chunks = [[11, 12, 13], [21, 22, 23], [31, 32, 33]]
     alone = []
@@ -257,4 +247,4 @@ def test_appending_to_a_batch_equals_each_sequence_alone(arch_models, name):
     batched = [b.prefill_batch(chunks), b.decode_batch([7] * 3)]
     for step, logits in enumerate(batched):
         for s in range(3):
-            assert _rel(logits[s], alone[s][step]) < 1e-3, f"step {step} sequence {s}"
+            assert rel_err(logits[s], alone[s][step]) < 1e-3, f"step {step} sequence {s}"

@@ -71,8 +71,7 @@ def _mode(r) -> str:
 
 
 def _label(r) -> str:
-    batch = getattr(r, "batch_size", 1)
-    return _mode(r) + (f" batch {batch}" if batch > 1 else "")
+    return _mode(r) + (f" batch {r.batch_size}" if r.batch_size > 1 else "")  # cell_summary always has it
 
 
 def fig_decode(summary: pd.DataFrame):
