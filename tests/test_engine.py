@@ -11,7 +11,7 @@ from engine.generate.engine import GenerationConfig, InferenceEngine
 from engine.errors import InputError
 from engine.measure.memory import ProcessSampler
 from engine.results.rows import BenchmarkResult, csv_record
-from engine.results.writers import ResultWriter
+from engine.results.writers import ResultWriter, read_jsonl
 from engine.generate.sampling import Sampler
 from engine.measure.stats import summarize
 
@@ -130,10 +130,25 @@ def test_writer_appends_repairs_a_torn_line_and_refuses_other_columns(tmp_path):
         ResultWriter(tmp_path / "out.txt")
 
 
-def test_completed_cells_drops_a_cell_cut_short(tmp_path):
-    w = ResultWriter(tmp_path / "c.csv")
-    w.write([BenchmarkResult(cell_id="done", iterations=2, repeat=i) for i in range(2)])
-    w.write([BenchmarkResult(cell_id="half", iterations=3, repeat=0)])  # 1 of 3 rows
-    w.write([BenchmarkResult(cell_id="failed", status="crash", error="boom")])
-    assert w.completed_cells() == {"done", "failed"}
-    assert "half" not in (tmp_path / "c.csv").read_text() and "half" not in (tmp_path / "c.jsonl").read_text()
+def test_resume_supersedes_only_the_cells_it_measures_again(tmp_path):
+    w = ResultWriter(tmp_path / "c.csv", continuing=False)
+    w.write([BenchmarkResult(cell_id="done", run_id="r1", iterations=2, repeat=i, error="two\nlines") for i in range(2)])
+    w.write([BenchmarkResult(cell_id="half", run_id="r1", iterations=3, repeat=0)])  # 1 of 3 rows: cut short
+    w.write([BenchmarkResult(cell_id="failed", run_id="r1", status="crash", error="boom")])
+    w.write([BenchmarkResult(cell_id="elsewhere", run_id="r1", status="timeout")])  # not in the resumed sweep
+    before = {p: p.read_bytes() for p in (tmp_path / "c.csv", tmp_path / "c.jsonl")}
+    with pytest.raises(InputError, match=r"c.csv already holds 5 row\(s\): add --resume .* another --output"):
+        ResultWriter(tmp_path / "c.csv", continuing=False)
+    w2 = ResultWriter(tmp_path / "c.csv")
+    assert w2.completed_cells() == {"done"}
+    assert {p: p.read_bytes() for p in before} == before  # deciding deletes nothing
+    w2.write([BenchmarkResult(cell_id="failed", run_id="r2", iterations=1)])
+    w2.write([BenchmarkResult(cell_id="half", run_id="r2", iterations=3, repeat=i) for i in range(3)])
+    rows = list(csv.DictReader(open(tmp_path / "c.csv", newline="")))
+    assert [(r["cell_id"], r["run_id"], r["status"]) for r in rows] == [
+        ("done", "r1", "ok"), ("done", "r1", "ok"), ("elsewhere", "r1", "timeout"), ("failed", "r2", "ok"),
+        ("half", "r2", "ok"), ("half", "r2", "ok"), ("half", "r2", "ok")]
+    assert [x["cell_id"] for x in read_jsonl(tmp_path / "c.jsonl")] == [r["cell_id"] for r in rows]
+    for path, old in before.items():  # the rows kept are the very bytes written first
+        kept = [line for line in old.decode().splitlines(keepends=True) if "failed" not in line and "half" not in line]
+        assert path.read_bytes().startswith("".join(kept).encode())

@@ -32,7 +32,8 @@ memory_limit_mb = 1500
     csv = tmp_path / "faults.csv"
     codes = {}
     for fault in ("raise", "abort", "hang", "oom", "none"):
-        r = bench("sweep", str(cfg), "-o", f"fault={fault}", "-O", str(csv), env=FAULT_ENV, timeout=120)
+        r = bench("sweep", str(cfg), "-o", f"fault={fault}", "-O", str(csv), *(["--resume"] if codes else []),
+                  env=FAULT_ENV, timeout=120)
         codes[fault] = r.returncode
     assert codes == {"raise": 1, "abort": 1, "hang": 1, "oom": 1, "none": 0}
     df = pd.read_csv(csv)
@@ -174,3 +175,53 @@ def test_sequential_when_asked_or_alone(tiny_f32, tmp_path):
     from engine.measure.cell import physical_cores
 
     assert (df.threads == physical_cores()).all(), "without --threads every framework gets every core"
+
+
+def _run_numpy(tiny_f32, csv, *args):
+    return bench("run", "-f", "numpy", "-m", tiny_f32, "--prompt-tokens", "4", "-r", "2", "--warmup", "0",
+                 "-O", str(csv), *args)
+
+
+def test_output_with_rows_refused_without_resume_and_left_untouched(tiny_f32, tmp_path):
+    csv = tmp_path / "kept.csv"
+    assert _run_numpy(tiny_f32, csv, "-n", "2").returncode == 0
+    before = (csv.read_bytes(), csv.with_suffix(".jsonl").read_bytes())
+    r = _run_numpy(tiny_f32, csv, "-n", "2")
+    assert r.returncode == 2, r.stderr
+    assert r.stderr.strip() == (f"error: {csv} already holds 2 row(s): add --resume to continue it, "
+                                "or name another --output")
+    assert (csv.read_bytes(), csv.with_suffix(".jsonl").read_bytes()) == before
+
+
+def test_resume_keeps_every_row_of_a_cell_already_measured(tiny_f32, tmp_path):
+    """A file holding two runs of a cell (what reusing -O used to leave) keeps both through --resume."""
+    first, second, csv = tmp_path / "a.csv", tmp_path / "b.csv", tmp_path / "both.csv"
+    for out in (first, second):
+        assert _run_numpy(tiny_f32, out, "-n", "2").returncode == 0
+    for suffix in (".csv", ".jsonl"):
+        tail = second.with_suffix(suffix).read_text().splitlines(keepends=True)[suffix == ".csv":]
+        csv.with_suffix(suffix).write_text(first.with_suffix(suffix).read_text() + "".join(tail))
+    before = {s: csv.with_suffix(s).read_bytes() for s in (".csv", ".jsonl")}
+    r = _run_numpy(tiny_f32, csv, "-n", "2", "-n", "3", "--resume")
+    assert r.returncode == 0, r.stderr
+    assert "resumed: 1 cell(s) already in" in r.stderr
+    for s, old in before.items():
+        assert csv.with_suffix(s).read_bytes().startswith(old), f"a row of the {s} was changed or lost"
+    df = pd.read_csv(csv)
+    assert df.groupby("gen_tokens").size().to_dict() == {2: 4, 3: 2}
+
+
+def test_resume_measures_a_failed_cell_again_and_replaces_only_its_row(tiny_f32, tmp_path):
+    csv = tmp_path / "failed.csv"
+    assert _run_numpy(tiny_f32, csv, "-n", "2").returncode == 0
+    ok_rows = csv.read_text()
+    r = _run_numpy(tiny_f32, csv, "-n", "3", "--timeout", "0.001", "--resume")  # the cell is killed
+    assert r.returncode == 1 and pd.read_csv(csv).status.tolist() == ["ok", "ok", "timeout"]
+    r = _run_numpy(tiny_f32, csv, "-n", "2", "-n", "3", "--resume")  # timeout_s is not in the cell id
+    assert r.returncode == 0, r.stderr
+    assert csv.read_text().startswith(ok_rows)
+    df = pd.read_csv(csv)
+    assert df.status.tolist() == ["ok"] * 4 and df.gen_tokens.tolist() == [2, 2, 3, 3]
+    assert (df.match_tokens == df.gen_tokens).all()
+    jsonl = pd.read_json(csv.with_suffix(".jsonl"), lines=True)
+    assert jsonl[["cell_id", "status"]].values.tolist() == df[["cell_id", "status"]].values.tolist()

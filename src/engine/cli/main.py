@@ -44,7 +44,7 @@ def run_cells_command(o: dict[str, Any], debug: bool, config: str | None = None)
     if o["resume"] and not o["output"]:
         raise InputError("--resume needs --output naming the results file to continue")
     out = Path(o["output"]) if o["output"] else RESULTS_DIR / f"bench-{time.strftime('%Y%m%d-%H%M%S')}.csv"
-    writer = ResultWriter(out)
+    writer = ResultWriter(out, continuing=o["resume"])  # a file with rows only through --resume
     executor, bw = (_cluster_executor(cluster, debug), math.nan) if cluster else (run_cells, host_bandwidth()["host_gbps"])
     where = f"Ray cluster {cluster}: {executor.describe()}" if cluster else f"host memory bandwidth {bw:.1f} GB/s"
     display.stderr.print(f"{len(cells)} cell(s) -> {out}  ({where})")

@@ -13,6 +13,7 @@ import io
 import json
 import math
 import os
+from collections import Counter
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence, TextIO
 
@@ -168,13 +169,18 @@ class ResultWriter:
     """Appends rows to FILE.csv and FILE.jsonl beside it; each `write` is one flushed, fsynced
     append per file, so a crash or a kill between writes loses nothing already written."""
 
-    def __init__(self, csv_path: str | os.PathLike, row_class: type = BenchmarkResult):
-        """`row_class`: the typed rows written (BenchmarkResult, or ServeResult for `bench serve`)."""
+    def __init__(self, csv_path: str | os.PathLike, row_class: type = BenchmarkResult, *, continuing: bool = True):
+        """`row_class`: the typed rows written (BenchmarkResult, or ServeResult for `bench serve`).
+        `continuing=False`: a file that already holds rows is refused, untouched (a second run of
+        the same cells appended to it would mix with the first; `--resume` continues a file)."""
         self.csv_path = Path(csv_path)
         if self.csv_path.suffix != ".csv":
             raise InputError(f"--output must name a .csv file, got {self.csv_path}")
         self.jsonl_path = self.csv_path.with_suffix(".jsonl")
         self.columns = row_class.csv_columns()
+        self.superseding = False  # set by `completed_cells`: rewritten cells replace their old rows
+        if not continuing:
+            _refuse_rows(self.csv_path, self.jsonl_path)
         self.csv_path.parent.mkdir(parents=True, exist_ok=True)
         if self.csv_path.exists() and self.csv_path.stat().st_size:
             with open(self.csv_path, newline="") as f:
@@ -200,8 +206,17 @@ class ResultWriter:
             os.fsync(f.fileno())
 
     def write(self, rows: Sequence[BenchmarkResult]) -> None:
-        self._append(self.jsonl_path, JsonlPrinter, rows)
-        self._append(self.csv_path, self._csv, rows)
+        if not self.superseding:
+            self._append(self.jsonl_path, JsonlPrinter, rows)
+            self._append(self.csv_path, self._csv, rows)
+            return
+        # a cell measured again (it had failed, or a kill cut it short) replaces its earlier rows:
+        # one atomic rewrite per file, every other line kept byte for byte
+        cells = {r.cell_id for r in rows}
+        for path, printer in ((self.jsonl_path, JsonlPrinter), (self.csv_path, self._csv)):
+            buf = io.StringIO()
+            printer(buf).rows(rows)
+            _rewrite(path, _without_cells(path, cells) + buf.getvalue())
 
     def add_flag(self, cell_ids: set[str], flag: str) -> None:
         """Add `flag` to every row of these cells in both files (an atomic rewrite of each), for
@@ -221,24 +236,16 @@ class ResultWriter:
         _rewrite(self.jsonl_path, "".join(json.dumps(r) + "\n" for r in rows_j))
 
     def completed_cells(self) -> set[str]:
-        """Cell ids fully written to the CSV. Rows of a cell cut short by a kill are dropped from
-        both files (the cell runs again), so a resumed sweep ends with every cell exactly once."""
+        """Cell ids measured in full in the CSV: some run (`run_id`) of the cell wrote every repeat,
+        status ok. Nothing is deleted here; a cell that failed or was cut short by a kill runs
+        again and its new rows supersede its old ones (`write`), so a resumed sweep ends with
+        every cell it ran exactly once and every row of any other cell as it was."""
         with open(self.csv_path, newline="") as f:
             rows = list(csv.DictReader(f))
-        counts: dict[str, int] = {}
-        for r in rows:
-            counts[r["cell_id"]] = counts.get(r["cell_id"], 0) + 1
-        done = {r["cell_id"] for r in rows
-                if r["status"] != "ok" or counts[r["cell_id"]] == int(r["iterations"] or 0)}
-        if len(done) != len(counts):
-            kept = [r for r in rows if r["cell_id"] in done]
-            _rewrite(self.csv_path, csv_text(kept, self.columns, header=True))
-        if self.jsonl_path.exists():
-            rows_j = read_jsonl(self.jsonl_path)
-            kept_j = [r for r in rows_j if r.get("cell_id") in done]
-            if len(kept_j) != len(rows_j):
-                _rewrite(self.jsonl_path, "".join(json.dumps(r) + "\n" for r in kept_j))
-        return done
+        runs = Counter((r["cell_id"], r["run_id"]) for r in rows if r["status"] == "ok")
+        self.superseding = True
+        return {r["cell_id"] for r in rows
+                if r["status"] == "ok" and runs[r["cell_id"], r["run_id"]] == int(r["iterations"] or 0)}
 
 
 def _rewrite(path: Path, text: str) -> None:
@@ -272,3 +279,48 @@ def read_jsonl(path: str | os.PathLike) -> list[dict[str, Any]]:
                 except ValueError:
                     continue  # a torn last line from a killed writer
     return rows
+
+
+def _refuse_rows(csv_path: Path, jsonl_path: Path) -> None:
+    held = max(len(_csv_records(csv_path)) - 1, 0) or len(read_jsonl(jsonl_path) if jsonl_path.exists() else [])
+    if held:
+        raise InputError(f"{csv_path} already holds {held} row(s): add --resume to continue it, "
+                         "or name another --output")
+
+
+def _csv_records(path: Path) -> list[tuple[str, list[str]]]:
+    """Each CSV record (header first) with its exact text, a quoted field's line breaks included."""
+    if not path.exists():
+        return []
+    with open(path, encoding="utf-8", newline="") as f:
+        lines: list[str] = []
+
+        def read():
+            for line in f:
+                lines.append(line)
+                yield line
+
+        out = []
+        for record in csv.reader(read()):  # the reader takes lines only until its record is complete
+            out.append(("".join(lines), record))
+            lines.clear()
+        return out
+
+
+def _without_cells(path: Path, cells: set[str]) -> str:
+    """The text of a results file (CSV or JSONL) without the rows of `cells`, every other line as it was."""
+    if path.suffix == ".csv":
+        records = _csv_records(path)
+        col = records[0][1].index("cell_id")
+        return "".join(text for i, (text, rec) in enumerate(records) if i == 0 or rec[col] not in cells)
+    if not path.exists():
+        return ""
+    with open(path, encoding="utf-8", newline="") as f:
+        return "".join(line for line in f if _jsonl_cell(line) not in cells)
+
+
+def _jsonl_cell(line: str) -> str | None:
+    try:
+        return json.loads(line).get("cell_id")
+    except ValueError:
+        return None  # a blank or torn line: kept as it was
