@@ -7,6 +7,7 @@ import pexpect
 import pytest
 
 import backends
+from conftest import require_backend
 from engine.cli.chat import ChatSession
 
 
@@ -73,10 +74,11 @@ def test_answers_on_the_default_model():
     c.expect(pexpect.EOF)
 
 
-@pytest.mark.parametrize("framework", [n for n in backends.available()])
+@pytest.mark.parametrize("framework", [n for n in backends.names() if "cpu" in backends.get(n).devices])
 def test_every_available_backend_chats_on_the_default_model(framework):
     import io
 
+    require_backend(framework)
     session = ChatSession("default", framework, "auto", "auto", context=256, max_tokens=8, temperature=0.0, seed=0)
     out = io.StringIO()
     first = session.reply("What is the capital of France?", out=out)
@@ -101,3 +103,36 @@ def test_ctrl_c_stops_a_reply_and_returns_to_the_prompt():
     c.expect(pexpect.EOF)
     c.close()
     assert c.exitstatus == 0
+
+
+@pytest.mark.parametrize("framework,precision", [("numpy", "auto"), ("torch", "f32")])
+def test_kv_reused_over_three_turns_equals_a_fresh_prefill(framework, precision):
+    """Each turn prefills only what the cache lacks; its logits must equal a fresh prefill of the
+    whole conversation, after a reply a stop token ended (turn 1) and one --max-tokens cut (turn 2)."""
+    import io
+
+    import numpy as np
+
+    from conftest import rel_err
+
+    require_backend(framework)
+    max_tokens = 12
+    session = ChatSession("default", framework, precision, "auto", context=256, max_tokens=max_tokens,
+                          temperature=0.0, seed=0)
+    prefills, prefill_batch = [], session.backend.prefill_batch
+
+    def recording(prompts):  # what each turn fed, and the logits it got
+        logits = prefill_batch(prompts)
+        prefills.append((len(prompts[0]), np.array(logits[0])))
+        return logits
+
+    session.backend.prefill_batch = recording
+    turns = [session.reply(text, out=io.StringIO()) for text in
+             ("What is the capital of France?", "Write a long poem about the sea.", "Thank you!")]
+    assert len(turns[0].gen.tokens) < max_tokens, "turn 1 should end on a stop token"
+    assert len(turns[1].gen.tokens) == max_tokens, "turn 2 should be cut by --max-tokens"
+    assert all(fed < t.prompt_tokens for (fed, _), t in zip(prefills[1:], turns[1:])), "the cache was not reused"
+    for (_, reused), turn in zip(prefills, turns):
+        session.backend.reset()
+        fresh = np.array(prefill_batch([turn.prompt_ids])[0])
+        assert rel_err(reused, fresh) < 1e-4, f"turn {turns.index(turn) + 1}"

@@ -113,7 +113,7 @@ class ChatSession:
                 out.write(full[len(text_so_far):])
                 out.flush()
                 text_so_far = full
-            self.cached = ids + gen.tokens[:-1] if gen.tokens else ids
+            self.cached = ids + fed_tokens(gen.tokens, budget)
         except KeyboardInterrupt:
             if not gen.tokens:
                 raise
@@ -123,6 +123,13 @@ class ChatSession:
         turn = Turn(self.framework, self.precision, self.device, ids, gen, psutil.Process().memory_info().rss)
         self.turns.append(turn)
         return turn
+
+
+def fed_tokens(generated: list[int], budget: int) -> list[int]:
+    """The generated ids a reply left in the KV cache. InferenceEngine.stream decodes each token it
+    yields before it samples the next: a reply a stop id ended has fed every token it yielded; one
+    cut at `budget` tokens has fed all but the last (sampled, never decoded)."""
+    return generated if len(generated) < budget else generated[:-1]
 
 
 def status_line(t: Turn) -> str:
