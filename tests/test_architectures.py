@@ -4,7 +4,7 @@ reference against llama.cpp on each, and one-line errors for what is not impleme
 import numpy as np
 import pytest
 
-from conftest import ARCHS, bench, load_backend
+from conftest import ARCHS, bench, load_backend, require_backend
 from engine.errors import ModelError
 from engine.model.arch import read_config
 from engine.model.spec import ModelSpec
@@ -40,7 +40,7 @@ def test_each_architecture_loads_its_tensors(arch_models, arch):
 def test_reference_equals_llama_cpp(arch_models, arch):
     """llama.cpp runs each architecture its own way; the numpy reference must agree with it
     (f16 KV cache there: 1e-3 relative), across the sliding window and both RoPE bases."""
-    pytest.importorskip("llama_cpp")
+    require_backend("llamacpp")
     ref, cpp = load_backend("numpy", arch_models[arch]), load_backend("llamacpp", arch_models[arch])
     pairs = [(ref.prefill(PROMPT), cpp.prefill(PROMPT))]
     for t in (3, 9, 100, 200):

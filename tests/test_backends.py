@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 import backends
-from conftest import ARCHS, load_backend, rel_err, require_backend, reference_logits
+from conftest import ARCHS, device_skip, load_backend, rel_err, require_backend, reference_logits
 from engine.model.spec import ModelSpec
 from engine.generate.engine import GenerationConfig, InferenceEngine
 
@@ -144,7 +144,7 @@ def _accelerators():
 @pytest.mark.parametrize("name,device,missing", _accelerators())
 def test_accelerator_paths_match_reference(tiny_f32, name, device, missing):
     if missing:
-        pytest.skip(missing)
+        device_skip(missing)
     from backends.base import LoadOptions
 
     ref = reference_logits(tiny_f32, PROMPT, 2)

@@ -5,7 +5,7 @@ import json
 import pandas as pd
 import pytest
 
-from conftest import FAULT_ENV, bench
+from conftest import FAULT_ENV, bench, device_skip, require_backend
 from engine.results.rows import BenchmarkResult
 
 
@@ -85,7 +85,7 @@ def test_framework_unavailable_here_is_one_line(tiny_f32):
 
     avail = backends.get("metal").availability()
     if avail.ok:
-        pytest.skip("metal runs on this host")
+        device_skip("metal runs on this host")
     r = bench("run", "-f", "metal", "-m", tiny_f32)
     assert r.returncode != 0 and "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
     assert "metal: no Apple GPU on this host" in r.stderr
@@ -180,7 +180,9 @@ def test_modes_best_measures_every_mode_and_flags_one_per_framework(tiny_models,
     from engine.model.spec import ModelSpec
 
     out = tmp_path / "best.csv"
-    frameworks = [f for f in ("numpy", "mlx", "transformers") if backends.get(f).availability().ok]
+    frameworks = ["numpy", "mlx", "transformers"]
+    for f in frameworks:
+        require_backend(f)
     args = [a for f in frameworks for a in ("-f", f)]
     r = bench("run", "--modes", "best", *args, "-m", tiny_models["q4_1"], "-n", "4", "-r", "2", "-O", str(out))
     assert r.returncode == 0, r.stderr

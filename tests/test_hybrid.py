@@ -1,14 +1,12 @@
 import numpy as np
 import pytest
 
-import backends
-from conftest import load_backend, reference_logits
+from conftest import load_backend, reference_logits, require_backend
 from backends.hybrid import HybridBackend
 
 PROMPT = [3, 9, 27, 81, 243]
 
-pytestmark = pytest.mark.skipif(not backends.get("hybrid").availability().ok,
-                                reason=backends.get("hybrid").availability().reason)
+require_backend("hybrid")
 
 
 def test_tinygrad_runs_on_torchs_own_buffers(tiny_f32):

@@ -16,9 +16,9 @@ import pandas as pd
 import psutil
 import pytest
 
-from conftest import ROOT, bench
+from conftest import ROOT, bench, require_module
 
-pytest.importorskip("ray")
+require_module("ray")
 
 RAY_DAEMONS = ("raylet", "gcs_server")
 NODE_GBPS = {"a": 11.0, "b": 22.0}  # each node's own bandwidth figure, told apart in the rows

@@ -14,7 +14,7 @@ import numpy as np
 import psutil
 import pytest
 
-from conftest import bench
+from conftest import bench, require_module
 from engine.serve.load import Level, LoadSpec, run_level
 from engine.serve.metrics import Slo, level_fields, request_sample
 from engine.serve.process import ManagedServer, ServerFailed
@@ -194,8 +194,8 @@ def test_servers_die_with_the_harness(tmp_path):
 
 
 def test_exported_checkpoint_gives_the_reference_logits(tiny_models, tmp_path, monkeypatch):
-    torch = pytest.importorskip("torch")
-    transformers = pytest.importorskip("transformers")
+    torch = require_module("torch")
+    transformers = require_module("transformers")
     from conftest import reference_logits
     from engine.model.spec import ModelSpec
     from engine.model.tokenizer import Tokenizer
@@ -218,7 +218,7 @@ def test_exported_checkpoint_gives_the_reference_logits(tiny_models, tmp_path, m
 
 
 def test_llamacpp_server_streams_the_reference_tokens(tiny_f32, tmp_path):
-    pytest.importorskip("llama_cpp.server.app")
+    require_module("llama_cpp.server.app")
     out = tmp_path / "serve.csv"
     r = bench("serve", "-s", "llamacpp", "-m", tiny_f32, "-c", "1", "-c", "2", "--requests", "6",
               "--prompt-tokens", "12", "-n", "8", "--check", "6", "-O", str(out), "--format", "csv", timeout=300)
@@ -261,7 +261,7 @@ def test_llamacpp_and_vllm_on_the_default_model(tmp_path):
 
 
 def test_serve_rows_round_trip_and_report(tmp_path):
-    pytest.importorskip("matplotlib")
+    require_module("matplotlib")
     from engine.analysis.report import write_report
     from engine.results.writers import ResultWriter, read_jsonl
     from engine.serve.rows import ServeResult

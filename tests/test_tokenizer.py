@@ -1,5 +1,6 @@
 import pytest
 
+from conftest import require_module
 from engine.errors import ModelError
 from engine.model.tokenizer import Tokenizer
 
@@ -30,7 +31,7 @@ def test_known_ids(tok):
 
 def _llama_cpp_vocab(path):
     """llama.cpp's own tokenizer for `path`: the oracle these tests compare against."""
-    llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python is the oracle for this check")
+    llama_cpp = require_module("llama_cpp", "llama-cpp-python is the oracle for this check")
     llm = llama_cpp.Llama(path, vocab_only=True, verbose=False)
     yield llm
     llm.close()
