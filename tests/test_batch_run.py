@@ -101,3 +101,20 @@ def test_what_sizes_a_load_is_in_its_key_and_nothing_else_changes_a_cell_id(tiny
     # the interleave plan counts each lane's own KV caches (f32, every position of every sequence)
     kv = ModelSpec.open(tiny_f32).config.kv_bytes_per_token(4) * (32 + 16)
     assert estimated_bytes(replace(cell, batch_size=8)) - estimated_bytes(cell) == 7 * kv
+
+
+def test_a_child_handed_cells_of_two_shapes_loads_each_for_its_own(tiny_f32):
+    """The worker never measures a cell on a load sized for another, however the cells were grouped."""
+    from engine.measure.cell import Cell
+    from engine.sweep.child import GroupChild
+
+    cells = [Cell(framework="numpy", model=tiny_f32, prompt_tokens=4, gen_tokens=4, repeats=1, warmup=0, batch_size=b,
+                  seed=seed) for b, seed in ((1, 0), (2, 0), (2, 1))]
+    child = GroupChild(cells, 30.0, "t", debug=False)
+    try:
+        replies = [child.request(c, 30.0) for c in cells]
+    finally:
+        child.close()
+    assert [r.kind for r in replies] == ["done"] * 3
+    assert [r.rows[0]["load"]["sequences"] for r in replies] == [1, 2, 2]
+    assert [r.rows[0]["load_s"] > 0 for r in replies] == [True, True, False], "equal shapes share a load"
