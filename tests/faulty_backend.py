@@ -1,21 +1,27 @@
 """A test-only backend for fault injection, loaded through BENCH_BACKEND_MODULES.
 
-Its behaviour comes from the cell option `fault`: raise, abort, hang, oom, or none (it then wraps
-the numpy reference, so a healthy cell produces real rows). With `fault_prompt=N` the fault only
-hits prompts of N tokens, so one cell of a load group can fail while its neighbours succeed."""
+Its behaviour comes from the cell option `fault`: raise, abort, hang, oom, spike (allocates and
+frees SPIKE_BYTES once, on the generation `fault_generation`, and otherwise runs healthy), or none
+(it then wraps the numpy reference, so a healthy cell produces real rows). With `fault_prompt=N`
+the fault only hits prompts of N tokens, so one cell of a load group can fail while its neighbours succeed."""
 
 import os
 import time
 
+import numpy as np
+
 from backends.base import BackendOption
 from backends.numpy_ref import NumpyBackend
+
+SPIKE_BYTES = 400 * 2**20
 
 
 class FaultyBackend(NumpyBackend):
     name = "faulty"
     description = "fault injection for tests"
     is_reference = False
-    options = (BackendOption("fault", str, "the fault to inject", choices=("raise", "abort", "hang", "oom", "none")),
+    options = (BackendOption("fault", str, "the fault to inject",
+                             choices=("raise", "abort", "hang", "oom", "spike", "none")),
                BackendOption("fault_prompt", int, "inject only on prompts of this many tokens"),
                BackendOption("fault_generation", int, "inject only from this generation on (1: the first)"))
 
@@ -30,6 +36,10 @@ class FaultyBackend(NumpyBackend):
         self.generations += start == 0
         if (self.fault_prompt is not None and len(tokens[0]) != self.fault_prompt) or \
                 self.generations < self.fault_generation:
+            return super().step(tokens, start)
+        if self.fault == "spike":  # touched pages, resident until freed at the end of the step
+            if self.generations == self.fault_generation and start == 0:
+                np.ones(SPIKE_BYTES // 8).sum()
             return super().step(tokens, start)
         if self.fault == "raise":
             raise RuntimeError("injected failure")

@@ -2,6 +2,7 @@
 reference match; what cannot run is a row with its reason; `bench report` draws the scaling."""
 
 import json
+from dataclasses import replace
 
 import pandas as pd
 
@@ -63,3 +64,57 @@ def test_a_framework_that_cannot_batch_is_unavailable_for_batches(tiny_f32, tmp_
     df = pd.read_csv(out)
     assert dict(zip(df.batch_size, df.status)) == {1: "ok", 2: "unavailable"}
     assert df[df.status == "unavailable"].error.iloc[0] == "framework serial cannot decode a batch of 2 sequences in one step"
+
+
+def test_a_cell_gets_the_same_load_alone_or_beside_a_larger_batch(default_model, tmp_path):
+    """torch on the default model: the batch-1 cell of `-b 1 -b 8` is the batch-1 cell of `-b 1`."""
+    both, alone = tmp_path / "both.csv", tmp_path / "alone.csv"
+    common = ("run", "-f", "torch", "-m", default_model, "-n", "16", "-r", "1", "--warmup", "0", "--no-check")
+    assert bench(*common, "-b", "1", "-b", "8", "-O", str(both)).returncode == 0
+    assert bench(*common, "-b", "1", "-O", str(alone)).returncode == 0
+    one_in_sweep, eight = sorted(_jsonl(both), key=lambda x: x["batch_size"])
+    [one_alone] = _jsonl(alone)
+    assert one_in_sweep["cell_id"] == one_alone["cell_id"]
+    assert one_in_sweep["load"] == one_alone["load"]
+    assert one_alone["load"]["sequences"] == 1 and one_alone["load"]["positions"] == 32 + 16
+    assert eight["load"]["sequences"] == 8 and eight["load"]["positions"] == 32 + 16
+    assert {k: v for k, v in eight["load"].items() if k != "sequences"} == \
+        {k: v for k, v in one_alone["load"].items() if k != "sequences"}
+    assert one_alone["load"]["threads"] == one_alone["threads"] and one_alone["load"]["compile"] is False
+    csv = pd.read_csv(alone)
+    assert json.loads(csv.load.iloc[0]) == one_alone["load"], "the CSV holds the load as JSON text"
+
+
+def test_what_sizes_a_load_is_in_its_key_and_nothing_else_changes_a_cell_id(tiny_f32):
+    from engine.measure.cell import Cell
+    from engine.sweep.isolation import estimated_bytes
+
+    cell = Cell(framework="torch", model=tiny_f32, prompt_tokens=32, gen_tokens=16)
+    assert replace(cell, batch_size=8).load_key != cell.load_key
+    assert replace(cell, gen_tokens=17).load_key != cell.load_key
+    assert replace(cell, prompt_tokens=16, gen_tokens=32).load_key == cell.load_key, "same positions, same load"
+    assert replace(cell, seed=5).load_key == cell.load_key
+    assert replace(cell, prompt_text="hello").load_key != replace(cell, prompt_text="world").load_key
+    # ids from before loads were sized per cell stay valid
+    assert Cell(framework="llamacpp", model="/x/default.gguf", gen_tokens=16).cell_id == "469cc2370a69"
+    assert Cell(framework="torch", model="/x/default.gguf", gen_tokens=16, batch_size=8).cell_id == "9faaae0f606e"
+    # the interleave plan counts each lane's own KV caches (f32, every position of every sequence)
+    kv = ModelSpec.open(tiny_f32).config.kv_bytes_per_token(4) * (32 + 16)
+    assert estimated_bytes(replace(cell, batch_size=8)) - estimated_bytes(cell) == 7 * kv
+
+
+def test_a_child_handed_cells_of_two_shapes_loads_each_for_its_own(tiny_f32):
+    """The worker never measures a cell on a load sized for another, however the cells were grouped."""
+    from engine.measure.cell import Cell
+    from engine.sweep.child import GroupChild
+
+    cells = [Cell(framework="numpy", model=tiny_f32, prompt_tokens=4, gen_tokens=4, repeats=1, warmup=0, batch_size=b,
+                  seed=seed) for b, seed in ((1, 0), (2, 0), (2, 1))]
+    child = GroupChild(cells, 30.0, "t", debug=False)
+    try:
+        replies = [child.request(c, 30.0) for c in cells]
+    finally:
+        child.close()
+    assert [r.kind for r in replies] == ["done"] * 3
+    assert [r.rows[0]["load"]["sequences"] for r in replies] == [1, 2, 2]
+    assert [r.rows[0]["load_s"] > 0 for r in replies] == [True, True, False], "equal shapes share a load"

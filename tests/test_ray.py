@@ -170,7 +170,7 @@ def test_bad_addresses_and_node_without_cluster_are_one_line(tiny_f32, tmp_path)
 
 @pytest.mark.slow
 def test_driver_killed_then_resume_completes_every_cell_once(cluster, tiny_f32, tmp_path):
-    cfg = config(tmp_path, tiny_f32, 'gen_tokens = [2, 3, 4, 5, 6, 7]\nthreads = [1, 2]\nmin_time_s = 0.5')
+    cfg = config(tmp_path, tiny_f32, 'gen_tokens = 4\nseed = [0, 1, 2, 3, 4, 5]\nthreads = [1, 2]\nmin_time_s = 0.5')
     csv = tmp_path / "resume.csv"
     args = [sys.executable, "-m", "engine", "sweep", str(cfg), "--ray", cluster.address, "-O", str(csv)]
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
@@ -193,8 +193,8 @@ def test_driver_killed_then_resume_completes_every_cell_once(cluster, tiny_f32, 
 def test_a_node_killed_mid_sweep_loses_nothing_and_duplicates_nothing(tiny_f32, tmp_path):
     c = two_nodes(tmp_path)
     try:
-        # two load groups (threads 1 and 2), one per node's slot; each cell ~0.5 s
-        cfg = config(tmp_path, tiny_f32, 'gen_tokens = [2, 3, 4, 5, 6, 7]\nthreads = [1, 2]\nmin_time_s = 0.5')
+        # two load groups (threads 1 and 2; seeds share a load), one per node's slot; each cell ~0.5 s
+        cfg = config(tmp_path, tiny_f32, 'gen_tokens = 4\nseed = [0, 1, 2, 3, 4, 5]\nthreads = [1, 2]\nmin_time_s = 0.5')
         csv = tmp_path / "kill.csv"
         args = [sys.executable, "-m", "engine", "sweep", str(cfg), "--ray", c.address, "-O", str(csv)]
         env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
@@ -247,7 +247,7 @@ def test_ray_local_measures_what_a_local_run_measures(tiny_f32, tmp_path):
 def test_a_cell_pinned_to_a_node_that_dies_is_lost_and_the_rest_unavailable(tiny_f32, tmp_path):
     c = two_nodes(tmp_path)
     try:
-        cfg = config(tmp_path, tiny_f32, 'node = "b"\ngen_tokens = [2, 3, 4, 5, 6, 7]\nmin_time_s = 0.5')
+        cfg = config(tmp_path, tiny_f32, 'node = "b"\ngen_tokens = 4\nseed = [0, 1, 2, 3, 4, 5]\nmin_time_s = 0.5')
         csv = tmp_path / "pinned.csv"
         args = [sys.executable, "-m", "engine", "sweep", str(cfg), "--ray", c.address, "-O", str(csv)]
         env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}

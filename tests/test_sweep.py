@@ -51,7 +51,8 @@ def test_a_crash_costs_one_cell_and_its_group_continues_in_a_fresh_child(tiny_f3
     for k, v in FAULT_ENV.items():
         monkeypatch.setenv(k, v)
     options = (("fault", "abort"), ("fault_prompt", 5))  # one load group; only the 5-token prompt aborts
-    cells = [Cell(framework="faulty", model=tiny_f32, prompt_tokens=n, gen_tokens=2, repeats=1, warmup=0,
+    # one shape (9 positions a sequence), so one load key
+    cells = [Cell(framework="faulty", model=tiny_f32, prompt_tokens=n, gen_tokens=9 - n, repeats=1, warmup=0,
                   timeout_s=30, options=options) for n in (4, 5, 6, 7)]
     assert len({c.load_key for c in cells}) == 1
     got = [(c.prompt_tokens, rows[0].status) for c, rows in run_cells(cells, 30.0, "t")]

@@ -86,6 +86,7 @@ class Opened:
     precision: str
     version: str
     load_s: float
+    opts: LoadOptions  # what it was loaded with (resolved precision and device, capacity)
 
 
 def open_backend(name: str, spec: "ModelSpec", precision: str = "auto", device: str = "auto", *,
@@ -104,4 +105,4 @@ def open_backend(name: str, spec: "ModelSpec", precision: str = "auto", device: 
     backend = cls()
     t = time.perf_counter()
     info = backend.load(spec, opts)
-    return Opened(backend, info, precision, avail.version, time.perf_counter() - t)
+    return Opened(backend, info, precision, avail.version, time.perf_counter() - t, opts)

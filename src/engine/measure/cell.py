@@ -72,10 +72,20 @@ class Cell:
         return [self.seed + b for b in range(self.batch_size)]
 
     @property
+    def load_shape(self) -> tuple:
+        """What sizes a load for this cell: the sequences it decodes and the positions each fills.
+        A seeded prompt is exactly `prompt_tokens` long; a text prompt's length needs the model's
+        tokenizer, so the text stands for it. Cells of equal shape can share a load."""
+        if self.prompt_text:
+            return (self.batch_size, self.prompt_text, self.gen_tokens)
+        return (self.batch_size, self.prompt_tokens + self.gen_tokens)
+
+    @property
     def load_key(self) -> tuple:
-        """Cells with equal keys can share one loaded model in one child process."""
+        """Cells with equal keys can share one loaded model in one child process: every cell gets
+        a load sized for its own shape, never for its neighbours'."""
         return (self.model, self.framework, self.precision, self.device, self.threads, self.compile,
-                self.memory_limit_mb, self.options, self.node)
+                self.memory_limit_mb, self.options, self.node, self.load_shape)
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)

@@ -1,6 +1,6 @@
-"""Memory of a measured process: the kernel's high-water mark (read by the process itself) and
-RSS/USS sampled from outside by the parent, so no sampler thread competes with the measured loop
-for the GIL or a core."""
+"""Memory of a measured process: the kernel's high-water mark of its own address space (read by
+the process itself, reset at each cell where the kernel allows) and RSS/USS sampled from outside
+by the parent, so no sampler thread competes with the measured loop for the GIL or a core."""
 
 from __future__ import annotations
 
@@ -9,10 +9,37 @@ import sys
 
 import psutil
 
+CLEAR_REFS = "/proc/self/clear_refs"
 
-def high_water_mark_bytes() -> int:
-    kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return kb if sys.platform == "darwin" else kb * 1024  # macOS reports bytes, Linux KiB
+
+class PeakRss:
+    """The peak resident memory of this process since `scope` began.
+
+    Linux: `VmHWM` of /proc/self/status, the high-water mark of this process's own mm (never
+    `ru_maxrss`, which a child inherits over fork+exec from whoever spawned it). `reset()` writes
+    "5" to /proc/self/clear_refs, which sets VmHWM to the current RSS (Linux 4.0+): the scope is
+    then `cell`. Where that write is refused, or off Linux, the scope stays `process` (since the
+    process started). macOS: `ru_maxrss` in bytes, the process's peak resident size; it cannot be
+    reset."""
+
+    def __init__(self, clear_refs: str = CLEAR_REFS) -> None:
+        self.clear_refs, self.scope = clear_refs, "process"
+
+    def reset(self) -> None:
+        try:
+            with open(self.clear_refs, "w") as f:
+                f.write("5")
+            self.scope = "cell"
+        except OSError:  # not Linux, an old kernel, or a sandbox that forbids it
+            self.scope = "process"
+
+    def bytes(self) -> int:
+        if sys.platform == "linux":
+            with open("/proc/self/status") as f:
+                kib = next(line.split()[1] for line in f if line.startswith("VmHWM:"))
+            return int(kib) * 1024
+        maxrss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        return maxrss if sys.platform == "darwin" else maxrss * 1024  # macOS reports bytes, the BSDs KiB
 
 
 class ProcessSampler:

@@ -18,7 +18,7 @@ from engine.errors import InputError
 from engine.model.spec import ModelSpec
 from engine.measure import fidelity
 from engine.measure.fidelity import Fidelity
-from engine.measure.memory import high_water_mark_bytes
+from engine.measure.memory import PeakRss
 from engine.results.rows import BenchmarkResult, provenance
 from engine.measure.stats import percentile, summarize
 from engine.generate.prompts import prompt_ids
@@ -27,8 +27,9 @@ MAX_REPEATS = 1000
 
 
 class LoadedModel:
-    """A backend loaded for a cell's load key; consecutive cells with the same key reuse it.
-    The first cell measured on it pays (and reports) the load and the first-call overhead."""
+    """A backend loaded for one cell's own shape (its batch, its positions); consecutive cells of
+    equal load key and shape reuse it. The first cell measured on it pays (and reports) the load
+    and the first-call overhead. `load` is what the backend was loaded with, for the rows."""
 
     def __init__(self, cell: Cell, spec: ModelSpec, max_seq_len: int, max_batch: int = 1):
         self.spec = spec
@@ -37,7 +38,14 @@ class LoadedModel:
                                        options=dict(cell.options))
         self.backend, self.info, self.precision = opened.backend, opened.info, opened.precision
         self.version, self.load_s = opened.version, opened.load_s
+        opts = opened.opts
+        self.load = dict(sequences=opts.max_batch, positions=opts.max_seq_len, precision=opts.precision,
+                         device=opts.device, threads=opts.threads, compile=opts.compile, options=dict(opts.options))
         self.used = False
+
+    @property
+    def load_shape(self) -> tuple[int, int]:
+        return self.load["sequences"], self.load["positions"]
 
     def close(self) -> None:
         self.backend.close()
@@ -76,10 +84,13 @@ def kv_memory_shortfall(spec: ModelSpec, cell: Cell, max_seq_len: int) -> str:
 class CellRun:
     """One cell measured a repeat at a time, so a scheduler can interleave the repeats of several
     loaded models (A B C A B C ...). The first step also runs the warm-up; `step()` says when the
-    cell has its repeats (and `min_time_s` of measurement); `rows()` then builds its rows."""
+    cell has its repeats (and `min_time_s` of measurement); `rows()` then builds its rows. `peak`
+    is this process's memory mark, reset (or not) by the caller when the cell starts."""
 
-    def __init__(self, cell: Cell, loaded: LoadedModel, prompts: list[list[int]], host_gbps: float, run_id: str):
+    def __init__(self, cell: Cell, loaded: LoadedModel, prompts: list[list[int]], host_gbps: float, run_id: str,
+                 peak: PeakRss | None = None):
         self.cell, self.loaded, self.prompts, self.host_gbps, self.run_id = cell, loaded, prompts, host_gbps, run_id
+        self.peak = peak or PeakRss()
         self.engine = InferenceEngine(loaded.backend)
         self.gen_cfg = GenerationConfig(max_new_tokens=cell.gen_tokens, ignore_eos=True, seed=cell.seed)
         self.warm: list[float] | None = None
@@ -95,7 +106,7 @@ class CellRun:
         t = time.perf_counter()
         self.runs.append(self.engine.generate_batch(self.prompts, self.gen_cfg))
         self.measured_s += time.perf_counter() - t
-        self.peak_rss_bytes = high_water_mark_bytes()  # through the timed runs, before any bookkeeping
+        self.peak_rss_bytes = self.peak.bytes()  # through the timed runs, before any bookkeeping
         n, c = len(self.runs), self.cell
         return n >= c.repeats and (self.measured_s >= c.min_time_s or n >= MAX_REPEATS)
 
@@ -112,8 +123,8 @@ class CellRun:
         fid = measure_fidelity(self.cell, loaded, self.prompts[0], runs[0].tokens)
         rows = build_rows(self.cell, loaded, self.prompts, runs, sum(warm), compile_s, load_s, device_mem,
                           self.host_gbps, self.run_id, self.peak_rss_bytes)
-        return [replace(r, kl_vs_reference=fid.kl_vs_reference, top1_agreement=fid.top1_agreement, measured_at=at)
-                for r, at in zip(rows, self.measured_at)]
+        return [replace(r, kl_vs_reference=fid.kl_vs_reference, top1_agreement=fid.top1_agreement, measured_at=at,
+                        peak_rss_scope=self.peak.scope, load=loaded.load) for r, at in zip(rows, self.measured_at)]
 
 
 def measure(cell: Cell, loaded: LoadedModel, prompts: list[list[int]], host_gbps: float,

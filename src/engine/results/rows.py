@@ -79,6 +79,7 @@ class BenchmarkResult(TypedRow):
     threads_used: int = 0
     optimization_level: str = ""
     options: dict[str, Any] = field(default_factory=dict)  # backend options (-o KEY=VALUE) the cell ran with
+    load: dict[str, Any] = field(default_factory=dict)  # what the backend was loaded with: capacity, threads, ...
     iterations: int = 0  # measured repeats in this cell
     # time
     load_s: float = math.nan
@@ -108,6 +109,7 @@ class BenchmarkResult(TypedRow):
     decode_tps_cov: float = math.nan
     # memory
     peak_rss_bytes: int = 0
+    peak_rss_scope: str = ""  # what interval peak_rss_bytes covers: cell or process
     sampled_rss_peak_bytes: int = 0
     sampled_uss_peak_bytes: int = 0
     device_memory_bytes: int = 0

@@ -1,10 +1,11 @@
 """Run cells in child processes so a crash, an OOM kill or a hang costs one row, never the sweep,
 and schedule their repeats so drift on a shared host hits every framework alike.
 
-Cells sharing a load key form a lane: one child loads the model once and measures the lane's
-cells in order. With several lanes and `interleave`, every lane's child stays loaded and the
-repeats are taken round-robin, one measuring at a time (A B C A B C ...); otherwise lanes run one
-after another. A child that dies costs the cell it was in (a `crash`, `oom` or `timeout` row);
+Cells sharing a load key (which includes the batch and positions that size the load) form a
+lane: one child loads the model once and measures the lane's cells in order, one cell at a time
+(its memory mark is reset per cell). With several lanes and `interleave`, every lane's child
+stays loaded and the repeats are taken round-robin, one measuring at a time (A B C A B C ...);
+otherwise lanes run one after another. A child that dies costs the cell it was in (a `crash`, `oom` or `timeout` row);
 the lane goes on in a fresh child.
 """
 
@@ -18,7 +19,7 @@ import psutil
 
 from engine.measure.cell import Cell
 from engine.measure.host import HostMonitor
-from engine.measure.runner import failure_row
+from engine.measure.runner import failure_row, kv_memory_shortfall, positions_needed
 from engine.results.rows import BenchmarkResult
 from engine.sweep.child import GroupChild, Reply
 
@@ -76,13 +77,18 @@ def plan(lanes: list[Lane], interleave: bool) -> tuple[str, str]:
 
 
 def estimated_bytes(cell: Cell) -> int:
-    """A loaded model's memory, pessimistically: every parameter as f32, plus the framework."""
+    """A loaded model's memory, pessimistically: every parameter as f32, the framework, and f32 KV
+    caches for the cell's own batch and positions (none for a batch that will be refused for them)."""
     from engine.model.spec import open_spec
 
     try:
-        return open_spec(cell.model).n_params * 4 + PER_MODEL_OVERHEAD
-    except Exception:  # an unreadable model fails in its own child, with its own row
+        spec = open_spec(cell.model)
+        positions = positions_needed(spec, cell)
+    except Exception:  # an unreadable model or prompt fails in its own child, with its own row
         return PER_MODEL_OVERHEAD
+    refused = kv_memory_shortfall(spec, cell, positions)
+    kv = 0 if refused else cell.batch_size * positions * spec.config.kv_bytes_per_token(4)
+    return spec.n_params * 4 + PER_MODEL_OVERHEAD + kv
 
 
 def _advance(lane: Lane, host_gbps: float, run_id: str, debug: bool,

@@ -10,6 +10,7 @@ from typing import Callable, Iterator
 
 import backends
 from engine.measure.cell import Cell
+from engine.sweep.cells import order
 from engine.sweep.isolation import run_cells
 from engine.results.rows import BenchmarkResult
 from engine.results.writers import ResultWriter
@@ -76,7 +77,8 @@ class ReferenceTokens:
             if key not in missing or missing[key].batch_size < c.batch_size:
                 missing[key] = replace(c, framework=self.name, precision="auto", device="auto", repeats=1, warmup=0,
                                        min_time_s=0.0, compile=False, options=(), threads=0, memory_limit_mb=0)
-        for ref, rows in self.executor(list(missing.values()), self.host_gbps, self.run_id):
+        # grouped by load key: references of one shape share a child and a load
+        for ref, rows in self.executor(order(list(missing.values())), self.host_gbps, self.run_id):
             self.offer(ref, rows)
 
     def get(self, cell: Cell) -> list[list[int]] | None:

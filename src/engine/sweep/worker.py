@@ -4,7 +4,9 @@ Its stdin carries JSON lines: first the job (the group's cells, host bandwidth, 
 cell id per line, each meaning "measure the next repeat of this cell" (the first also warms up).
 It reports on file descriptor FD, one JSON line per event: `start`, `step` (a repeat measured,
 the cell wants more), `done` (with the cell's rows) or `failed` (status and error), so whatever a
-framework prints cannot corrupt the results. The model loads once, on the first command.
+framework prints cannot corrupt the results. The model loads on a cell's first command, sized for
+that cell's own batch and positions; the next cells of that shape reuse it. The parent measures
+one cell of a process at a time, so the memory mark reset when a cell starts is that cell's.
 """
 
 from __future__ import annotations
@@ -14,7 +16,9 @@ import os
 import resource
 import sys
 import traceback
-from typing import Any
+from typing import Any, Callable
+
+Emit = Callable[..., None]
 
 
 def _limit_memory(mb: int) -> None:
@@ -23,68 +27,110 @@ def _limit_memory(mb: int) -> None:
         resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
 
 
-def main(argv: list[str]) -> int:
+def _emitter(fd: int) -> Emit:
     from engine.results.rows import json_default  # light: no framework, no numpy
 
-    out = os.fdopen(int(argv[1]), "w", buffering=1, encoding="utf-8")
-    job = json.loads(sys.stdin.readline())
+    out = os.fdopen(fd, "w", buffering=1, encoding="utf-8")
 
     def emit(event: str, cell_id: str, **data: Any) -> None:
         out.write(json.dumps({"event": event, "cell_id": cell_id, **data}, default=json_default) + "\n")
         out.flush()
+    return emit
 
+
+def failure(e: Exception, debug: bool) -> tuple[str, str]:
+    """The status and error of a cell that raised `e` (not a MemoryError: the caller ends on that)."""
+    from engine.errors import BenchError, OutOfMemoryError, UnavailableError
+
+    if isinstance(e, OutOfMemoryError):  # refused before allocating: the process is fine
+        return "oom", str(e)
+    if isinstance(e, UnavailableError):
+        return "unavailable", str(e)
+    if isinstance(e, BenchError):
+        return "error", str(e)
+    # a framework's own exception: one row, the sweep goes on
+    detail = traceback.format_exc(limit=-3) if debug else ""
+    return "error", f"{type(e).__name__}: {e}".strip() + detail
+
+
+class Measuring:
+    """The child's state: its group's cells, the model loaded for the current shape, the cells
+    being measured and this process's memory mark."""
+
+    def __init__(self, job: dict[str, Any], emit: Emit):
+        from engine.measure.cell import Cell
+        from engine.measure.memory import PeakRss
+
+        self.job, self.emit = job, emit
+        self.cells = {c["cell_id"]: Cell.from_json(c["cell"]) for c in job["cells"]}
+        self.spec = self.loaded = None
+        self.running: dict[str, Any] = {}  # cell id -> its CellRun
+        self.peak = PeakRss()
+
+    def command(self, cell_id: str) -> bool:
+        """Measure the next repeat of `cell_id`; False when this process must end (heap unusable)."""
+        self.emit("start", cell_id)
+        try:
+            run = self.running.get(cell_id) or self._start(self.cells[cell_id])
+            self.running[cell_id] = run
+            if run.step():
+                self.emit("done", cell_id, rows=[r.as_dict() for r in self.running.pop(cell_id).rows()])
+            else:
+                self.emit("step", cell_id)
+        except MemoryError:
+            self.emit("failed", cell_id, status="oom", error="out of memory (MemoryError)")
+            return False  # let the parent start a fresh process
+        except Exception as e:
+            self.running.pop(cell_id, None)
+            status, error = failure(e, self.job.get("debug", False))
+            self.emit("failed", cell_id, status=status, error=error)
+        return True
+
+    def _start(self, cell):
+        """A cell's first command: the memory mark reset, a load of its shape, its prompts."""
+        import backends
+        from engine.errors import OutOfMemoryError
+        from engine.measure.runner import CellRun, cell_prompts, kv_memory_shortfall, positions_needed
+        from engine.model.spec import ModelSpec
+
+        self.peak.reset()  # from here: this cell's load (when it pays one), warm-up and timed runs
+        backends.get(cell.framework).check_batch_size(cell.batch_size)
+        self.spec = self.spec or ModelSpec.open(cell.model)
+        positions = positions_needed(self.spec, cell)
+        short = kv_memory_shortfall(self.spec, cell, positions)
+        if short:
+            raise OutOfMemoryError(short)
+        self._load_for(cell, positions)
+        return CellRun(cell, self.loaded, cell_prompts(self.spec, cell), self.job["host_gbps"], self.job["run_id"],
+                       self.peak)
+
+    def _load_for(self, cell, positions: int) -> None:
+        """A model loaded for exactly this cell's sequences and positions (reused when it is)."""
+        from engine.measure.runner import LoadedModel
+
+        if self.loaded is not None and self.loaded.load_shape == (cell.batch_size, positions):
+            return
+        self.close()
+        self.loaded = LoadedModel(cell, self.spec, positions, cell.batch_size)
+
+    def close(self) -> None:
+        if self.loaded is not None:
+            self.loaded.close()
+            self.loaded = None
+
+
+def main(argv: list[str]) -> int:
+    emit = _emitter(int(argv[1]))
+    job = json.loads(sys.stdin.readline())
     _limit_memory(job["cells"][0]["cell"].get("memory_limit_mb", 0))
     # imported after the limit is set, so framework imports count against it
     import scipy.special  # noqa: F401  (statistics after the timed runs: loaded first, the same for every framework)
 
-    import backends
-    from engine.errors import BenchError, OutOfMemoryError, UnavailableError
-    from engine.measure.cell import Cell
-    from engine.measure.runner import CellRun, LoadedModel, cell_prompts, kv_memory_shortfall, positions_needed
-    from engine.model.spec import ModelSpec
-
-    cells = {c["cell_id"]: Cell.from_json(c["cell"]) for c in job["cells"]}
-    spec, loaded, running, max_seq = None, None, {}, 0
+    measuring = Measuring(job, emit)
     for line in sys.stdin:
-        cell_id = line.strip()
-        cell = cells[cell_id]
-        emit("start", cell_id)
-        try:
-            if cell_id not in running:
-                backends.get(cell.framework).check_batch_size(cell.batch_size)
-                if spec is None:
-                    spec = ModelSpec.open(cell.model)
-                    max_seq = max(positions_needed(spec, c) for c in cells.values())
-                short = kv_memory_shortfall(spec, cell, max_seq)
-                if short:
-                    raise OutOfMemoryError(short)
-                if loaded is None:  # KV caches for the largest batch of the group that fits
-                    max_batch = max(c.batch_size for c in cells.values() if not kv_memory_shortfall(spec, c, max_seq))
-                    loaded = LoadedModel(cell, spec, max_seq, max_batch)
-                prompts = cell_prompts(spec, cell)
-                running[cell_id] = CellRun(cell, loaded, prompts, job["host_gbps"], job["run_id"])
-            if running[cell_id].step():
-                emit("done", cell_id, rows=[r.as_dict() for r in running.pop(cell_id).rows()])
-            else:
-                emit("step", cell_id)
-        except MemoryError:
-            emit("failed", cell_id, status="oom", error="out of memory (MemoryError)")
-            return 0  # the heap may be unusable: let the parent start a fresh process
-        except OutOfMemoryError as e:  # refused before allocating: the process is fine
-            running.pop(cell_id, None)
-            emit("failed", cell_id, status="oom", error=str(e))
-        except UnavailableError as e:
-            running.pop(cell_id, None)
-            emit("failed", cell_id, status="unavailable", error=str(e))
-        except BenchError as e:
-            running.pop(cell_id, None)
-            emit("failed", cell_id, status="error", error=str(e))
-        except Exception as e:  # a framework's own exception: one row, the sweep goes on
-            running.pop(cell_id, None)
-            detail = traceback.format_exc(limit=-3) if job.get("debug") else ""
-            emit("failed", cell_id, status="error", error=f"{type(e).__name__}: {e}".strip() + detail)
-    if loaded is not None:
-        loaded.close()
+        if not measuring.command(line.strip()):
+            return 0
+    measuring.close()
     return 0
 
 
