@@ -9,6 +9,7 @@ import time
 from rich.console import Console
 
 from engine.measure.cell import Cell
+from engine.results.modes import row_mode
 from engine.results.rows import BenchmarkResult
 from engine.results.writers import results_table
 
@@ -105,8 +106,6 @@ def best_table(rows: list[BenchmarkResult]):
     chosen = [r for r in rows if "best" in r.flags and r.repeat == 0]
     for r in sorted(chosen, key=lambda r: -r.decode_tps_mean):
         tried = len({x.cell_id for x in rows if x.framework == r.framework and x.prompt_ids == r.prompt_ids})
-        mode = r.precision + (" compiled" if r.optimization_level == "compile" else "") + "".join(
-            f" {k}={v}" for k, v in sorted(r.options.items()))
-        t.add_row(r.framework, mode, str(r.prompt_tokens), str(r.gen_tokens), f"{r.decode_tps_mean:.1f}",
+        t.add_row(r.framework, row_mode(r), str(r.prompt_tokens), str(r.gen_tokens), f"{r.decode_tps_mean:.1f}",
                   f"{r.kl_vs_reference:.4f}", f"{r.top1_agreement:.2f}", f"{r.peak_rss_bytes / 1e6:.0f}", str(tried))
     return t
