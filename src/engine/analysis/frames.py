@@ -155,7 +155,7 @@ def fig_roofline(summary: pd.DataFrame):
 
     s = roofline_by_mode(summary)
     fig, ax = plt.subplots(figsize=(7, 0.4 * len(s) + 1.5))
-    ax.barh([f"{a} {b}" for a, b in zip(s.framework, s.mode)], s.roofline_frac, color="tab:green")
+    ax.barh([f"{a} {b}" for a, b in zip(s.framework, s["mode"])], s.roofline_frac, color="tab:green")
     ax.axvline(1.0, color="k", lw=0.8)
     ax.set(xlabel="fraction of the host's memory-bandwidth roofline", title="Decode roofline fraction")
     fig.tight_layout()

@@ -2,9 +2,10 @@
 
 Its stdin carries JSON lines: first the job (the group's cells, host bandwidth, run id), then one
 cell id per line, each meaning "measure the next repeat of this cell" (the first also warms up).
-It reports on file descriptor FD, one JSON line per event: `start`, `step` (a repeat measured,
-the cell wants more), `done` (with the cell's rows) or `failed` (status and error), so whatever a
-framework prints cannot corrupt the results. The model loads once, on the first command.
+It reports on file descriptor FD, one JSON line per event: `start`, `loaded` (the model, with
+its load_s), `step` (a repeat measured, the cell wants more), `done` (with the cell's rows) or
+`failed` (status and error), so whatever a framework prints cannot corrupt the results; `step`
+and `done` carry the repeat's seconds and the cell's warm-up seconds, for the parent's ETA. The model loads once, on the first command.
 """
 
 from __future__ import annotations
@@ -21,6 +22,11 @@ def _limit_memory(mb: int) -> None:
     if mb:
         limit = mb * 2**20
         resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+
+
+def _timing(run) -> dict[str, float]:
+    """What the request just measured: its repeat, and the warm-up a cell's first request ran."""
+    return {"repeat_s": run.runs[-1].total_ns / 1e9, "warmup_s": sum(run.warm) if len(run.runs) == 1 else 0.0}
 
 
 def main(argv: list[str]) -> int:
@@ -61,12 +67,14 @@ def main(argv: list[str]) -> int:
                 if loaded is None:  # KV caches for the largest batch of the group that fits
                     max_batch = max(c.batch_size for c in cells.values() if not kv_memory_shortfall(spec, c, max_seq))
                     loaded = LoadedModel(cell, spec, max_seq, max_batch)
+                    emit("loaded", cell_id, load_s=loaded.load_s, precision=loaded.precision)  # the parent's progress and ETA
                 prompts = cell_prompts(spec, cell)
                 running[cell_id] = CellRun(cell, loaded, prompts, job["host_gbps"], job["run_id"])
             if running[cell_id].step():
-                emit("done", cell_id, rows=[r.as_dict() for r in running.pop(cell_id).rows()])
+                run = running.pop(cell_id)
+                emit("done", cell_id, rows=[r.as_dict() for r in run.rows()], **_timing(run))
             else:
-                emit("step", cell_id)
+                emit("step", cell_id, **_timing(running[cell_id]))
         except MemoryError:
             emit("failed", cell_id, status="oom", error="out of memory (MemoryError)")
             return 0  # the heap may be unusable: let the parent start a fresh process
