@@ -76,7 +76,8 @@ def cell_summary(df: pd.DataFrame, latencies: pd.DataFrame | None = None) -> pd.
                 roofline_frac=("roofline_frac", "mean"), match_tokens=("match_tokens", "min"),
                 kl_vs_reference=("kl_vs_reference", "mean"), top1_agreement=("top1_agreement", "mean"),
                 flags=("flags", lambda s: ";".join(sorted({f for v in s.dropna() for f in str(v).split(";") if f}))),
-                repeats=("repeat", "count"), _sample_keys=("_sample_key", lambda s: tuple(sorted(set(s))))).reset_index()
+                repeats=("repeat", "count"),
+                _sample_keys=("_sample_key", lambda s: tuple(sorted(set(s))))).reset_index()
     pooled = _pooled_samples(out._sample_keys, latencies)
     for col, q in (("itl_p50_s", 50), ("itl_p99_s", 99)):
         out[col] = [np.percentile(x, q) if x.size else mean for x, mean in zip(pooled, out[col])]

@@ -60,11 +60,12 @@ class SweepProgress:
         if self.live:
             from rich.console import Group
             from rich.live import Live
-            from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+            from rich.progress import BarColumn, MofNCompleteColumn, SpinnerColumn, TextColumn, TimeElapsedColumn
+            from rich.progress import Progress as Bar
 
             self._group = Group
-            self.progress = Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(),
-                                     MofNCompleteColumn(), TimeElapsedColumn(), EtaColumn(self.eta_text), console=stderr)
+            self.progress = Bar(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                                TimeElapsedColumn(), EtaColumn(self.eta_text), console=stderr)
             self.task = self.progress.add_task("starting", total=total)
             self._live = Live(self.progress, console=stderr, refresh_per_second=4)
 

@@ -57,13 +57,17 @@ class SweepEta:
         self.finish_s: list[float] = []
         self.done = 0
 
+    def _lane(self, cell: Cell) -> _Lane:
+        """The cell's lane; a cell outside the plan gets one of its own (progress never fails a sweep)."""
+        return self.lanes.setdefault(cell.load_key, _Lane([cell]))
+
     def loaded(self, cell: Cell, load_s: float) -> None:
-        self.lanes[cell.load_key].loaded = True
+        self._lane(cell).loaded = True
         self.load_s.append(load_s)
         self.last_event = self.clock()
 
     def measured(self, p: Progress) -> None:
-        lane = self.lanes[p.cell.load_key]
+        lane = self._lane(p.cell)
         if not lane.repeats_done:
             self.first_warmup_s.append(p.warmup_s)
         # a final request also ran the fidelity pass and built the rows: counted apart, once per cell
@@ -76,7 +80,7 @@ class SweepEta:
 
     def cell_done(self, cell: Cell) -> None:
         """The cell ended (complete or failed): nothing of it is left to do."""
-        self.lanes[cell.load_key].finished.add(cell.cell_id)
+        self._lane(cell).finished.add(cell.cell_id)
         self.done += 1
         self.last_event = self.clock()
 

@@ -5,7 +5,8 @@ cell id per line, each meaning "measure the next repeat of this cell" (the first
 It reports on file descriptor FD, one JSON line per event: `start`, `loaded` (the model, with
 its load_s), `step` (a repeat measured, the cell wants more), `done` (with the cell's rows) or
 `failed` (status and error), so whatever a framework prints cannot corrupt the results; `step`
-and `done` carry the repeat's seconds and the cell's warm-up seconds, for the parent's ETA. The model loads once, on the first command.
+and `done` carry the repeat's seconds and the cell's warm-up seconds, for the parent's ETA. The
+model loads once, on the first command.
 """
 
 from __future__ import annotations
@@ -67,7 +68,7 @@ def main(argv: list[str]) -> int:
                 if loaded is None:  # KV caches for the largest batch of the group that fits
                     max_batch = max(c.batch_size for c in cells.values() if not kv_memory_shortfall(spec, c, max_seq))
                     loaded = LoadedModel(cell, spec, max_seq, max_batch)
-                    emit("loaded", cell_id, load_s=loaded.load_s, precision=loaded.precision)  # the parent's progress and ETA
+                    emit("loaded", cell_id, load_s=loaded.load_s, precision=loaded.precision)  # for the progress
                 prompts = cell_prompts(spec, cell)
                 running[cell_id] = CellRun(cell, loaded, prompts, job["host_gbps"], job["run_id"])
             if running[cell_id].step():
