@@ -75,7 +75,7 @@ class GroupChild:
 
     def request(self, cell: Cell, timeout_s: float, on_loaded: Callable[[float, str], None] | None = None) -> Reply:
         """Ask for the next repeat of `cell`; wait for its answer at most `timeout_s`. The child
-        loads its model within the first request: `on_loaded(load_s, precision)` hears of it as it happens."""
+        loads its model within its first request: `on_loaded(load_s, precision)` hears of it then."""
         if not self._send(cell.cell_id):
             return self._died()
         deadline = time.monotonic() + timeout_s
