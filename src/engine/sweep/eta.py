@@ -2,9 +2,11 @@
 
 One child measures at a time (lanes interleaved or one after another), so the time left is the
 sum over lanes of what each still has to do: its load if not loaded yet (as long as the loaded
-lanes took, on average), each unstarted cell's warm-up, every remaining repeat at the seconds a
-repeat took in that cell (or, before its first, the lane's seconds per generated token times the
-cell's tokens), and the finishing of each cell (fidelity pass and rows, once one was measured).
+lanes took, on average), each unstarted cell's warm-up (its steady runs plus half of what the
+lane's last new cell compiled: a new prompt shape recompiles the prefill but not the decode step),
+every remaining repeat at the seconds a repeat took in that cell (or, before its first, the lane's
+seconds per generated token times the cell's tokens), and the finishing of each cell (fidelity
+pass and rows, once one was measured).
 Events in, seconds out; the clock is injected so a test can replay a whole sweep.
 """
 
@@ -44,6 +46,7 @@ class _Lane:
     repeats_done: dict[str, list[float]] = field(default_factory=dict)  # cell id -> request seconds
     finished: set[str] = field(default_factory=set)
     per_token_s: list[float] = field(default_factory=list)  # a repeat's seconds per generated token
+    warm_excess_s: list[float] = field(default_factory=list)  # each started cell's warm-up beyond steady runs
 
 
 class SweepEta:
@@ -70,6 +73,8 @@ class SweepEta:
         lane = self._lane(p.cell)
         if not lane.repeats_done:
             self.first_warmup_s.append(p.warmup_s)
+        if p.cell.cell_id not in lane.repeats_done:
+            lane.warm_excess_s.append(max(0.0, p.warmup_s - p.cell.warmup * p.repeat_s))
         # a final request also ran the fidelity pass and built the rows: counted apart, once per cell
         steady = p.repeat_s if p.final else p.seconds - p.warmup_s
         lane.repeats_done.setdefault(p.cell.cell_id, []).append(steady)
@@ -116,6 +121,8 @@ class SweepEta:
             done = lane.repeats_done.get(c.cell_id, [])
             repeat = _mean(done) if done else per_token * c.gen_tokens
             wanted = max(c.repeats, math.ceil(c.min_time_s / repeat) if repeat > 0 else 0)
-            warm = 0.0 if done or not lane.repeats_done else c.warmup * repeat
+            # a later cell's warm-up: steady runs plus half what the lane's last new cell compiled (a new
+            # prompt shape recompiles the prefill, not the decode step: tinygrad measured 5.5 s then 2.8 s)
+            warm = 0.0 if done or not lane.repeats_done else c.warmup * repeat + lane.warm_excess_s[-1] / 2
             left += warm + max(0, wanted - len(done)) * repeat + (_mean(self.finish_s) if self.finish_s else 0.0)
         return left
