@@ -45,7 +45,7 @@ def test_jsonl_and_csv_to_stdout(tiny_f32, tmp_path):
     r = bench("run", "-f", "numpy", "-m", tiny_f32, "-n", "3", "-r", "2", "--format", "markdown", "-O",
               str(tmp_path / "m.csv"))
     md = r.stdout.splitlines()
-    assert md[0].startswith("| framework | prec |") and md[1].startswith("|---|") and md[2].startswith("| numpy | f32 |")
+    assert md[0].startswith("| framework | mode |") and md[1].startswith("|---|") and md[2].startswith("| numpy | f32 |")
     r = bench("run", "-f", "numpy", "-m", tiny_f32, "-n", "3", "-r", "2", "--format", "csv", "-O", str(tmp_path / "b.csv"))
     assert r.stdout.splitlines()[0].startswith("run_id,cell_id,repeat,status")
 

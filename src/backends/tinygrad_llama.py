@@ -120,6 +120,10 @@ class TinygradBackend(ArrayLlamaBackend):
         return [Mode("f32", options=(("beam", beam),)) for beam in (0, 2)]
 
     @classmethod
+    def compiles_on_first_call(cls, compile, options):
+        return True  # TinyJit captures (and BEAM searches) on the first calls of every shape
+
+    @classmethod
     def resolve_device(cls, device: str) -> str:
         from tinygrad import Device
 

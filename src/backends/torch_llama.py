@@ -181,6 +181,10 @@ class TorchBackend(TorchBased):
         return FLOAT_PRECISIONS + ((spec.file_type,) if spec.file_type in INT4_TYPES else ())
 
     @classmethod
+    def compiles_on_first_call(cls, compile, options):
+        return compile  # torch.compile traces and compiles on the first calls
+
+    @classmethod
     def modes(cls, spec, device):
         floats = ("f32", "bf16") if device == "cpu" else ("f32", "bf16", "f16")
         native = [Mode(spec.file_type)] if spec.file_type in INT4_TYPES and device == "cpu" else []

@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from engine.errors import InputError
+from engine.results.modes import full_mode
 
 LOWER_IS_BETTER = ("ttft_s", "itl_p50_s", "itl_p90_s", "itl_p99_s", "total_time", "avg_token_time",
                    "peak_rss_bytes", "load_s", "warmup_s", "compile_s")
@@ -51,7 +52,7 @@ def compare(baseline: str, candidate: str, metric: str = "decode_tps", threshold
             unmatched.append(cell)
             continue
         r0 = xa.iloc[0]
-        label = f"{r0.framework} {r0.precision} {r0.device} p{r0.prompt_tokens} g{r0.gen_tokens}"
+        label = f"{full_mode(r0)} {r0.device} p{r0.prompt_tokens} g{r0.gen_tokens}"
         if r0.get("batch_size", 1) > 1:
             label += f" b{r0.batch_size}"
         va, vb = xa[metric].to_numpy(float), xb[metric].to_numpy(float)

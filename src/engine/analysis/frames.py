@@ -11,6 +11,8 @@ from typing import Iterable
 import numpy as np
 import pandas as pd
 
+from engine.results.modes import full_mode, mode_label, row_mode
+
 CELL = ["framework", "precision", "device", "model", "prompt_tokens", "gen_tokens", "batch_size", "threads",
         "optimization_level", "options"]
 
@@ -28,7 +30,8 @@ def load_results(paths: Iterable[str | os.PathLike]) -> pd.DataFrame:
 
 
 def load_latencies(paths: Iterable[str | os.PathLike]) -> pd.DataFrame:
-    """One row per inter-token latency, from the JSONL beside each CSV (empty if none)."""
+    """One row per inter-token latency, from the JSONL beside each CSV (empty if none), with the
+    cell, its source file and its mode, so latencies group by cell or by full mode."""
     rows = []
     for p in paths:
         jl = Path(p).with_suffix(".jsonl")
@@ -39,39 +42,53 @@ def load_latencies(paths: Iterable[str | os.PathLike]) -> pd.DataFrame:
                 r = json.loads(line)
             except ValueError:
                 continue
-            rows += [{"framework": r["framework"], "precision": r["precision"], "itl_s": x} for x in r.get("itl_s", [])]
-    return pd.DataFrame(rows, columns=["framework", "precision", "itl_s"])
+            where = {"cell_id": r.get("cell_id", ""), "source": str(p), "framework": r["framework"],
+                     "mode": mode_label(r["precision"], r.get("optimization_level", ""), r.get("options"))}
+            rows += [{**where, "itl_s": x} for x in r.get("itl_s", [])]
+    return pd.DataFrame(rows, columns=["cell_id", "source", "framework", "mode", "itl_s"])
 
 
-def cell_summary(df: pd.DataFrame) -> pd.DataFrame:
-    """One row per measured cell: means, the 95% CI of decode tok/s, memory, correctness, flags."""
+def _pooled_samples(keys: pd.Series, latencies: pd.DataFrame | None) -> list[np.ndarray]:
+    """Per summary row, the inter-token latencies of all its repeats together; `keys` lists each
+    row's (cell_id, source) pairs."""
+    if latencies is None or latencies.empty:
+        return [np.empty(0)] * len(keys)
+    samples = {k: grp.to_numpy(float) for k, grp in latencies.groupby(["cell_id", "source"]).itl_s}
+    return [np.concatenate([samples.get(k, np.empty(0)) for k in ks]) for ks in keys]
+
+
+def cell_summary(df: pd.DataFrame, latencies: pd.DataFrame | None = None) -> pd.DataFrame:
+    """One row per measured cell: its mode, means, the 95% CI of decode tok/s, memory, correctness,
+    flags. ITL p50/p99 are over the pooled samples of all its repeats (`latencies`, from
+    `load_latencies`); without them (a CSV with no JSONL), the mean of the repeats' percentiles."""
     ok = df[df.status == "ok"]
     if ok.empty:
-        return pd.DataFrame(columns=CELL)
+        return pd.DataFrame(columns=[*CELL, "mode"])
     if "batch_size" not in ok.columns:  # files from before batching: one sequence per cell
         ok = ok.assign(batch_size=1, decode_tps_per_seq=ok.decode_tps)
+    sources = ok.source if "source" in ok else [""] * len(ok)
+    ok = ok.assign(_sample_key=list(zip(ok.cell_id, sources)))
     g = ok.groupby([c for c in CELL if c in ok.columns], dropna=False)  # older files lack newer columns
     out = g.agg(decode_tps=("decode_tps", "mean"), ci_low=("decode_tps_ci95_low", "first"),
                 ci_high=("decode_tps_ci95_high", "first"), decode_tps_per_seq=("decode_tps_per_seq", "mean"),
-                itl_p50_s=("itl_p50_s", "mean"), ttft_s=("ttft_s", "mean"),
+                itl_p50_s=("itl_p50_s", "mean"), itl_p99_s=("itl_p99_s", "mean"), ttft_s=("ttft_s", "mean"),
                 prefill_tps=("prefill_tps", "mean"), peak_rss_mb=("peak_rss_bytes", lambda s: s.max() / 1e6),
                 roofline_frac=("roofline_frac", "mean"), match_tokens=("match_tokens", "min"),
                 kl_vs_reference=("kl_vs_reference", "mean"), top1_agreement=("top1_agreement", "mean"),
                 flags=("flags", lambda s: ";".join(sorted({f for v in s.dropna() for f in str(v).split(";") if f}))),
-                repeats=("repeat", "count")).reset_index()
+                repeats=("repeat", "count"),
+                _sample_keys=("_sample_key", lambda s: tuple(sorted(set(s))))).reset_index()
+    pooled = _pooled_samples(out._sample_keys, latencies)
+    for col, q in (("itl_p50_s", 50), ("itl_p99_s", 99)):
+        out[col] = [np.percentile(x, q) if x.size else mean for x, mean in zip(pooled, out[col])]
+    out.insert(1, "mode", [row_mode(r) for r in out.itertuples()])
+    out = out.drop(columns="_sample_keys")
     return out.sort_values(["model", "prompt_tokens", "gen_tokens", "batch_size", "decode_tps"],
                            ascending=[True, True, True, True, False])
 
 
-def _mode(r) -> str:
-    """How a framework ran: precision, compilation, options (the batch size aside)."""
-    options = json.loads(r.options) if isinstance(getattr(r, "options", None), str) and r.options else {}
-    return f"{r.framework} {r.precision}" + (" compiled" if r.optimization_level == "compile" else "") + "".join(
-        f" {k}={v}" for k, v in sorted(options.items()))
-
-
 def _label(r) -> str:
-    return _mode(r) + (f" batch {r.batch_size}" if r.batch_size > 1 else "")  # cell_summary always has it
+    return full_mode(r) + (f" batch {r.batch_size}" if r.batch_size > 1 else "")  # cell_summary always has it
 
 
 def fig_decode(summary: pd.DataFrame):
@@ -92,7 +109,7 @@ def fig_prefill(summary: pd.DataFrame):
     import matplotlib.pyplot as plt
 
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4))
-    for key, grp in summary.groupby(["framework", "precision", "batch_size"]):
+    for key, grp in summary.groupby(["framework", "mode", "batch_size"]):
         grp = grp.groupby("prompt_tokens", as_index=False)[["ttft_s", "prefill_tps"]].mean()
         label = " ".join(key[:2]) + (f" batch {key[2]}" if key[2] > 1 else "")
         a1.plot(grp.prompt_tokens, grp.ttft_s * 1e3, marker="o", label=label)
@@ -108,7 +125,7 @@ def fig_itl_cdf(latencies: pd.DataFrame):
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4))
-    for key, grp in latencies.groupby(["framework", "precision"]):
+    for key, grp in latencies.groupby(["framework", "mode"]):
         x = np.sort(grp.itl_s.to_numpy() * 1e3)
         ax.plot(x, np.arange(1, len(x) + 1) / len(x), label=" ".join(key))
     ax.set(xlabel="inter-token latency (ms)", ylabel="fraction of tokens", title="Per-token latency CDF")
@@ -129,12 +146,17 @@ def fig_memory(summary: pd.DataFrame):
     return fig
 
 
+def roofline_by_mode(summary: pd.DataFrame) -> pd.DataFrame:
+    """Mean roofline fraction per framework and full mode (tinygrad beam=0 and beam=2 apart)."""
+    return summary.groupby(["framework", "mode"], as_index=False).roofline_frac.mean().sort_values("roofline_frac")
+
+
 def fig_roofline(summary: pd.DataFrame):
     import matplotlib.pyplot as plt
 
-    s = summary.groupby(["framework", "precision"], as_index=False).roofline_frac.mean().sort_values("roofline_frac")
+    s = roofline_by_mode(summary)
     fig, ax = plt.subplots(figsize=(7, 0.4 * len(s) + 1.5))
-    ax.barh([f"{a} {b}" for a, b in zip(s.framework, s.precision)], s.roofline_frac, color="tab:green")
+    ax.barh([f"{a} {b}" for a, b in zip(s.framework, s["mode"])], s.roofline_frac, color="tab:green")
     ax.axvline(1.0, color="k", lw=0.8)
     ax.set(xlabel="fraction of the host's memory-bandwidth roofline", title="Decode roofline fraction")
     fig.tight_layout()
@@ -149,10 +171,9 @@ def fig_batch(summary: pd.DataFrame):
     if summary.batch_size.nunique() < 2:
         return None
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4))
-    lines = summary.assign(mode=[_mode(r) for r in summary.itertuples()])
-    for (mode, p, g), grp in lines.groupby(["mode", "prompt_tokens", "gen_tokens"]):
+    for (framework, mode, p, g), grp in summary.groupby(["framework", "mode", "prompt_tokens", "gen_tokens"]):
         grp = grp.sort_values("batch_size")
-        label = f"{mode} p{p}/g{g}"
+        label = f"{framework} {mode} p{p}/g{g}"
         a1.plot(grp.batch_size, grp.decode_tps, marker="o", label=label)
         a2.plot(grp.batch_size, grp.itl_p50_s * 1e3, marker="o", label=label)
     a1.set(xlabel="batch size", ylabel="decode tokens/s, all sequences", title="Throughput against batch size")
@@ -169,6 +190,6 @@ FIGURES = {"decode_tps": fig_decode, "prefill_ttft": fig_prefill, "memory_vs_thr
 
 
 def correctness_table(summary: pd.DataFrame) -> pd.DataFrame:
-    t = summary[["framework", "precision", "prompt_tokens", "gen_tokens", "batch_size", "decode_tps", "match_tokens",
+    t = summary[["framework", "mode", "prompt_tokens", "gen_tokens", "batch_size", "decode_tps", "match_tokens",
                  "kl_vs_reference", "top1_agreement", "flags"]]
     return t.rename(columns={"match_tokens": "tokens equal to reference"})

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from engine.errors import InputError
+from engine.results.modes import row_mode
 from engine.results.writers import markdown_table
 
 
@@ -42,7 +43,8 @@ def write_report(paths: list[str], out: Path) -> Path:
         from engine.analysis.serving import write_serving_report
 
         return write_serving_report(df, paths, out, _markdown_table)
-    summary = cell_summary(df)
+    lat = load_latencies(paths)
+    summary = cell_summary(df, lat)
     figures = []
     if not summary.empty:
         for name, make in FIGURES.items():
@@ -52,7 +54,6 @@ def write_report(paths: list[str], out: Path) -> Path:
             fig.savefig(out / f"{name}.png", dpi=110)
             plt.close(fig)
             figures.append(name)
-        lat = load_latencies(paths)
         if not lat.empty:
             fig = fig_itl_cdf(lat)
             fig.savefig(out / "itl_cdf.png", dpi=110)
@@ -67,11 +68,12 @@ def write_report(paths: list[str], out: Path) -> Path:
         md.append("## Winner per workload (decode tokens/s)\n")
         workload = ["model", "prompt_tokens", "gen_tokens", "batch_size"]
         best = summary.loc[summary.groupby(workload).decode_tps.idxmax()]
-        md.append(_markdown_table(best[[*workload, "framework", "precision", "decode_tps"]]) + "\n")
+        md.append(_markdown_table(best[[*workload, "framework", "mode", "decode_tps"]]) + "\n")
         md.append("## Correctness against the reference\n\n" + _markdown_table(correctness_table(summary)) + "\n")
     flagged = df[(df.status != "ok") | df["flags"].fillna("").astype(bool)].drop_duplicates("cell_id")
+    flagged = flagged.assign(mode=[row_mode(r) for r in flagged.itertuples()])
     md.append("## Flagged cells\n")
-    md.append(_markdown_table(flagged[["framework", "precision", "prompt_tokens", "gen_tokens",
+    md.append(_markdown_table(flagged[["framework", "mode", "prompt_tokens", "gen_tokens",
                                        *(["batch_size"] if "batch_size" in flagged else []), "status", "flags", "error"]]
                               .fillna("")) if len(flagged) else "None.")
     md.append("\n## Figures\n\n" + "\n".join(f"![{f}]({f}.png)" for f in figures) + "\n")

@@ -5,12 +5,17 @@ from __future__ import annotations
 import math
 import sys
 import time
+from typing import Callable
 
 from rich.console import Console
+from rich.progress import ProgressColumn
+from rich.text import Text
 
 from engine.measure.cell import Cell
+from engine.results.modes import mode_label, row_mode
 from engine.results.rows import BenchmarkResult
 from engine.results.writers import results_table
+from engine.sweep.eta import Progress, SweepEta
 
 stderr = Console(stderr=True, highlight=False, width=None if sys.stderr.isatty() else 160)
 # piped output keeps the table readable instead of folding it to 80 columns
@@ -22,9 +27,18 @@ def workload(cell: Cell) -> str:
     return f"prompt {cell.prompt_tokens} gen {cell.gen_tokens}{batch}"
 
 
+def cell_mode(cell: Cell, precision: str = "") -> str:
+    """A cell's mode before it has a row: the precision the child resolved, or the one asked for."""
+    return mode_label(precision or cell.precision, "compile" if cell.compile else "", dict(cell.options))
+
+
+def format_eta(seconds: float | None) -> str:
+    return "?" if seconds is None else f"{seconds:.0f}s"
+
+
 def progress_line(cell: Cell, rows: list[BenchmarkResult], done: int, total: int) -> str:
     r = rows[0]
-    what = f"{cell.framework} {r.precision or cell.precision} {workload(cell)}"
+    what = f"{cell.framework} {row_mode(r) if r.status == 'ok' else cell_mode(cell)} {workload(cell)}"
     if r.node:
         what += f" on {r.node}"
     if r.status != "ok":
@@ -33,23 +47,24 @@ def progress_line(cell: Cell, rows: list[BenchmarkResult], done: int, total: int
 
 
 class SweepProgress:
-    """Progress on stderr: when it is a terminal, a live bar (current cell, done/total, elapsed,
-    ETA) above a table of finished cells; otherwise one line per finished cell."""
+    """Progress on stderr: a line when each load group has loaded its model and when each cell
+    finishes, each with the ETA of `engine.sweep.eta`; on a terminal, a live bar (current cell,
+    done/total, elapsed, the same ETA) above the table of finished cells."""
 
-    def __init__(self, total: int):
-        self.total, self.rows, self.started = total, [], time.monotonic()
+    def __init__(self, total: int, clock: Callable[[], float] = time.monotonic):
+        self.total, self.rows, self.clock, self.started = total, [], clock, clock()
+        self.eta, self.loaded = SweepEta([], clock), 0
         self.running: dict[str, str] = {}  # node -> what runs there
         self.live = stderr.is_terminal
         if self.live:
             from rich.console import Group
             from rich.live import Live
-            from rich.progress import (BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn,
-                                       TimeElapsedColumn, TimeRemainingColumn)
+            from rich.progress import BarColumn, MofNCompleteColumn, SpinnerColumn, TextColumn, TimeElapsedColumn
+            from rich.progress import Progress as Bar
 
             self._group = Group
-            self.progress = Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(),
-                                     MofNCompleteColumn(), TimeElapsedColumn(), TextColumn("ETA"),
-                                     TimeRemainingColumn(), console=stderr)
+            self.progress = Bar(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                                TimeElapsedColumn(), EtaColumn(self.eta_text), console=stderr)
             self.task = self.progress.add_task("starting", total=total)
             self._live = Live(self.progress, console=stderr, refresh_per_second=4)
 
@@ -62,23 +77,52 @@ class SweepProgress:
         if self.live:
             self._live.stop()
 
+    def eta_text(self) -> str:
+        return f"ETA {format_eta(self.eta.remaining_s())}"
+
+    def plan(self, cells: list[Cell]) -> None:
+        """The cells left to measure (after --resume): what the ETA counts."""
+        self.total, self.eta = len(cells), SweepEta(cells, self.clock)
+        if self.live:
+            self.progress.update(self.task, total=self.total)
+
     def start(self, cell: Cell, node: str = "") -> None:
         """`cell` began (on cluster `node`); several run at once on a cluster."""
         if self.live:
-            precision = "" if cell.precision == "auto" else f" {cell.precision}"
             where = f" on {node}" if node else ""
-            self.running[node] = f"{cell.framework}{precision} {workload(cell)}{where}"
+            self.running[node] = f"{cell.framework} {cell_mode(cell)} {workload(cell)}{where}"
             self.progress.update(self.task, description=" | ".join(self.running.values()))
+
+    def report(self, event: Progress) -> None:
+        """A lane loaded its model (a line) or measured a repeat (the ETA learns from it)."""
+        if event.kind != "loaded":
+            self.eta.measured(event)
+            return
+        self.eta.loaded(event.cell, event.seconds)
+        self.loaded += 1
+        stderr.print(f"loaded {event.cell.framework} {cell_mode(event.cell, event.precision)} in "
+                     f"{event.seconds:.1f}s (group {self.loaded}/{len(self.eta.lanes)})  [dim]{self.eta_text()}[/]")
 
     def finish(self, cell: Cell, rows: list[BenchmarkResult], done: int, total: int) -> None:
         self.rows += rows
+        self.eta.cell_done(cell)
         if self.live:
             self.progress.update(self.task, completed=done)
             self._live.update(self._group(self.progress, results_table(self.rows)))
             return
-        elapsed = time.monotonic() - self.started
         stderr.print(f"{progress_line(cell, rows, done, total)}  "
-                     f"[dim]elapsed {elapsed:.0f}s, ETA {elapsed / done * (total - done):.0f}s[/]")
+                     f"[dim]elapsed {self.clock() - self.started:.0f}s, {self.eta_text()}[/]")
+
+
+class EtaColumn(ProgressColumn):
+    """The live bar's ETA: the sweep's own estimate, re-read at every refresh."""
+
+    def __init__(self, text: Callable[[], str]):
+        super().__init__()
+        self.text = text
+
+    def render(self, task) -> Text:
+        return Text(self.text())
 
 
 def comparison_table(rows, metric: str):
@@ -105,8 +149,6 @@ def best_table(rows: list[BenchmarkResult]):
     chosen = [r for r in rows if "best" in r.flags and r.repeat == 0]
     for r in sorted(chosen, key=lambda r: -r.decode_tps_mean):
         tried = len({x.cell_id for x in rows if x.framework == r.framework and x.prompt_ids == r.prompt_ids})
-        mode = r.precision + (" compiled" if r.optimization_level == "compile" else "") + "".join(
-            f" {k}={v}" for k, v in sorted(r.options.items()))
-        t.add_row(r.framework, mode, str(r.prompt_tokens), str(r.gen_tokens), f"{r.decode_tps_mean:.1f}",
+        t.add_row(r.framework, row_mode(r), str(r.prompt_tokens), str(r.gen_tokens), f"{r.decode_tps_mean:.1f}",
                   f"{r.kl_vs_reference:.4f}", f"{r.top1_agreement:.2f}", f"{r.peak_rss_bytes / 1e6:.0f}", str(tried))
     return t

@@ -54,7 +54,7 @@ def run_cells_command(o: dict[str, Any], debug: bool, config: str | None = None)
             outcome = run_sweep(cells, writer, bw, new_run_id(), resume=o["resume"],
                                 check_reference=not o["no_check"], delay_s=o["delay"], debug=debug,
                                 interleave=o["interleave"], on_cell=progress.finish, on_start=progress.start,
-                                executor=executor)
+                                executor=executor, on_plan=progress.plan, on_progress=progress.report)
     finally:
         if cluster:
             executor.close()

@@ -208,6 +208,12 @@ class Backend(ABC):
         return self.decode(tokens[0])[None]
 
     @classmethod
+    def compiles_on_first_call(cls, compile: bool, options: Mapping[str, Any]) -> bool:
+        """Whether the first call of a shape in this mode compiles (torch.compile's tracing, a JIT
+        capture, a kernel search): timed without a warm-up, its tok/s would include the compiler."""
+        return False
+
+    @classmethod
     def check_batch_size(cls, n: int) -> None:
         if n != 1 and not cls.batched:
             raise UnavailableError(f"framework {cls.name} cannot decode a batch of {n} sequences in one step")

@@ -182,7 +182,7 @@ def build_rows(cell: Cell, loaded: LoadedModel, prompts: list[list[int]], runs: 
                **({"threads_note": threads_note} if threads_note else {})},
         **provenance(),
     )
-    flags = cell_flags(cell_stats.cov, cell.noise_threshold)
+    flags = cell_flags(cell_stats.cov, cell.noise_threshold) + cold_flag(cell)
     rows = []
     for i, run in enumerate(runs):
         achieved = bytes_per_token * run.decode_tps / 1e9
@@ -214,6 +214,13 @@ def timing_fields(run: Generation, prompts: list[list[int]]) -> dict[str, Any]:
 
 def cell_flags(cov: float, noise_threshold: float) -> tuple[str, ...]:
     return ("noisy",) if not math.isnan(cov) and cov > noise_threshold else ()
+
+
+def cold_flag(cell: Cell) -> tuple[str, ...]:
+    """`cold`: a mode whose first call compiles, measured with `--warmup 0` as the user asked, so
+    its first repeat (and the cell's tok/s) includes the compiler; every default run warms up."""
+    compiles = backends.get(cell.framework).compiles_on_first_call(cell.compile, dict(cell.options))
+    return ("cold",) if compiles and cell.warmup == 0 else ()
 
 
 def with_reference(rows: list[BenchmarkResult], references: list[list[int]]) -> list[BenchmarkResult]:

@@ -17,7 +17,10 @@ from collections import Counter
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence, TextIO
 
+import numpy as np
+
 from engine.errors import InputError
+from engine.results.modes import row_mode
 from engine.results.rows import BenchmarkResult, csv_record, json_default
 
 
@@ -76,7 +79,7 @@ class JsonlPrinter(Printer):
 
 
 # the per-cell summary shared by the terminal table and markdown: (column, right-aligned)
-SUMMARY_COLUMNS = (("framework", False), ("prec", False), ("dev", False), ("prompt", True), ("gen", True),
+SUMMARY_COLUMNS = (("framework", False), ("mode", False), ("dev", False), ("prompt", True), ("gen", True),
                    ("batch", True), ("decode tok/s (95% CI)", True), ("TTFT ms", True), ("prefill tok/s", True),
                    ("ITL p50/p99 ms", True), ("peak RSS MB", True), ("GB/s", True), ("roofline", True),
                    ("match", True), ("status", False))
@@ -93,11 +96,18 @@ def by_cell(rows: Iterable[BenchmarkResult]) -> list[list[BenchmarkResult]]:
     return list(cells.values())
 
 
+def pooled_itl_s(cell_rows: Sequence[BenchmarkResult], q: float) -> float:
+    """The q-th percentile of every inter-token latency of the cell's repeats together (not the
+    mean of each repeat's percentile, which for a p99 of a few dozen samples is near its max)."""
+    samples = [x for r in cell_rows for x in r.itl_s]
+    return float(np.percentile(samples, q)) if samples else math.nan
+
+
 def summary_cells(cell_rows: list[BenchmarkResult]) -> tuple[list[str], str]:
     """One cell's summary line (strings in SUMMARY_COLUMNS order, status last) and its status."""
     r = cell_rows[0]
     framework = f"{r.framework} @{r.node}" if r.node else r.framework  # which machine, on a cluster
-    what = [framework, r.precision, r.device, str(r.prompt_tokens), str(r.gen_tokens), str(r.batch_size)]
+    what = [framework, row_mode(r), r.device, str(r.prompt_tokens), str(r.gen_tokens), str(r.batch_size)]
     if r.status != "ok":
         return what + ["-"] * 8 + [f"{r.status}: {r.error[:80]}"], r.status
     mean = lambda f: sum(getattr(x, f) for x in cell_rows) / len(cell_rows)  # noqa: E731
@@ -105,7 +115,7 @@ def summary_cells(cell_rows: list[BenchmarkResult]) -> tuple[list[str], str]:
           if not math.isnan(r.decode_tps_ci95_high) else "")
     match = "-" if r.match_tokens < 0 else f"{r.match_tokens}/{r.gen_tokens}"
     return what + [f"{_fmt(r.decode_tps_mean)}{ci}", _fmt(mean("ttft_s") * 1e3), _fmt(mean("prefill_tps"), ".0f"),
-                   f"{_fmt(mean('itl_p50_s') * 1e3)}/{_fmt(mean('itl_p99_s') * 1e3)}",
+                   f"{_fmt(pooled_itl_s(cell_rows, 50) * 1e3)}/{_fmt(pooled_itl_s(cell_rows, 99) * 1e3)}",
                    _fmt(r.peak_rss_bytes / 1e6, ".0f"), _fmt(mean("achieved_gbps")),
                    _fmt(mean("roofline_frac"), ".2f"), match, " ".join(("ok", *r.flags))], "ok"
 

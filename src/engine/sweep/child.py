@@ -17,7 +17,7 @@ import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 from engine.measure.cell import Cell
 from engine.measure.memory import ProcessSampler
@@ -46,6 +46,8 @@ class Reply:
     rows: list[dict[str, Any]] = field(default_factory=list)
     status: str = ""
     error: str = ""
+    repeat_s: float = 0.0  # the measured generation of this request (step, done)
+    warmup_s: float = 0.0  # the warm-up it ran (a cell's first request)
 
 
 class GroupChild:
@@ -71,8 +73,9 @@ class GroupChild:
         except (BrokenPipeError, OSError):
             return False
 
-    def request(self, cell: Cell, timeout_s: float) -> Reply:
-        """Ask for the next repeat of `cell`; wait for its answer at most `timeout_s`."""
+    def request(self, cell: Cell, timeout_s: float, on_loaded: Callable[[float, str], None] | None = None) -> Reply:
+        """Ask for the next repeat of `cell`; wait for its answer at most `timeout_s`. The child
+        loads its model within its first request: `on_loaded(load_s, precision)` hears of it then."""
         if not self._send(cell.cell_id):
             return self._died()
         deadline = time.monotonic() + timeout_s
@@ -85,9 +88,14 @@ class GroupChild:
                 return Reply("timeout", error=f"no result after {cell.timeout_s:g} s; killed")
             if msg["event"] == "start":
                 continue
+            if msg["event"] == "loaded":
+                if on_loaded is not None:
+                    on_loaded(msg["load_s"], msg.get("precision", ""))
+                continue
             if msg["event"] == "failed":
                 return Reply("failed", status=msg["status"], error=msg["error"])
-            return Reply(msg["event"], rows=msg.get("rows", []))
+            return Reply(msg["event"], rows=msg.get("rows", []), repeat_s=msg.get("repeat_s", 0.0),
+                         warmup_s=msg.get("warmup_s", 0.0))
 
     def _next_message(self, deadline: float) -> dict | str | None:
         while b"\n" not in self._buf:

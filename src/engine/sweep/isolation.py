@@ -22,6 +22,7 @@ from engine.measure.host import HostMonitor
 from engine.measure.runner import failure_row, kv_memory_shortfall, positions_needed
 from engine.results.rows import BenchmarkResult
 from engine.sweep.child import GroupChild, Reply
+from engine.sweep.eta import Progress
 
 FREE_MEMORY_SHARE = 0.7  # of the host's available memory that the loaded models may take together
 PER_MODEL_OVERHEAD = 300 * 2**20  # a framework's own footprint beside the weights
@@ -38,16 +39,17 @@ class Lane:
 
 
 def run_cells(cells: list[Cell], host_gbps: float, run_id: str, debug: bool = False,
-              on_start: Callable[[Cell], None] | None = None,
-              interleave: bool = True) -> Iterator[tuple[Cell, list[BenchmarkResult]]]:
-    """Yield (cell, rows) for every cell as it completes, each measured in a child process."""
+              on_start: Callable[[Cell], None] | None = None, interleave: bool = True,
+              on_progress: Callable[[Progress], None] | None = None) -> Iterator[tuple[Cell, list[BenchmarkResult]]]:
+    """Yield (cell, rows) for every cell as it completes, each measured in a child process;
+    `on_progress` hears when a lane's model has loaded and when each repeat is measured."""
     lanes = [Lane(list(group)) for _, group in itertools.groupby(cells, key=lambda c: c.load_key)]
     schedule, note = plan(lanes, interleave)
     active, waiting = (lanes, []) if schedule == "interleaved" else (lanes[:1], lanes[1:])
     try:
         while active:
             for lane in list(active):
-                done = _advance(lane, host_gbps, run_id, debug, on_start)
+                done = _advance(lane, host_gbps, run_id, debug, on_start, on_progress)
                 if done is not None:
                     cell, rows = done
                     extra = {"schedule_note": note} if note else {}
@@ -91,8 +93,8 @@ def estimated_bytes(cell: Cell) -> int:
     return spec.n_params * 4 + PER_MODEL_OVERHEAD + kv
 
 
-def _advance(lane: Lane, host_gbps: float, run_id: str, debug: bool,
-             on_start: Callable[[Cell], None] | None) -> tuple[Cell, list[BenchmarkResult]] | None:
+def _advance(lane: Lane, host_gbps: float, run_id: str, debug: bool, on_start: Callable[[Cell], None] | None,
+             on_progress: Callable[[Progress], None] | None) -> tuple[Cell, list[BenchmarkResult]] | None:
     """One repeat of the lane's current cell; (cell, rows) once the cell is complete or failed."""
     cell = lane.pending[0]
     if lane.child is None:
@@ -106,8 +108,18 @@ def _advance(lane: Lane, host_gbps: float, run_id: str, debug: bool,
             on_start(cell)
     else:
         lane.monitor.resume()
-    reply = lane.child.request(cell, max(cell.timeout_s - lane.spent_s[cell.cell_id], 0.001))
-    lane.spent_s[cell.cell_id] += lane.monitor.pause()
+    loads: list[float] = []
+
+    def loaded(load_s: float, precision: str) -> None:
+        loads.append(load_s)
+        if on_progress is not None:
+            on_progress(Progress("loaded", cell, load_s, precision=precision))
+
+    reply = lane.child.request(cell, max(cell.timeout_s - lane.spent_s[cell.cell_id], 0.001), loaded)
+    wall = lane.monitor.pause()
+    lane.spent_s[cell.cell_id] += wall
+    if on_progress is not None and reply.kind in ("step", "done"):
+        on_progress(Progress("repeat", cell, wall - sum(loads), reply.repeat_s, reply.warmup_s, reply.kind == "done"))
     if reply.kind == "step":
         return None
     lane.pending.pop(0)

@@ -180,10 +180,11 @@ class RayExecutor:
         self.close()
 
     def __call__(self, cells: list[Cell], host_gbps: float, run_id: str, debug: bool = False,
-                 on_start: Callable[..., None] | None = None,
-                 interleave: bool = True) -> Iterator[tuple[Cell, list[BenchmarkResult]]]:
+                 on_start: Callable[..., None] | None = None, interleave: bool = True,
+                 on_progress: Callable[..., None] | None = None) -> Iterator[tuple[Cell, list[BenchmarkResult]]]:
         """`interleave` has nothing to interleave: a task is one load group; groups run side by
-        side on different machines, one at a time on each."""
+        side on different machines, one at a time on each. `on_progress` is not called: the nodes
+        report finished cells only (the driver's ETA then goes by the rate of finished cells)."""
         groups = [list(g) for _, g in itertools.groupby(cells, key=lambda c: c.load_key)]
         yield from self._run(groups, run_id, debug, on_start)
 

@@ -11,6 +11,7 @@ from typing import Callable, Iterator
 import backends
 from engine.measure.cell import Cell
 from engine.sweep.cells import order
+from engine.sweep.eta import Progress
 from engine.sweep.isolation import run_cells
 from engine.results.rows import BenchmarkResult
 from engine.results.writers import ResultWriter
@@ -90,15 +91,22 @@ class ReferenceTokens:
 def run_sweep(cells: list[Cell], writer: ResultWriter, host_gbps: float, run_id: str, *, resume: bool = False,
               check_reference: bool = True, delay_s: float = 0.0, debug: bool = False, interleave: bool = True,
               on_cell: Callable[[Cell, list[BenchmarkResult], int, int], None] | None = None,
-              on_start: Callable[[Cell], None] | None = None, executor: Executor = run_cells) -> SweepOutcome:
+              on_start: Callable[[Cell], None] | None = None, executor: Executor = run_cells,
+              on_plan: Callable[[list[Cell]], None] | None = None,
+              on_progress: Callable[[Progress], None] | None = None) -> SweepOutcome:
+    """`on_plan` hears the cells left to measure (after --resume), `on_progress` every load and
+    repeat the executor reports (a cluster's reports only finished cells), `on_cell` each cell."""
     outcome = SweepOutcome()
     done = writer.completed_cells() if resume else set()
     todo = [c for c in cells if c.cell_id not in done]
     outcome.skipped = len(cells) - len(todo)
+    if on_plan is not None:
+        on_plan(todo)
     reference = ReferenceTokens(host_gbps, run_id, executor)
     if check_reference:
         reference.prefetch(todo)
-    for i, (cell, rows) in enumerate(executor(todo, host_gbps, run_id, debug, on_start, interleave)):
+    for i, (cell, rows) in enumerate(executor(todo, host_gbps, run_id, debug, on_start, interleave,
+                                              on_progress=on_progress)):
         if check_reference and rows[0].status == "ok":
             ref = reference.get(cell)
             if ref is not None:

@@ -2,9 +2,10 @@
 
 Its stdin carries JSON lines: first the job (the group's cells, host bandwidth, run id), then one
 cell id per line, each meaning "measure the next repeat of this cell" (the first also warms up).
-It reports on file descriptor FD, one JSON line per event: `start`, `step` (a repeat measured,
-the cell wants more), `done` (with the cell's rows) or `failed` (status and error), so whatever a
-framework prints cannot corrupt the results. The model loads on a cell's first command, sized for
+It reports on file descriptor FD, one JSON line per event: `start`, `loaded` (the model, with
+its load_s), `step` (a repeat measured, the cell wants more), `done` (with the cell's rows) or
+`failed` (status and error), so whatever a framework prints cannot corrupt the results; `step`
+and `done` carry the repeat's seconds and the cell's warm-up seconds, for the parent's ETA. The model loads on a cell's first command, sized for
 that cell's own batch and positions; the next cells of that shape reuse it. The parent measures
 one cell of a process at a time, so the memory mark reset when a cell starts is that cell's.
 """
@@ -36,6 +37,11 @@ def _emitter(fd: int) -> Emit:
         out.write(json.dumps({"event": event, "cell_id": cell_id, **data}, default=json_default) + "\n")
         out.flush()
     return emit
+
+
+def _timing(run) -> dict[str, float]:
+    """What the request just measured: its repeat, and the warm-up a cell's first request ran."""
+    return {"repeat_s": run.runs[-1].total_ns / 1e9, "warmup_s": sum(run.warm) if len(run.runs) == 1 else 0.0}
 
 
 def failure(e: Exception, debug: bool) -> tuple[str, str]:
@@ -74,9 +80,10 @@ class Measuring:
             run = self.running.get(cell_id) or self._start(self.cells[cell_id])
             self.running[cell_id] = run
             if run.step():
-                self.emit("done", cell_id, rows=[r.as_dict() for r in self.running.pop(cell_id).rows()])
+                rows = [r.as_dict() for r in self.running.pop(cell_id).rows()]
+                self.emit("done", cell_id, rows=rows, **_timing(run))
             else:
-                self.emit("step", cell_id)
+                self.emit("step", cell_id, **_timing(run))
         except MemoryError:
             self.emit("failed", cell_id, status="oom", error="out of memory (MemoryError)")
             return False  # let the parent start a fresh process
@@ -112,6 +119,7 @@ class Measuring:
             return
         self.close()
         self.loaded = LoadedModel(cell, self.spec, positions, cell.batch_size)
+        self.emit("loaded", cell.cell_id, load_s=self.loaded.load_s, precision=self.loaded.precision)  # for the progress
 
     def close(self) -> None:
         if self.loaded is not None:

@@ -1,0 +1,128 @@
+"""A sweep's remaining time, estimated from what it has measured so far.
+
+One child measures at a time (lanes interleaved or one after another), so the time left is the
+sum over lanes of what each still has to do: its load if not loaded yet (as long as the loaded
+lanes took, on average), each unstarted cell's warm-up (its steady runs plus half of what the
+lane's last new cell compiled: a new prompt shape recompiles the prefill but not the decode step),
+every remaining repeat at the seconds a repeat took in that cell (or, before its first, the lane's
+seconds per generated token times the cell's tokens), and the finishing of each cell (fidelity
+pass and rows, once one was measured).
+Events in, seconds out; the clock is injected so a test can replay a whole sweep.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+from engine.measure.cell import Cell
+
+
+@dataclass(frozen=True)
+class Progress:
+    """What a lane reports: `loaded` (its model loaded in `seconds`, at `precision`) or `repeat`
+    (one repeat of `cell` measured: the request took `seconds`, load aside, of which `warmup_s`
+    warming up and `repeat_s` the measured generation; `final` when it was the cell's last)."""
+
+    kind: str
+    cell: Cell
+    seconds: float
+    repeat_s: float = 0.0
+    warmup_s: float = 0.0
+    final: bool = False
+    precision: str = ""
+
+
+def _mean(values: list[float]) -> float:
+    return sum(values) / len(values) if values else math.nan
+
+
+@dataclass
+class _Lane:
+    cells: list[Cell]
+    loaded: bool = False
+    repeats_done: dict[str, list[float]] = field(default_factory=dict)  # cell id -> request seconds
+    finished: set[str] = field(default_factory=set)
+    per_token_s: list[float] = field(default_factory=list)  # a repeat's seconds per generated token
+    warm_excess_s: list[float] = field(default_factory=list)  # each started cell's warm-up beyond steady runs
+
+
+class SweepEta:
+    def __init__(self, cells: list[Cell], clock: Callable[[], float] = time.monotonic):
+        self.clock, self.started, self.last_event = clock, clock(), clock()
+        self.lanes: dict[tuple, _Lane] = {}
+        for c in cells:
+            self.lanes.setdefault(c.load_key, _Lane([])).cells.append(c)
+        self.load_s: list[float] = []
+        self.first_warmup_s: list[float] = []  # a lane's first warm-up: where JIT and compile land
+        self.finish_s: list[float] = []
+        self.done = 0
+
+    def _lane(self, cell: Cell) -> _Lane:
+        """The cell's lane; a cell outside the plan gets one of its own (progress never fails a sweep)."""
+        return self.lanes.setdefault(cell.load_key, _Lane([cell]))
+
+    def loaded(self, cell: Cell, load_s: float) -> None:
+        self._lane(cell).loaded = True
+        self.load_s.append(load_s)
+        self.last_event = self.clock()
+
+    def measured(self, p: Progress) -> None:
+        lane = self._lane(p.cell)
+        if not lane.repeats_done:
+            self.first_warmup_s.append(p.warmup_s)
+        if p.cell.cell_id not in lane.repeats_done:
+            lane.warm_excess_s.append(max(0.0, p.warmup_s - p.cell.warmup * p.repeat_s))
+        # a final request also ran the fidelity pass and built the rows: counted apart, once per cell
+        steady = p.repeat_s if p.final else p.seconds - p.warmup_s
+        lane.repeats_done.setdefault(p.cell.cell_id, []).append(steady)
+        lane.per_token_s.append(p.repeat_s / p.cell.gen_tokens)
+        if p.final:
+            self.finish_s.append(max(0.0, p.seconds - p.warmup_s - p.repeat_s))
+        self.last_event = self.clock()
+
+    def cell_done(self, cell: Cell) -> None:
+        """The cell ended (complete or failed): nothing of it is left to do."""
+        self._lane(cell).finished.add(cell.cell_id)
+        self.done += 1
+        self.last_event = self.clock()
+
+    @property
+    def all_loaded(self) -> bool:
+        return all(lane.loaded or len(lane.finished) == len(lane.cells) for lane in self.lanes.values())
+
+    def remaining_s(self) -> float | None:
+        """Seconds left, counting down between events; None before anything was measured."""
+        lanes = [self._lane_left(lane) for lane in self.lanes.values()]
+        if any(math.isnan(s) for s in lanes):  # nothing measured to go by for some lane
+            return self._by_rate()
+        return max(0.0, sum(lanes) - (self.clock() - self.last_event))
+
+    def _by_rate(self) -> float | None:
+        """With no lane measurements (a cluster reports only finished cells): elapsed per cell."""
+        total = sum(len(lane.cells) for lane in self.lanes.values())
+        if not self.done:
+            return None
+        elapsed = self.clock() - self.started
+        return max(0.0, elapsed / self.done * (total - self.done) - (self.clock() - self.last_event))
+
+    def _lane_left(self, lane: _Lane) -> float:
+        todo = [c for c in lane.cells if c.cell_id not in lane.finished]
+        if not todo:
+            return 0.0
+        per_token = _mean(lane.per_token_s) if lane.per_token_s else _mean(
+            [s for other in self.lanes.values() for s in other.per_token_s])
+        left = 0.0 if lane.loaded else _mean(self.load_s)
+        if not lane.repeats_done:  # the lane's first warm-up pays its compile, as other lanes' did
+            left += _mean(self.first_warmup_s)
+        for c in todo:
+            done = lane.repeats_done.get(c.cell_id, [])
+            repeat = _mean(done) if done else per_token * c.gen_tokens
+            wanted = max(c.repeats, math.ceil(c.min_time_s / repeat) if repeat > 0 else 0)
+            # a later cell's warm-up: steady runs plus half what the lane's last new cell compiled (a new
+            # prompt shape recompiles the prefill, not the decode step: tinygrad measured 5.5 s then 2.8 s)
+            warm = 0.0 if done or not lane.repeats_done else c.warmup * repeat + lane.warm_excess_s[-1] / 2
+            left += warm + max(0, wanted - len(done)) * repeat + (_mean(self.finish_s) if self.finish_s else 0.0)
+        return left

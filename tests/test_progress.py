@@ -1,0 +1,132 @@
+"""Progress that is right: an ETA from measured loads, warm-ups and repeats, and a line per loaded
+group and per finished cell on a redirected stderr."""
+
+import re
+
+import pytest
+
+from conftest import bench
+from engine.measure.cell import Cell
+from engine.sweep.eta import Progress, SweepEta
+
+
+class Clock:
+    def __init__(self):
+        self.t = 0.0
+
+    def __call__(self):
+        return self.t
+
+
+# per lane: load, first warm-up (its compile), a later cell's compile (a new prompt shape: tinygrad
+# captures a new prefill JIT, torch.compile's decode graph is reused), seconds per generated token,
+# fidelity pass per cell
+LANES = {"numpy": (0.5, 0.3, 0.0, 0.010, 0.4), "torch": (2.0, 40.0, 0.0, 0.002, 0.6),
+         "llamacpp": (0.3, 0.2, 0.0, 0.001, 0.3), "tinygrad": (1.0, 90.0, 40.0, 0.006, 0.5)}
+
+
+def _cells():
+    return [Cell(framework=f, model="m.gguf", prompt_tokens=8, gen_tokens=n, repeats=3)
+            for f in LANES for n in (64, 256)]
+
+
+def simulate(interleave: bool, estimator=SweepEta):
+    """Replay run_cells' schedule (round-robin over lanes, or one lane after another) on a fake
+    clock, feeding the ETA what the harness reports; return the end time and the ETA read at every
+    event after each group has loaded and measured its first request (its warm-up: a kernel
+    search or a compile, which no other group can predict), with the time it was read."""
+    clock, cells = Clock(), _cells()
+    eta = estimator(cells, clock)
+    lanes = [[c for c in cells if c.framework == f] for f in LANES]
+    state = {f: {"loaded": False, "warm": False, "done": 0} for f in LANES}
+    readings = []
+    active, waiting = (lanes, []) if interleave else (lanes[:1], lanes[1:])
+    while active:
+        for lane in list(active):
+            cell = lane[0]
+            load, first_warm, later_warm, per_token, fidelity = LANES[cell.framework]
+            st = state[cell.framework]
+            if not st["loaded"]:
+                clock.t += load
+                st["loaded"] = True
+                eta.loaded(cell, load)
+            warm = 0.0
+            if st["done"] == 0:  # a cell's first request warms up; the lane's first also compiles
+                warm = per_token * cell.gen_tokens + (first_warm if not st["warm"] else later_warm)
+                st["warm"] = True
+            repeat = per_token * cell.gen_tokens
+            st["done"] += 1
+            final = st["done"] == cell.repeats
+            seconds = warm + repeat + (fidelity if final else 0.0)
+            clock.t += seconds
+            eta.measured(Progress("repeat", cell, seconds, repeat, warm, final))
+            if final:
+                eta.cell_done(cell)
+                lane.pop(0)
+                st["done"] = 0
+            if all(s["warm"] for s in state.values()):
+                readings.append((clock.t, eta.remaining_s()))
+            if not lane:
+                active.remove(lane)
+                if waiting:
+                    active.append(waiting.pop(0))
+    return clock.t, readings
+
+
+@pytest.mark.parametrize("interleave", [True, False])
+def test_eta_is_within_2x_of_the_truth_once_every_group_has_loaded(interleave):
+    end, readings = simulate(interleave)
+    checked = [(estimate, end - t) for t, estimate in readings if end - t > 1.0]
+    assert len(checked) >= 5
+    assert all(truth / 2 <= estimate <= truth * 2 for estimate, truth in checked), checked
+    assert readings[-1][1] == 0.0
+
+
+class ElapsedPerCell(SweepEta):
+    """The estimate the harness printed before: elapsed time per finished cell, times cells left."""
+
+    def remaining_s(self):
+        return self._by_rate()
+
+
+def test_the_simulation_catches_an_estimate_by_cell_rate():
+    end, readings = simulate(True, ElapsedPerCell)
+    assert any(e is not None and e > 2 * (end - t) for t, e in readings if end - t > 1.0)
+
+
+def test_eta_counts_down_between_events_and_waits_for_a_first_measurement():
+    clock = Clock()
+    cells = [Cell(framework="numpy", model="m.gguf", repeats=4), Cell(framework="torch", model="m.gguf", repeats=4)]
+    eta = SweepEta(cells, clock)
+    assert eta.remaining_s() is None, "nothing measured: no number to show"
+    clock.t = 2.0
+    eta.loaded(cells[0], 2.0)
+    clock.t = 3.0
+    eta.measured(Progress("repeat", cells[0], 1.0, 0.5, 0.5))
+    # numpy: 3 repeats of 0.5 s; torch: a load (2 s) + warm-up like numpy's (0.5 s) + 4 repeats of 0.5 s
+    assert eta.remaining_s() == pytest.approx(1.5 + 2.0 + 0.5 + 2.0)
+    clock.t = 4.0
+    assert eta.remaining_s() == pytest.approx(5.0)
+
+
+def test_eta_without_lane_reports_goes_by_finished_cells():
+    """A cluster executor reports only finished cells: the ETA is the rate of those."""
+    clock = Clock()
+    cells = [Cell(framework="numpy", model="m.gguf", prompt_tokens=n) for n in (4, 8, 16, 32)]
+    eta = SweepEta(cells, clock)
+    clock.t = 10.0
+    eta.cell_done(cells[0])
+    assert eta.remaining_s() == pytest.approx(30.0)
+
+
+def test_progress_lines_on_a_redirected_stderr(tiny_f32, tmp_path):
+    out = tmp_path / "p.csv"
+    r = bench("run", "-f", "numpy", "-f", "torch", "-m", tiny_f32, "--prompt-tokens", "4", "--prompt-tokens", "8",
+              "-n", "3", "-r", "2", "-O", str(out))
+    assert r.returncode == 0, r.stderr
+    loaded = re.findall(r"^loaded (\w+) f32 in [\d.]+s \(group (\d)/2\)  ETA (\S+)$", r.stderr, re.M)
+    assert sorted(f for f, _, _ in loaded) == ["numpy", "torch"] and [g for _, g, _ in loaded] == ["1", "2"]
+    done = re.findall(r"^\[(\d)/4\] (\w+) f32 prompt (\d+) gen 3: .* elapsed \d+s, ETA (\d+)s$", r.stderr, re.M)
+    assert [int(d[0]) for d in done] == [1, 2, 3, 4] and done[-1][3] == "0"
+    assert sorted(d[1:3] for d in done) == [("numpy", "4"), ("numpy", "8"), ("torch", "4"), ("torch", "8")]
+    assert r.stderr.index("(group 2/2)") < r.stderr.index("[1/4]"), "interleaved: both groups load before a cell ends"
