@@ -108,7 +108,8 @@ def test_decision_is_written_onto_every_row_of_both_files_losing_nothing(tmp_pat
     w.write(rows("faster", [200, 201, 200], precision="q4_1"))
     decide_file(w)
     df = pd.read_csv(w.csv_path)
-    assert (df[df.cell_id == "fast"]["flags"].fillna("") == "").all() and df[df.cell_id == "fast"].runner_up.isna().all()
+    fast = df[df.cell_id == "fast"]
+    assert (fast["flags"].fillna("") == "").all() and fast.runner_up.isna().all()
     assert (df[df.cell_id == "faster"]["flags"] == "best").all()
 
 

@@ -59,7 +59,8 @@ def measure_options(fn: Callable) -> Callable:
         click.option("--compile", "compile_", is_flag=True, help="JIT-compile the decode step where the framework can"),
         click.option("--modes", type=click.Choice(["default", "best"]), default="default", show_default=True,
                      help="best: every mode each framework declares (precisions, compile, options); the fastest "
-                          "that passes the fidelity bar is flagged `best`"),
+                          "that passes the fidelity bar is flagged `best` where the 95% CI of its ratio to the "
+                          "runner-up excludes 1, else the modes it cannot be told from are flagged `tied`"),
         click.option("--option", "-o", multiple=True, callback=_key_value, metavar="KEY=VALUE",
                      help="backend option, checked against what the frameworks declare (see below)"),
         click.option("--repeats", "-r", type=POSITIVE,

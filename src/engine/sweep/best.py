@@ -51,4 +51,4 @@ def decided(row: BenchmarkResult, changes: dict[str, dict]) -> BenchmarkResult:
     """`row` as `decide_file` rewrote it in the files."""
     change = dict(changes.get(row.cell_id, {}))
     flags = [f for f in row.flags if f not in VERDICT_FLAGS] + list(change.pop("flags", ()))
-    return replace(row, **blank_decision(), **change, flags=tuple(flags))
+    return replace(row, **{**blank_decision(), **change}, flags=tuple(flags))
