@@ -203,3 +203,16 @@ def _swinging(step):
         return step(tokens, start)
 
     return slowed
+
+
+def test_report_winners_obey_the_rule(tmp_path):
+    from engine.analysis.frames import load_results
+    from engine.analysis.report import winners
+
+    w = ResultWriter(tmp_path / "r.csv")
+    w.write(rows("t", [50, 30, 52, 31], framework="torch") + rows("l", [31, 51, 30, 50], framework="llamacpp")
+            + rows("u", [99, 98, 99, 97], framework="mlx", kl=math.nan, top1=math.nan)
+            + rows("n", [40, 41, 40, 41], framework="numpy", node="other"))
+    table = winners(load_results([w.csv_path])).set_index("node")
+    assert table.loc["", "verdict"] == "tied: torch f32, llamacpp f32"  # mlx is faster but unchecked
+    assert table.loc["other", "winner"] == "numpy f32" and table.loc["other", "verdict"] == "best"

@@ -30,7 +30,7 @@ class Cell:
     gen_tokens: int = 32
     batch_size: int = 1  # sequences prefilled together and decoded in lockstep
     repeats: int = 3  # the least measured repeats
-    max_repeats: int = 0  # above `repeats`: keep measuring until the CI is within ci_target (0: exactly `repeats`)
+    max_repeats: int = 0  # above `repeats`: measure on until the CI is within ci_target (0: exactly `repeats`)
     ci_target: float = 0.05  # relative half-width of decode tok/s's 95% CI that ends an adaptive cell
     warmup: int = 1
     min_time_s: float = 0.0
@@ -50,8 +50,10 @@ class Cell:
         for name in ("warmup", "threads", "memory_limit_mb"):
             if getattr(self, name) < 0:
                 raise InputError(f"{name} must be >= 0, got {getattr(self, name)}")
-        if self.max_repeats < 0 or not self.ci_target > 0:
-            raise InputError(f"max_repeats must be >= 0 and ci_target > 0, got {self.max_repeats} and {self.ci_target}")
+        if self.max_repeats < 0:
+            raise InputError(f"max_repeats must be >= 0, got {self.max_repeats}")
+        if not self.ci_target > 0:
+            raise InputError(f"ci_target must be > 0, got {self.ci_target}")
         if self.timeout_s <= 0:
             raise InputError(f"timeout must be > 0 seconds, got {self.timeout_s}")
 
