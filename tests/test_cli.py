@@ -192,10 +192,14 @@ def test_modes_best_measures_every_mode_and_flags_one_per_framework(tiny_models,
     for f in frameworks:
         declared = {m.precision for m in backends.get(f).modes(spec, "cpu")}
         assert set(df[df.framework == f].precision) == declared, f
-        best = df[(df.framework == f) & df["flags"].fillna("").str.contains("best")]
-        assert best.cell_id.nunique() == 1, f
         ok = df[(df.framework == f) & (df.status == "ok")]
-        assert best.decode_tps_mean.iloc[0] == ok.decode_tps_mean.max(), "the fastest passing mode is chosen"
+        best = ok[ok["flags"].fillna("").str.contains("best")]
+        tied = ok[ok["flags"].fillna("").str.contains("tied")]
+        assert (best.cell_id.nunique(), tied.cell_id.nunique()) in ((1, 0), (0, 2), (0, 3)), f  # one or a tie
+        chosen = best if len(best) else tied[tied.runner_up.notna()]  # the tie's top holds the ratio
+        medians = ok.groupby("cell_id").decode_tps.median()
+        assert medians[chosen.cell_id.iloc[0]] == medians.max(), "the fastest passing mode leads"
+        assert (best[best.runner_up.notna()].ratio_ci95_low > 1).all(), "best only where the CI excludes 1"
     assert df.kl_vs_reference.notna().all() and df.top1_agreement.notna().all()
     ref = df[df.framework == "numpy"]
     assert (ref.kl_vs_reference == 0).all() and (ref.top1_agreement == 1).all()
@@ -209,13 +213,17 @@ def test_modes_best_refuses_a_fixed_precision(tiny_f32):
 
 
 def test_best_skips_a_fast_mode_that_fails_the_fidelity_bar():
+    from engine.measure.decide import decide
     from engine.results.rows import BenchmarkResult
-    from engine.sweep.best import best_cells
 
-    row = lambda cell, tps, kl, top1: BenchmarkResult(  # noqa: E731
-        cell_id=cell, framework="x", decode_tps_mean=tps, kl_vs_reference=kl, top1_agreement=top1, prompt_ids=[1])
-    rows = [row("fast-broken", 90.0, 2.3, 0.2), row("fast-ok", 50.0, 0.01, 0.97), row("slow", 20.0, 0.0, 1.0)]
-    assert best_cells(rows) == {"fast-ok"}
+    def rows(cell, speeds, kl, top1):
+        return [BenchmarkResult(cell_id=cell, framework="x", repeat=i, decode_tps=s, kl_vs_reference=kl,
+                                top1_agreement=top1, prompt_ids=[1], schedule="interleaved")
+                for i, s in enumerate(speeds)]
+
+    d, = decide(rows("fast-broken", [90, 91, 90], 2.3, 0.2) + rows("fast-ok", [50, 52, 51], 0.01, 0.97)
+                + rows("slow", [20, 21, 20], 0.0, 1.0))
+    assert (d.verdict, d.top.cell_id, d.runner_up.cell_id) == ("best", "fast-ok", "slow")
 
 
 def _commands():

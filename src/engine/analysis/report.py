@@ -19,6 +19,31 @@ def _cell(v) -> str:
     return str(v)
 
 
+WINNER_RULE = ("The fastest mode of any framework passing the fidelity bar, by median decode tok/s; `best` only "
+               "where its 95% CI against the runner-up excludes 1, else `tied` with every mode it cannot be told "
+               "from (the rule of `--modes best`, engine.measure.decide).")
+
+
+def winners(df):
+    """Per workload (and node), the decision among every framework's modes."""
+    import pandas as pd
+
+    from engine.measure.decide import decide
+    from engine.measure.stats import ratio_text
+
+    out = []
+    for d in decide(df.to_dict("records"), across_frameworks=True):
+        model, device, prompt, gen, batch, _, _, node = d.key
+        vs = ratio_text(d.ratio.ratio, d.ratio.low, d.ratio.high, d.runner_up.label) if d.ratio else "-"
+        verdict = {"best": "best", "none": "no mode passes the bar"}.get(d.verdict) or \
+            "tied: " + ", ".join(c.label for c in d.tied)
+        out.append({"model": model, "device": device, "prompt_tokens": prompt, "gen_tokens": gen,
+                    "batch_size": batch, "node": node, "winner": d.top.label if d.top else "-",
+                    "decode_tps_median": d.top.median if d.top else float("nan"), "verdict": verdict,
+                    "vs runner-up (95% CI)": vs})
+    return pd.DataFrame(out).sort_values(["model", "prompt_tokens", "gen_tokens", "batch_size", "node"])
+
+
 def write_report(paths: list[str], out: Path) -> Path:
     import matplotlib
 
@@ -65,10 +90,8 @@ def write_report(paths: list[str], out: Path) -> Path:
         host = df.host.dropna().unique().tolist()
         md.append(f"Host: {', '.join(map(str, host))}; memory bandwidth {df.host_gbps.dropna().mean():.1f} GB/s\n")
         md.append("## Cells\n\n" + _markdown_table(summary.round(4)) + "\n")
-        md.append("## Winner per workload (decode tokens/s)\n")
-        workload = ["model", "prompt_tokens", "gen_tokens", "batch_size"]
-        best = summary.loc[summary.groupby(workload).decode_tps.idxmax()]
-        md.append(_markdown_table(best[[*workload, "framework", "mode", "decode_tps"]]) + "\n")
+        md.append("## Winner per workload (decode tokens/s)\n\n" + WINNER_RULE + "\n\n"
+                  + _markdown_table(winners(df)) + "\n")
         md.append("## Correctness against the reference\n\n" + _markdown_table(correctness_table(summary)) + "\n")
     flagged = df[(df.status != "ok") | df["flags"].fillna("").astype(bool)].drop_duplicates("cell_id")
     flagged = flagged.assign(mode=[row_mode(r) for r in flagged.itertuples()])

@@ -13,6 +13,7 @@ from rich.text import Text
 
 from engine.measure.cell import Cell
 from engine.results.modes import mode_label, row_mode
+from engine.measure.stats import ratio_text
 from engine.results.rows import BenchmarkResult
 from engine.results.writers import results_table
 from engine.sweep.eta import Progress, SweepEta
@@ -125,30 +126,56 @@ class EtaColumn(ProgressColumn):
         return Text(self.text())
 
 
-def comparison_table(rows, metric: str):
-    """`bench compare`'s verdicts, one line per matched cell."""
+def comparison_table(rows, metric: str, baseline: str, candidate: str, level: float):
+    """`bench compare`'s verdicts, one line per matched cell: 'B 0.80x A [0.79, 0.81]'."""
+    from pathlib import Path
     from rich.table import Table
 
-    t = Table(title=f"{metric}: candidate / baseline", header_style="bold")
-    for c in ("cell", "ratio", "95% CI", "p (Welch)", "verdict"):
+    a, b = Path(baseline).stem, Path(candidate).stem
+    if a == b:
+        a, b = baseline, candidate
+    t = Table(title=f"{metric}: {b} / {a}, {level:.0%} CI (Welch on logs: rows of two runs are not paired)",
+              header_style="bold")
+    for c in ("cell", "ratio", "p (Welch)", "verdict"):
         t.add_column(c)
     for r in rows:
         verdict = "[red]REGRESSION[/]" if r.regressed else "[green]improved[/]" if r.improved else "same"
-        t.add_row(r.label, f"{r.ratio:.3f}", f"{r.ci_low:.3f}-{r.ci_high:.3f}" if not math.isnan(r.ci_low) else "-",
+        t.add_row(r.label, f"{b} {ratio_text(r.ratio, r.ci_low, r.ci_high, a)}",
                   f"{r.p_value:.3g}" if not math.isnan(r.p_value) else "-", verdict)
     return t
 
 
-def best_table(rows: list[BenchmarkResult]):
-    """`--modes best`: one line per framework and workload, its chosen mode beside what it gives up."""
+def best_table(decisions, rows: list[dict]):
+    """`--modes best`: one line per framework and workload: the chosen mode (or the tie), its ratio
+    to the runner-up with the 95% CI, and what it gives up."""
     from rich.table import Table
 
-    t = Table(title="best mode per framework (fastest that passes the fidelity bar)", header_style="bold")
-    for col in ("framework", "mode", "prompt", "gen", "decode tok/s", "KL nats", "top-1", "peak RSS MB", "modes tried"):
-        t.add_column(col, justify="left" if col in ("framework", "mode") else "right")
-    chosen = [r for r in rows if "best" in r.flags and r.repeat == 0]
-    for r in sorted(chosen, key=lambda r: -r.decode_tps_mean):
-        tried = len({x.cell_id for x in rows if x.framework == r.framework and x.prompt_ids == r.prompt_ids})
-        t.add_row(r.framework, row_mode(r), str(r.prompt_tokens), str(r.gen_tokens), f"{r.decode_tps_mean:.1f}",
-                  f"{r.kl_vs_reference:.4f}", f"{r.top1_agreement:.2f}", f"{r.peak_rss_bytes / 1e6:.0f}", str(tried))
+    t = Table(title="best mode per framework (fastest that passes the fidelity bar, by a CI excluding 1)",
+              header_style="bold")
+    for col in ("framework", "mode", "prompt", "gen", "decode tok/s (median)", "verdict", "vs runner-up",
+                "KL nats", "top-1", "peak RSS MB", "modes tried"):
+        t.add_column(col, justify="left" if col in ("framework", "mode", "verdict", "vs runner-up") else "right")
+    first = {r["cell_id"]: r for r in reversed(rows)}
+    for d in sorted(decisions, key=lambda d: -(d.top.median if d.top else 0)):
+        tried = str(len({r["cell_id"] for r in rows if _workload(r) == d.key}))
+        if d.top is None:
+            reason = "unchecked: no fidelity measured" if d.unchecked else "no mode passes the fidelity bar"
+            t.add_row(d.key[0], "-", *map(str, d.key[3:5]), "-", reason, "-", "-", "-", "-", tried)
+            continue
+        r = first[d.top.cell_id]
+        verdict = "best" if d.verdict == "best" else "tied: " + ", ".join(c.label for c in d.tied)
+        vs = ratio_text(d.ratio.ratio, d.ratio.low, d.ratio.high, d.runner_up.label) if d.ratio else "only mode"
+        t.add_row(r["framework"] + (f" @{r['node']}" if r.get("node") else ""), d.top.label, str(r["prompt_tokens"]),
+                  str(r["gen_tokens"]), f"{d.top.median:.1f}", verdict, vs, _fmt(r["kl_vs_reference"], ".4f"),
+                  _fmt(r["top1_agreement"], ".2f"), f"{r['peak_rss_bytes'] / 1e6:.0f}", tried)
     return t
+
+
+def _workload(row: dict) -> tuple:
+    from engine.measure.decide import workload_key
+
+    return workload_key(row)
+
+
+def _fmt(v, spec: str) -> str:
+    return "-" if v is None or (isinstance(v, float) and math.isnan(v)) else format(v, spec)

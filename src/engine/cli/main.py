@@ -29,7 +29,7 @@ def run_cells_command(o: dict[str, Any], debug: bool, config: str | None = None)
     from engine.cli import display
     from engine.measure.bandwidth import host_bandwidth
     from engine.results.rows import new_run_id
-    from engine.results.writers import ResultWriter, print_rows
+    from engine.results.writers import ResultWriter, print_rows, read_jsonl
     from engine.sweep.isolation import run_cells
     from engine.sweep.run import run_sweep
 
@@ -60,16 +60,15 @@ def run_cells_command(o: dict[str, Any], debug: bool, config: str | None = None)
             executor.close()
     if outcome.skipped:
         display.stderr.print(f"resumed: {outcome.skipped} cell(s) already in {out}")
-    if o["modes"] == "best":
-        from engine.sweep.best import best_cells
+    if o["modes"] == "best":  # over every row of the file: a resumed run's earlier cells too
+        from engine.sweep.best import decide_file, decided
 
-        best = best_cells(outcome.rows)
-        writer.add_flag(best, "best")
-        outcome.rows = [r.with_flags(("best",)) if r.cell_id in best else r for r in outcome.rows]
+        decisions, changes = decide_file(writer)
+        outcome.rows = [decided(r, changes) for r in outcome.rows]
     if not (progress.live and o["fmt"] == "table"):  # the live display already shows the table
         print_rows(outcome.rows, o["fmt"], sys.stdout)
     if o["modes"] == "best" and o["fmt"] == "table":
-        display.stdout.print(display.best_table(outcome.rows))
+        display.stdout.print(display.best_table(decisions, read_jsonl(writer.jsonl_path)))
     display.stderr.print(f"wrote {len(outcome.rows)} row(s) to {out} and {writer.jsonl_path}")
     if outcome.statuses.get("unavailable"):
         display.stderr.print(f"{outcome.statuses['unavailable']} cell(s) unavailable on this "
@@ -250,18 +249,22 @@ def report(results: tuple[str, ...], out: str) -> int:
 @click.argument("baseline")
 @click.argument("candidate")
 @click.option("--metric", default="decode_tps", show_default=True)
-@click.option("--threshold", type=float, default=0.05, show_default=True, help="relative drop counted as a regression")
-@click.option("--alpha", type=float, default=0.05, show_default=True, help="significance level")
+@click.option("--threshold", type=float, default=0.05, show_default=True,
+              help="relative change counted as a regression: only when the whole CI lies beyond it")
+@click.option("--alpha", type=float, default=0.05, show_default=True, help="the CI is at confidence 1 - alpha")
 def compare(baseline: str, candidate: str, metric: str, threshold: float, alpha: float) -> int:
-    """A/B two results CSVs per cell; exit 1 on a significant regression."""
+    """A/B two results CSVs per cell: CANDIDATE / BASELINE with its CI (Welch's t on the logs of the
+    repeats); exit 1 when a cell's whole CI lies beyond --threshold on the worse side, else 0."""
     from engine.analysis.compare import compare as compare_files
     from engine.cli import display
     from engine.cli.display import comparison_table
 
+    if not 0 < alpha < 1:
+        raise InputError(f"--alpha must be between 0 and 1, got {alpha}")
     rows, unmatched = compare_files(baseline, candidate, metric, threshold, alpha)
     if not rows:
         raise InputError("no cells in common between the two files")
-    display.stdout.print(comparison_table(rows, metric))
+    display.stdout.print(comparison_table(rows, metric, baseline, candidate, 1 - alpha))
     if unmatched:
         display.stderr.print(f"{len(unmatched)} cell(s) in only one file: not compared")
     regressions = sum(r.regressed for r in rows)

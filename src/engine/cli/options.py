@@ -9,6 +9,8 @@ import click
 from engine.errors import InputError
 
 POSITIVE = click.IntRange(min=1)
+# `bench run` without -r: at least DEFAULT_REPEATS, then more until the CI is narrow, up to the bound
+DEFAULT_REPEATS, DEFAULT_MAX_REPEATS = 3, 10
 
 
 def _key_value(ctx, param, values: tuple[str, ...]) -> tuple[tuple[str, str], ...]:
@@ -57,10 +59,18 @@ def measure_options(fn: Callable) -> Callable:
         click.option("--compile", "compile_", is_flag=True, help="JIT-compile the decode step where the framework can"),
         click.option("--modes", type=click.Choice(["default", "best"]), default="default", show_default=True,
                      help="best: every mode each framework declares (precisions, compile, options); the fastest "
-                          "that passes the fidelity bar is flagged `best`"),
+                          "that passes the fidelity bar is flagged `best` where the 95% CI of its ratio to the "
+                          "runner-up excludes 1, else the modes it cannot be told from are flagged `tied`"),
         click.option("--option", "-o", multiple=True, callback=_key_value, metavar="KEY=VALUE",
                      help="backend option, checked against what the frameworks declare (see below)"),
-        click.option("--repeats", "-r", type=POSITIVE, help="measured generations per cell (default 3)"),
+        click.option("--repeats", "-r", type=POSITIVE,
+                     help="measured generations per cell: exactly this many unless --max-repeats is given "
+                          f"(default: {DEFAULT_REPEATS} to {DEFAULT_MAX_REPEATS}, adaptively)"),
+        click.option("--max-repeats", type=click.IntRange(min=1),
+                     help="keep repeating a cell, up to this many, until the 95% CI of its decode tok/s is "
+                          "within --ci-target (a cell that gets there no sooner is flagged `ci_wide`)"),
+        click.option("--ci-target", type=click.FloatRange(min=0, min_open=True),
+                     help="relative half-width of the 95% CI that ends an adaptive cell (default 0.05)"),
         click.option("--warmup", type=click.IntRange(min=0), help="warm-up generations per cell (default 1)"),
         click.option("--min-time", type=float, help="keep repeating until this many seconds are measured"),
         click.option("--seed", type=int, help="seed of the prompt stream and the sampler (default 0)"),
@@ -84,8 +94,9 @@ def measure_options(fn: Callable) -> Callable:
 # CLI option -> Cell field: repeated options become sweep axes, single ones apply to every cell
 AXES = {"framework": "framework", "precision": "precision", "device": "device", "prompt_tokens": "prompt_tokens",
         "gen_tokens": "gen_tokens", "batch_size": "batch_size", "threads": "threads", "node": "node"}
-FIXED = {"repeats": "repeats", "warmup": "warmup", "min_time": "min_time_s", "seed": "seed", "timeout": "timeout_s",
-         "memory_limit_mb": "memory_limit_mb", "prompt": "prompt_text"}
+FIXED = {"repeats": "repeats", "max_repeats": "max_repeats", "ci_target": "ci_target", "warmup": "warmup",
+         "min_time": "min_time_s", "seed": "seed", "timeout": "timeout_s", "memory_limit_mb": "memory_limit_mb",
+         "prompt": "prompt_text"}
 
 
 def cells_from_options(o: dict[str, Any], config: str | None = None) -> list:
@@ -98,9 +109,11 @@ def cells_from_options(o: dict[str, Any], config: str | None = None) -> list:
     axes: dict[str, Any] = {key: list(o[opt]) for opt, key in AXES.items() if o.get(opt)}
     if o["model"]:
         axes["model"] = [resolve_model(m) for m in o["model"]]
-    fixed: dict[str, Any] = {key: o[opt] for opt, key in FIXED.items() if o[opt] is not None}
+    fixed: dict[str, Any] = {key: o[opt] for opt, key in FIXED.items() if o.get(opt) is not None}
     if o["compile_"]:
         fixed["compile"] = True
+    if not config and o["repeats"] is None and o.get("max_repeats") is None:
+        fixed["max_repeats"] = DEFAULT_MAX_REPEATS  # adaptive unless -r fixes the count
     if o["option"]:
         fixed["options"] = tuple(sorted(o["option"]))
     if config:

@@ -29,7 +29,9 @@ class Cell:
     prompt_text: str = ""
     gen_tokens: int = 32
     batch_size: int = 1  # sequences prefilled together and decoded in lockstep
-    repeats: int = 3
+    repeats: int = 3  # the least measured repeats
+    max_repeats: int = 0  # above `repeats`: measure on until the CI is within ci_target (0: exactly `repeats`)
+    ci_target: float = 0.05  # relative half-width of decode tok/s's 95% CI that ends an adaptive cell
     warmup: int = 1
     min_time_s: float = 0.0
     threads: int = 0  # 0: every physical core of the host, for every framework alike
@@ -48,13 +50,18 @@ class Cell:
         for name in ("warmup", "threads", "memory_limit_mb"):
             if getattr(self, name) < 0:
                 raise InputError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.max_repeats < 0:
+            raise InputError(f"max_repeats must be >= 0, got {self.max_repeats}")
+        if not self.ci_target > 0:
+            raise InputError(f"ci_target must be > 0, got {self.ci_target}")
         if self.timeout_s <= 0:
             raise InputError(f"timeout must be > 0 seconds, got {self.timeout_s}")
 
     @property
     def cell_id(self) -> str:
         """Stable across runs and machines: what was measured, not how long it may take."""
-        key = {k: v for k, v in asdict(self).items() if k not in ("timeout_s", "noise_threshold")}
+        effort = ("timeout_s", "noise_threshold", "max_repeats", "ci_target")  # how hard to try, not what
+        key = {k: v for k, v in asdict(self).items() if k not in effort}
         for axis, default in (("node", ""), ("batch_size", 1)):
             if key[axis] == default:
                 del key[axis]  # ids from before the axis existed stay valid

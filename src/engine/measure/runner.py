@@ -108,7 +108,9 @@ class CellRun:
         self.measured_s += time.perf_counter() - t
         self.peak_rss_bytes = self.peak.bytes()  # through the timed runs, before any bookkeeping
         n, c = len(self.runs), self.cell
-        return n >= c.repeats and (self.measured_s >= c.min_time_s or n >= MAX_REPEATS)
+        if n < c.repeats or (self.measured_s < c.min_time_s and n < MAX_REPEATS):
+            return False
+        return n >= c.max_repeats or not ci_wide(self.runs, c)
 
     def rows(self) -> list[BenchmarkResult]:
         loaded, runs, warm = self.loaded, self.runs, self.warm or []
@@ -183,6 +185,8 @@ def build_rows(cell: Cell, loaded: LoadedModel, prompts: list[list[int]], runs: 
         **provenance(),
     )
     flags = cell_flags(cell_stats.cov, cell.noise_threshold) + cold_flag(cell)
+    if cell.max_repeats > cell.repeats and ci_wide(runs, cell):  # adaptive, and the bound came first
+        flags += ("ci_wide",)
     rows = []
     for i, run in enumerate(runs):
         achieved = bytes_per_token * run.decode_tps / 1e9
@@ -210,6 +214,12 @@ def timing_fields(run: Generation, prompts: list[list[int]]) -> dict[str, Any]:
         avg_tokens_per_second=sum(map(len, run.sequences)) / total,
         peak_tokens_per_second=batch / min(itl) if itl else math.nan,
     )
+
+
+def ci_wide(runs: list[Generation], cell: Cell) -> bool:
+    """The 95% CI of decode tok/s is wider than the cell's target (or cannot be had: one repeat)."""
+    half = summarize([r.decode_tps for r in runs if not math.isnan(r.decode_tps)]).relative_half_width
+    return not half <= cell.ci_target
 
 
 def cell_flags(cov: float, noise_threshold: float) -> tuple[str, ...]:

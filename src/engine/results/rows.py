@@ -65,7 +65,7 @@ class BenchmarkResult(TypedRow):
     repeat: int = 0
     status: str = "ok"
     error: str = ""
-    flags: tuple[str, ...] = ()  # noisy, over_roofline, diverged
+    flags: tuple[str, ...] = ()  # noisy, over_roofline, diverged, best, tied, unchecked, ci_wide, ...
     # what ran
     framework: str = ""
     precision: str = ""
@@ -107,6 +107,13 @@ class BenchmarkResult(TypedRow):
     decode_tps_ci95_low: float = math.nan
     decode_tps_ci95_high: float = math.nan
     decode_tps_cov: float = math.nan
+    # the `--modes best` decision over the whole results file (engine.measure.decide)
+    runner_up: str = ""  # mode label of the runner-up, on the row of its workload's top mode
+    ratio_to_runner_up: float = math.nan  # decode tok/s of this mode over the runner-up's
+    ratio_ci95_low: float = math.nan
+    ratio_ci95_high: float = math.nan
+    ratio_method: str = ""  # paired (t on per-round log-ratios) or welch (Welch's t on logs)
+    tied_modes: str = ""  # on every tied row: the tied modes, top first, ", "-joined
     # memory
     peak_rss_bytes: int = 0
     peak_rss_scope: str = ""  # what interval peak_rss_bytes covers: cell or process

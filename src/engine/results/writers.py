@@ -15,7 +15,7 @@ import math
 import os
 from collections import Counter
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence, TextIO
+from typing import Any, Callable, Iterable, Mapping, Sequence, TextIO
 
 import numpy as np
 
@@ -228,22 +228,32 @@ class ResultWriter:
             printer(buf).rows(rows)
             _rewrite(path, _without_cells(path, cells) + buf.getvalue())
 
-    def add_flag(self, cell_ids: set[str], flag: str) -> None:
-        """Add `flag` to every row of these cells in both files (an atomic rewrite of each), for
-        verdicts that need the whole run, such as `best`."""
-        if not cell_ids:
-            return
+    def update_cells(self, changes: Mapping[str, Mapping[str, Any]], reset: Mapping[str, Any] | None = None,
+                     drop_flags: Iterable[str] = ()) -> None:
+        """Verdicts that need the whole file, such as `best`, written onto its rows: every row gets
+        `reset`'s fields and loses `drop_flags`, then each row of a cell in `changes` gets that
+        change's fields, its `flags` added to the row's own. One atomic rewrite of each file; rows
+        and fields the change does not name are kept as they were."""
+        reset, drop = dict(reset or {}), set(drop_flags)
+
+        def updated(row: dict[str, Any], flags: list[str]) -> tuple[dict[str, Any], list[str]]:
+            change = dict(changes.get(row.get("cell_id"), {}))
+            added = [f for f in change.pop("flags", ()) if f not in flags]
+            return {**reset, **change}, [f for f in flags if f not in drop] + added
+
         with open(self.csv_path, newline="") as f:
             rows = list(csv.DictReader(f))
         for r in rows:
-            if r["cell_id"] in cell_ids and flag not in r["flags"].split(";"):
-                r["flags"] = ";".join(x for x in (r["flags"], flag) if x)
+            fields, flags = updated(r, [x for x in r["flags"].split(";") if x])
+            r.update(csv_record({**fields, "flags": flags}))
         _rewrite(self.csv_path, csv_text(rows, self.columns, header=True))
+        if not self.jsonl_path.exists():
+            return
         rows_j = read_jsonl(self.jsonl_path)
         for r in rows_j:
-            if r.get("cell_id") in cell_ids and flag not in r["flags"]:
-                r["flags"].append(flag)
-        _rewrite(self.jsonl_path, "".join(json.dumps(r) + "\n" for r in rows_j))
+            fields, r["flags"] = updated(r, list(r.get("flags") or []))
+            r.update({k: None if isinstance(v, float) and math.isnan(v) else v for k, v in fields.items()})
+        _rewrite(self.jsonl_path, "".join(json.dumps(r, default=json_default) + "\n" for r in rows_j))
 
     def completed_cells(self) -> set[str]:
         """Cell ids measured in full in the CSV: some run (`run_id`) of the cell wrote every repeat,

@@ -76,8 +76,9 @@ class ReferenceTokens:
                 continue
             key = self.key(c, c.seed)
             if key not in missing or missing[key].batch_size < c.batch_size:
-                missing[key] = replace(c, framework=self.name, precision="auto", device="auto", repeats=1, warmup=0,
-                                       min_time_s=0.0, compile=False, options=(), threads=0, memory_limit_mb=0)
+                missing[key] = replace(c, framework=self.name, precision="auto", device="auto", repeats=1,
+                                       max_repeats=0, warmup=0, min_time_s=0.0, compile=False, options=(),
+                                       threads=0, memory_limit_mb=0)
         # grouped by load key: references of one shape share a child and a load
         for ref, rows in self.executor(order(list(missing.values())), self.host_gbps, self.run_id):
             self.offer(ref, rows)
