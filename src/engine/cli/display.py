@@ -100,7 +100,8 @@ def best_table(rows: list[BenchmarkResult]):
     from rich.table import Table
 
     t = Table(title="best mode per framework (fastest that passes the fidelity bar)", header_style="bold")
-    for col in ("framework", "mode", "prompt", "gen", "decode tok/s", "KL nats", "top-1", "peak RSS MB", "modes tried"):
+    for col in ("framework", "mode", "prompt", "gen", "decode tok/s", "KLD nats", "KLD p99", "same top", "peak RSS MB",
+                "modes tried"):
         t.add_column(col, justify="left" if col in ("framework", "mode") else "right")
     chosen = [r for r in rows if "best" in r.flags and r.repeat == 0]
     for r in sorted(chosen, key=lambda r: -r.decode_tps_mean):
@@ -108,5 +109,6 @@ def best_table(rows: list[BenchmarkResult]):
         mode = r.precision + (" compiled" if r.optimization_level == "compile" else "") + "".join(
             f" {k}={v}" for k, v in sorted(r.options.items()))
         t.add_row(r.framework, mode, str(r.prompt_tokens), str(r.gen_tokens), f"{r.decode_tps_mean:.1f}",
-                  f"{r.kl_vs_reference:.4f}", f"{r.top1_agreement:.2f}", f"{r.peak_rss_bytes / 1e6:.0f}", str(tried))
+                  f"{r.kld_mean:.4f}", f"{r.kld_p99:.3f}", f"{r.same_top_p:.3f}", f"{r.peak_rss_bytes / 1e6:.0f}",
+                  str(tried))
     return t
