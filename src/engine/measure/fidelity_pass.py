@@ -60,9 +60,9 @@ def run_pass(cell: "Cell", loaded: "LoadedModel") -> PassResult:
                     saved["kld"] = fid.as_dict()
             if needs_greedy:
                 saved["greedy"][str(n)] = reference.greedy(backend(), prompt, n)
-                if is_ref:
-                    reference.save_greedy(cell.model, prompt, n, saved["greedy"][str(n)])
         reference.write_atomically(path, lambda tmp: tmp.write_text(json.dumps(saved)))
+    if is_ref and not reference.greedy_file(cell.model, prompt, n).exists():  # what the modes' tokens are checked against
+        reference.save_greedy(cell.model, prompt, n, saved["greedy"][str(n)])
     ref_tokens = reference.greedy_tokens(cell.model, prompt, n)
     match = -1 if ref_tokens is None else reference.leading_matches(saved["greedy"][str(n)], ref_tokens)
     fid = Fidelity(**saved["kld"]) if "kld" in saved else NOT_COMPARED

@@ -90,3 +90,29 @@ class ReferenceTokens:
         refs = [reference.greedy_tokens(cell.model, p, cell.gen_tokens)
                 for p in cell_prompts(open_spec(cell.model), cell)]
         return None if any(r is None for r in refs) else refs
+
+
+def run_sweep(cells: list[Cell], writer: ResultWriter, host_gbps: float, run_id: str, *, resume: bool = False,
+              check_reference: bool = True, delay_s: float = 0.0, debug: bool = False, interleave: bool = True,
+              on_cell: Callable[[Cell, list[BenchmarkResult], int, int], None] | None = None,
+              on_start: Callable[[Cell], None] | None = None, executor: Executor = run_cells) -> SweepOutcome:
+    outcome = SweepOutcome()
+    done = writer.completed_cells() if resume else set()
+    todo = [c for c in cells if c.cell_id not in done]
+    outcome.skipped = len(cells) - len(todo)
+    reference = ReferenceTokens(host_gbps, run_id, executor)
+    if check_reference:
+        reference.prefetch(todo)
+    for i, (cell, rows) in enumerate(executor(todo, host_gbps, run_id, debug, on_start, interleave)):
+        if check_reference and rows[0].status == "ok":
+            ref = reference.get(cell)
+            if ref is not None:
+                rows = with_reference(rows, ref)
+        writer.write(rows)
+        outcome.rows.extend(rows)
+        outcome.statuses[rows[0].status] += 1
+        if on_cell is not None:
+            on_cell(cell, rows, i + 1, len(todo))
+        if delay_s and i + 1 < len(todo):
+            time.sleep(delay_s)
+    return outcome
