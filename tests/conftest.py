@@ -13,8 +13,9 @@ from engine.model.synth import write_synthetic
 ROOT = Path(__file__).resolve().parents[1]
 TESTS = Path(__file__).resolve().parent
 # the fault-injection backend (tests/faulty_backend.py) registered for a `bench` subprocess
+# (with this checkout's sources first, as bench() puts them: its PYTHONPATH replaces bench()'s)
 FAULT_ENV = {"BENCH_BACKEND_MODULES": "faulty_backend",
-             "PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")])}
+             "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), str(TESTS), os.environ.get("PYTHONPATH", "")])}
 
 
 @pytest.fixture(scope="session")

@@ -1,9 +1,11 @@
 """A test-only backend for fault injection, loaded through BENCH_BACKEND_MODULES.
 
 Its behaviour comes from the cell option `fault`: raise, abort, hang, oom, spike (allocates and
-frees SPIKE_BYTES once, on the generation `fault_generation`, and otherwise runs healthy), or none
-(it then wraps the numpy reference, so a healthy cell produces real rows). With `fault_prompt=N`
-the fault only hits prompts of N tokens, so one cell of a load group can fail while its neighbours succeed."""
+frees SPIKE_BYTES once, on the generation `fault_generation`, and otherwise runs healthy), noise
+(Gaussian noise on every logit: a mode that drifts from the reference), break_batch (sequence 1
+of a batch gets wrong logits), or none (it then wraps the numpy reference, so a healthy cell
+produces real rows). With `fault_prompt=N` the fault only hits prompts of N tokens, so one cell
+of a load group can fail while its neighbours succeed."""
 
 import os
 import time
@@ -21,7 +23,7 @@ class FaultyBackend(NumpyBackend):
     description = "fault injection for tests"
     is_reference = False
     options = (BackendOption("fault", str, "the fault to inject",
-                             choices=("raise", "abort", "hang", "oom", "spike", "none")),
+                             choices=("raise", "abort", "hang", "oom", "spike", "noise", "break_batch", "none")),
                BackendOption("fault_prompt", int, "inject only on prompts of this many tokens"),
                BackendOption("fault_generation", int, "inject only from this generation on (1: the first)"))
 
@@ -30,9 +32,12 @@ class FaultyBackend(NumpyBackend):
         self.fault_prompt = opts.options.get("fault_prompt")
         self.fault_generation = opts.options.get("fault_generation", 1)
         self.generations = 0
+        self.rng = np.random.default_rng(0)
         return super().build(spec, opts)
 
     def step(self, tokens, start):
+        if self.fault in ("noise", "break_batch"):
+            return self.perturbed(super().step(tokens, start))
         self.generations += start == 0
         if (self.fault_prompt is not None and len(tokens[0]) != self.fault_prompt) or \
                 self.generations < self.fault_generation:
@@ -52,6 +57,13 @@ class FaultyBackend(NumpyBackend):
             while True:
                 hog.append(bytearray(64 * 2**20))
         return super().step(tokens, start)
+
+    def perturbed(self, logits):
+        if self.fault == "noise":
+            return logits + self.rng.normal(0, 1.0, logits.shape).astype(np.float32)
+        if len(logits) > 1:
+            logits[1] = logits[1][::-1].copy()
+        return logits
 
 
 class SerialBackend(NumpyBackend):

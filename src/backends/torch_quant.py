@@ -5,7 +5,7 @@ The kernel computes with w = (q - 8) * scale + zero per group of 32 along a row,
 GGUF block types: Q4_0 is d * (q - 8) (scale d, zero 0) and Q4_1 is d * q + m (scale d, zero
 m + 8d). Its f32 path is a scalar loop (930 us for a 1536x576 GEMV here, against 69 us for an f32
 GEMV) while its bf16 path is vectorised (28 us), so activations, scales and zeros go in as bf16:
-the loss that costs shows in the row's `kl_vs_reference`. Other block types (Q8_0 has per-block
+the loss that costs shows in the row's `kld_mean`. Other block types (Q8_0 has per-block
 scales, which torch's int8 kernel lacks) and the embedding table stay f32; a tied output head
 shares the embedding's one float copy.
 """

@@ -17,6 +17,8 @@ CELL = ["framework", "precision", "device", "model", "prompt_tokens", "gen_token
         "optimization_level", "options"]
 
 
+FIDELITY = ["kld_mean", "kld_p99", "same_top_p", "same_top_p_err", "rms_dp"]  # the corpus statistics
+
 def latest_results(directory: str | os.PathLike = "results") -> Path:
     files = sorted(glob.glob(os.path.join(directory, "**", "*.csv"), recursive=True), key=os.path.getmtime)
     if not files:
@@ -75,6 +77,7 @@ def cell_summary(df: pd.DataFrame, latencies: pd.DataFrame | None = None) -> pd.
                 prefill_tps=("prefill_tps", "mean"), peak_rss_mb=("peak_rss_bytes", lambda s: s.max() / 1e6),
                 roofline_frac=("roofline_frac", "mean"), match_tokens=("match_tokens", "min"),
                 kl_vs_reference=("kl_vs_reference", "mean"), top1_agreement=("top1_agreement", "mean"),
+                **{c: (c, "mean") for c in FIDELITY if c in ok.columns},  # files from before the corpus lack them
                 flags=("flags", lambda s: ";".join(sorted({f for v in s.dropna() for f in str(v).split(";") if f}))),
                 repeats=("repeat", "count"),
                 _sample_keys=("_sample_key", lambda s: tuple(sorted(set(s))))).reset_index()
@@ -190,6 +193,7 @@ FIGURES = {"decode_tps": fig_decode, "prefill_ttft": fig_prefill, "memory_vs_thr
 
 
 def correctness_table(summary: pd.DataFrame) -> pd.DataFrame:
+    fidelity = [c for c in FIDELITY if c in summary.columns] or ["kl_vs_reference", "top1_agreement"]
     t = summary[["framework", "mode", "prompt_tokens", "gen_tokens", "batch_size", "decode_tps", "match_tokens",
-                 "kl_vs_reference", "top1_agreement", "flags"]]
+                 *fidelity, "flags"]]
     return t.rename(columns={"match_tokens": "tokens equal to reference"})

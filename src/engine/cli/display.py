@@ -153,21 +153,22 @@ def best_table(decisions, rows: list[dict]):
     t = Table(title="best mode per framework (fastest that passes the fidelity bar, by a CI excluding 1)",
               header_style="bold")
     for col in ("framework", "mode", "prompt", "gen", "decode tok/s (median)", "verdict", "vs runner-up",
-                "KL nats", "top-1", "peak RSS MB", "modes tried"):
+                "KLD nats", "KLD p99", "same top", "peak RSS MB",
+                "modes tried"):
         t.add_column(col, justify="left" if col in ("framework", "mode", "verdict", "vs runner-up") else "right")
     first = {r["cell_id"]: r for r in reversed(rows)}
     for d in sorted(decisions, key=lambda d: -(d.top.median if d.top else 0)):
         tried = str(len({r["cell_id"] for r in rows if _workload(r) == d.key}))
         if d.top is None:
             reason = "unchecked: no fidelity measured" if d.unchecked else "no mode passes the fidelity bar"
-            t.add_row(d.key[0], "-", *map(str, d.key[3:5]), "-", reason, "-", "-", "-", "-", tried)
+            t.add_row(d.key[0], "-", *map(str, d.key[3:5]), "-", reason, "-", "-", "-", "-", "-", tried)
             continue
         r = first[d.top.cell_id]
         verdict = "best" if d.verdict == "best" else "tied: " + ", ".join(c.label for c in d.tied)
         vs = ratio_text(d.ratio.ratio, d.ratio.low, d.ratio.high, d.runner_up.label) if d.ratio else "only mode"
         t.add_row(r["framework"] + (f" @{r['node']}" if r.get("node") else ""), d.top.label, str(r["prompt_tokens"]),
-                  str(r["gen_tokens"]), f"{d.top.median:.1f}", verdict, vs, _fmt(r["kl_vs_reference"], ".4f"),
-                  _fmt(r["top1_agreement"], ".2f"), f"{r['peak_rss_bytes'] / 1e6:.0f}", tried)
+                  str(r["gen_tokens"]), f"{d.top.median:.1f}", verdict, vs, _fmt(r["kld_mean"], ".4f"),
+                  _fmt(r["kld_p99"], ".3f"), _fmt(r["same_top_p"], ".3f"), f"{r['peak_rss_bytes'] / 1e6:.0f}", tried)
     return t
 
 

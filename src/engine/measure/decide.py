@@ -13,13 +13,13 @@ chosen. Rows are plain mappings (a JSONL line, a pandas record) or BenchmarkResu
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass, field
 from statistics import median
 from typing import Any, Iterable, Mapping
 
 from engine.measure.stats import Ratio, paired_ratio, welch_ratio
+from engine.results.modes import mode_label
 
 KL_BAR = 0.05
 TOP1_BAR = 0.9
@@ -49,15 +49,9 @@ def passes(row: Any) -> bool | None:
     return kl <= KL_BAR and top1 >= TOP1_BAR
 
 
-def mode_label(row: Any, with_framework: bool = False) -> str:
-    """How a cell ran: precision, compilation, options (and its framework, where frameworks compete)."""
-    options = value(row, "options") or {}
-    if isinstance(options, str):
-        options = json.loads(options) if options else {}
-    elif not isinstance(options, Mapping):  # a pandas NaN for an empty CSV cell
-        options = {}
-    label = text(row, "precision") + (" compiled" if text(row, "optimization_level") == "compile" else "")
-    label += "".join(f" {k}={v}" for k, v in sorted(options.items()))
+def _label(row: Any, with_framework: bool) -> str:
+    """How a cell ran (the one mode label of engine.results.modes), with its framework where frameworks compete."""
+    label = mode_label(text(row, "precision"), text(row, "optimization_level"), value(row, "options"))
     return f"{text(row, 'framework')} {label}" if with_framework else label
 
 
@@ -128,7 +122,7 @@ def cell_speeds(rows: Iterable[Any], across_frameworks: bool = False) -> dict[tu
         cid, run = text(r, "cell_id"), text(r, "run_id")
         if cid not in cells or cells[cid][1].run_id != run:
             cells[cid] = (workload_key(r, across_frameworks), CellSpeeds(
-                cid, mode_label(r, across_frameworks), run, text(r, "schedule"), passes(r)))
+                cid, _label(r, across_frameworks), run, text(r, "schedule"), passes(r)))
         cells[cid][1].speeds[_int(r, "repeat", 0)] = speed
     out: dict[tuple, list[CellSpeeds]] = {}
     for key, c in cells.values():

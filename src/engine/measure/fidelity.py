@@ -1,77 +1,92 @@
-"""Fidelity as a number: how far a framework's next-token distributions are from the reference's.
+"""Fidelity as numbers: how far a mode's next-token distributions are from the reference's on
+natural text, with llama-perplexity's KL-divergence statistics (tools/perplexity/perplexity.cpp,
+`kl_divergence`), and whether its greedy continuation of a text prompt stays on the reference's.
 
-The reference backend's greedy continuation of a prompt is the path. Both the reference and the
-framework are teacher-forced along it (prefill the prompt, then feed the reference's tokens one
-by one), so every position compares two distributions over the same context even where greedy
-decoding would drift apart. The reference saves its log-probabilities once per (model, prompt,
-length) under the cache; a measuring child reads them after its timed runs.
+Both the reference and the mode are teacher-forced through the same corpus windows
+(engine.measure.corpus); every scored position compares two distributions over the same real-text
+context. The reference's log-probabilities are stored as float16 (engine.measure.reference); the
+mode's are rounded the same way before comparing, so the reference against itself is exactly
+0 / 1 / 0 and the rounding is a floor far below any mode's difference.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import math
-import os
-from dataclasses import dataclass
-from pathlib import Path
-from typing import Sequence
+from dataclasses import asdict, dataclass
+from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 
 from engine.generate.backend import Backend
-from engine.paths import cache_dir
+from engine.measure import corpus
+
+LOG_P_FLOOR = -16.0  # llama-perplexity's KLD sums only the reference tokens with log p above this
 
 
 @dataclass(frozen=True)
 class Fidelity:
-    kl_vs_reference: float  # nats: mean over positions of KL(reference || framework)
-    top1_agreement: float  # fraction of positions whose argmax equals the reference's
+    kld_mean: float  # nats: mean over positions of KL(reference || mode)
+    kld_p99: float  # nats: 99th percentile of the per-position KLD (linear interpolation)
+    same_top_p: float  # fraction of positions whose most likely token is the reference's
+    same_top_p_err: float  # its standard error, sqrt(p (1 - p) / (n - 1))
+    rms_dp: float  # RMS over positions of p_mode(next token) - p_reference(next token)
+    positions: int
+
+    def as_dict(self) -> dict:
+        return asdict(self)
 
 
-NOT_COMPARED = Fidelity(math.nan, math.nan)
+NOT_COMPARED = Fidelity(math.nan, math.nan, math.nan, math.nan, math.nan, 0)
 
 
-def log_softmax(logits: np.ndarray) -> np.ndarray:
+def log_probs16(logits: np.ndarray) -> np.ndarray:
+    """Log-softmax in float64, stored as float16 (how the reference's distributions are kept)."""
     x = np.asarray(logits, dtype=np.float64)
     x = x - x.max(axis=-1, keepdims=True)
-    return x - np.log(np.exp(x).sum(axis=-1, keepdims=True))
+    return (x - np.log(np.exp(x).sum(axis=-1, keepdims=True))).astype(np.float16)
 
 
-def teacher_forced_logprobs(backend: Backend, prompt: Sequence[int], path: Sequence[int]) -> np.ndarray:
-    """(len(path), vocab) log-probabilities: row i predicts path[i] given the prompt and path[:i]."""
+def teacher_forced(backend: Backend, windows: Sequence[Sequence[int]]) -> Iterator[np.ndarray]:
+    """Per window, the (SCORED_PER_WINDOW, vocab) float16 log-probabilities of its scored
+    positions: prefill the window up to its first scored position, then feed it token by token."""
+    first = corpus.FIRST_SCORED
+    for w in windows:
+        backend.reset()
+        rows = [backend.prefill(list(w[:first + 1]))]
+        rows += [backend.decode(int(t)) for t in w[first + 1:-1]]
+        yield log_probs16(np.stack(rows))
     backend.reset()
-    rows = [backend.prefill(list(prompt))]
-    for token in path[:-1]:
-        rows.append(backend.decode(int(token)))
-    backend.reset()
-    return log_softmax(np.stack(rows)).astype(np.float32)
 
 
-def compare(reference: np.ndarray, candidate: np.ndarray) -> Fidelity:
-    ref, cand = reference.astype(np.float64), candidate.astype(np.float64)
-    kl = (np.exp(ref) * (ref - cand)).sum(axis=-1)
-    top1 = ref.argmax(axis=-1) == cand.argmax(axis=-1)
-    return Fidelity(float(max(kl.mean(), 0.0)), float(top1.mean()))
+def position_stats(reference: np.ndarray, mode: np.ndarray, targets: Sequence[int]
+                   ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per position (rows of float16 log-probabilities): KLD in nats, whether the argmax agrees,
+    and the difference in probability of the actual next token, each as llama-perplexity defines it."""
+    ref, cand = reference.astype(np.float64), mode.astype(np.float64)
+    kept = ref > LOG_P_FLOOR
+    kld = np.where(kept, np.exp(ref) * (ref - cand), 0.0).sum(axis=-1)
+    same = ref.argmax(axis=-1) == cand.argmax(axis=-1)
+    rows = np.arange(len(ref))
+    dp = np.exp(cand[rows, targets]) - np.exp(ref[rows, targets])
+    return kld, same, dp
 
 
-def reference_file(model_path: str, prompt: Sequence[int], n_tokens: int) -> Path:
-    """Where the reference's log-probabilities for this prompt live: keyed by the model file's
-    identity (path, size, mtime) and the exact prompt ids, so a changed file never matches."""
-    st = os.stat(model_path)
-    key = json.dumps([os.path.realpath(model_path), st.st_size, st.st_mtime_ns, list(map(int, prompt)), n_tokens])
-    return cache_dir() / "reference" / f"{hashlib.sha1(key.encode()).hexdigest()[:20]}.npz"
+def summarize(kld: np.ndarray, same: np.ndarray, dp: np.ndarray) -> Fidelity:
+    """llama-perplexity's summary: mean KLD, its 99.0% KLD (interpolated between sorted values),
+    same-top p with sqrt(p(1-p)/(n-1)), and RMS delta-p = sqrt(mean(dp^2))."""
+    n = len(kld)
+    p = float(np.mean(same))
+    return Fidelity(kld_mean=float(np.mean(kld)), kld_p99=float(np.percentile(kld, 99.0)), same_top_p=p,
+                    same_top_p_err=math.sqrt(p * (1 - p) / (n - 1)) if n > 1 else math.nan,
+                    rms_dp=float(np.sqrt(np.mean(np.square(dp)))), positions=n)
 
 
-def save_reference(path: Path, tokens: Sequence[int], logprobs: np.ndarray) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.stem + f".{os.getpid()}.tmp.npz")
-    np.savez(tmp, tokens=np.asarray(tokens, dtype=np.int64), logprobs=logprobs)
-    os.replace(tmp, path)
-
-
-def load_reference(path: Path) -> tuple[list[int], np.ndarray] | None:
-    if not path.exists():
-        return None
-    with np.load(path) as f:
-        return [int(t) for t in f["tokens"]], f["logprobs"]
+def compare(reference: np.ndarray, mode_chunks: Iterable[np.ndarray], windows: Sequence[Sequence[int]]) -> Fidelity:
+    """Stream the mode's windows against the reference's rows (memory-mapped), one window at a time."""
+    parts = []
+    row = 0
+    for chunk, w in zip(mode_chunks, windows):
+        parts.append(position_stats(np.asarray(reference[row:row + len(chunk)]), chunk, corpus.targets(w)))
+        row += len(chunk)
+    kld, same, dp = (np.concatenate(x) for x in zip(*parts))
+    return summarize(kld, same, dp)

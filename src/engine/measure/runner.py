@@ -16,8 +16,8 @@ from engine.measure.cell import Cell
 from engine.generate.engine import Generation, GenerationConfig, InferenceEngine
 from engine.errors import InputError
 from engine.model.spec import ModelSpec
-from engine.measure import fidelity
-from engine.measure.fidelity import Fidelity
+from engine.measure.fidelity_pass import PassResult, run_pass
+from engine.measure.reference import leading_matches, save_greedy
 from engine.measure.memory import PeakRss
 from engine.results.rows import BenchmarkResult, provenance
 from engine.measure.stats import percentile, summarize
@@ -32,7 +32,7 @@ class LoadedModel:
     and the first-call overhead. `load` is what the backend was loaded with, for the rows."""
 
     def __init__(self, cell: Cell, spec: ModelSpec, max_seq_len: int, max_batch: int = 1):
-        self.spec = spec
+        self.spec, self.max_seq_len = spec, max_seq_len
         opened = backends.open_backend(cell.framework, spec, cell.precision, cell.device, threads=cell.resolved_threads,
                                        max_seq_len=max_seq_len, max_batch=max_batch, compile=cell.compile,
                                        options=dict(cell.options))
@@ -121,12 +121,14 @@ class CellRun:
         compile_s = loaded.info.compile_s + (max(0.0, warm[0] - steady) if warm and not loaded.used else 0.0)
         load_s = 0.0 if loaded.used else loaded.load_s  # on the row that paid it
         loaded.used = True
-        # outside the timed runs; teacher-forced one sequence at a time, so for the first sequence
-        fid = measure_fidelity(self.cell, loaded, self.prompts[0], runs[0].tokens)
+        if backends.get(self.cell.framework).is_reference:  # what the sweep checks every mode's runs against
+            for prompt, tokens in zip(self.prompts, runs[0].sequences):
+                save_greedy(self.cell.model, prompt, self.cell.gen_tokens, tokens)
+        checked = run_pass(self.cell, loaded)  # outside the timed runs; cached per mode
         rows = build_rows(self.cell, loaded, self.prompts, runs, sum(warm), compile_s, load_s, device_mem,
                           self.host_gbps, self.run_id, self.peak_rss_bytes)
-        return [replace(r, kl_vs_reference=fid.kl_vs_reference, top1_agreement=fid.top1_agreement, measured_at=at,
-                        peak_rss_scope=self.peak.scope, load=loaded.load) for r, at in zip(rows, self.measured_at)]
+        return [with_fidelity(replace(r, measured_at=at, peak_rss_scope=self.peak.scope, load=loaded.load), checked)
+                for r, at in zip(rows, self.measured_at)]
 
 
 def measure(cell: Cell, loaded: LoadedModel, prompts: list[list[int]], host_gbps: float,
@@ -142,18 +144,13 @@ def utc_now_ms() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
-def measure_fidelity(cell: Cell, loaded: LoadedModel, prompt: list[int], tokens: list[int]) -> Fidelity:
-    """Teacher-forced KL and top-1 agreement against the reference's saved distributions. The
-    reference backend itself saves them (once per model, prompt and length) and compares too."""
-    path = fidelity.reference_file(cell.model, prompt, cell.gen_tokens)
-    saved = fidelity.load_reference(path)
-    if saved is None:
-        if not backends.get(cell.framework).is_reference or len(tokens) != cell.gen_tokens:
-            return fidelity.NOT_COMPARED
-        fidelity.save_reference(path, tokens, fidelity.teacher_forced_logprobs(loaded.backend, prompt, tokens))
-        saved = fidelity.load_reference(path)
-    ref_tokens, ref_logprobs = saved
-    return fidelity.compare(ref_logprobs, fidelity.teacher_forced_logprobs(loaded.backend, prompt, ref_tokens))
+def with_fidelity(row: BenchmarkResult, checked: PassResult) -> BenchmarkResult:
+    """The fidelity pass's numbers on a row; `diverged` when the text prompt's greedy tokens leave the reference's."""
+    f = checked.fidelity
+    row = replace(row, kld_mean=f.kld_mean, kld_p99=f.kld_p99, same_top_p=f.same_top_p, same_top_p_err=f.same_top_p_err,
+                  rms_dp=f.rms_dp, fidelity_positions=f.positions, fidelity_s=checked.seconds,
+                  kl_vs_reference=f.kld_mean, top1_agreement=f.same_top_p, match_tokens=checked.match_tokens)
+    return row.with_flags(("diverged",)) if 0 <= checked.match_tokens < row.gen_tokens else row
 
 
 def _timed(engine: InferenceEngine, prompts: list[list[int]], cfg: GenerationConfig) -> float:
@@ -234,19 +231,15 @@ def cold_flag(cell: Cell) -> tuple[str, ...]:
 
 
 def with_reference(rows: list[BenchmarkResult], references: list[list[int]]) -> list[BenchmarkResult]:
-    """Record, per sequence, how many leading tokens agree with the reference's for that sequence's
-    prompt alone; `match_tokens` is the least of them; flag `diverged` when a sequence falls short."""
+    """Record, per sequence of the speed prompts, how many leading tokens agree with the reference's
+    for that prompt alone (the batching check); flag `batch_diverged` when a batch's sequence falls short."""
     out = []
     for r in rows:
         matches = [leading_matches(seq, ref) for seq, ref in zip(r.batch_tokens, references)]
-        r = replace(r, match_tokens=min(matches), batch_match_tokens=matches)
-        short = any(m < len(seq) for m, seq in zip(matches, r.batch_tokens))
-        out.append(r.with_flags(("diverged",)) if short else r)
+        r = replace(r, batch_match_tokens=matches)
+        short = r.batch_size > 1 and any(m < len(seq) for m, seq in zip(matches, r.batch_tokens))
+        out.append(r.with_flags(("batch_diverged",)) if short else r)
     return out
-
-
-def leading_matches(tokens: list[int], reference: list[int]) -> int:
-    return next((i for i, (a, b) in enumerate(zip(tokens, reference)) if a != b), min(len(tokens), len(reference)))
 
 
 def failure_row(cell: Cell, status: str, error: str, run_id: str, **extra: Any) -> BenchmarkResult:

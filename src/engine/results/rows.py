@@ -134,10 +134,18 @@ class BenchmarkResult(TypedRow):
     prompt_ids: list[int] = field(default_factory=list)
     batch_tokens: list[list[int]] = field(default_factory=list)  # every sequence's generated ids
     batch_prompt_ids: list[list[int]] = field(default_factory=list)
-    match_tokens: int = -1  # leading tokens equal to the reference backend's (least over the batch); -1: not compared
-    batch_match_tokens: list[int] = field(default_factory=list)  # per sequence
-    kl_vs_reference: float = math.nan
-    top1_agreement: float = math.nan
+    match_tokens: int = -1  # leading greedy tokens equal to the reference's on the corpus text prompt; -1: not compared
+    batch_match_tokens: list[int] = field(default_factory=list)  # per sequence, on the speed prompts
+    # fidelity on the natural-text corpus (engine.measure.fidelity), llama-perplexity's statistics
+    kld_mean: float = math.nan
+    kld_p99: float = math.nan
+    same_top_p: float = math.nan
+    same_top_p_err: float = math.nan
+    rms_dp: float = math.nan
+    fidelity_positions: int = 0
+    fidelity_s: float = math.nan  # this run's time on the fidelity pass (about 0 when cached)
+    kl_vs_reference: float = math.nan  # = kld_mean, kept for readers of earlier files
+    top1_agreement: float = math.nan  # = same_top_p, likewise
     # provenance
     host: str = ""
     cpu: str = ""

@@ -85,25 +85,26 @@ def load_prompts(plan: ServePlan, spec: ModelSpec, tok: Tokenizer, level: int) -
 
 
 class Reference:
-    """Greedy tokens of the numpy reference, per prompt ids, computed once."""
+    """Greedy tokens of the numpy reference, per prompt ids, from the one reference cache
+    (engine.measure.reference); the reference loads here only for prompts it has not answered."""
 
     def __init__(self, spec: ModelSpec, gen_tokens: int, max_prompt: int):
-        self.spec, self.gen_tokens, self.cache = spec, gen_tokens, {}
+        self.spec, self.gen_tokens = spec, gen_tokens
         self.max_seq_len = max_prompt + gen_tokens + 8
-        self.engine = None
+        self.backend = None
 
     def tokens(self, ids: list[int]) -> list[int]:
-        key = tuple(ids)
-        if key not in self.cache:
-            import backends
-            from engine.generate.engine import GenerationConfig, InferenceEngine
+        from engine.measure.reference import greedy_tokens
 
-            if self.engine is None:
-                self.engine = InferenceEngine(backends.open_backend(
-                    backends.reference().name, self.spec, max_seq_len=self.max_seq_len).backend)
-            cfg = GenerationConfig(max_new_tokens=self.gen_tokens, ignore_eos=True)
-            self.cache[key] = self.engine.generate(ids, cfg).tokens
-        return self.cache[key]
+        return greedy_tokens(self.spec.path, ids, self.gen_tokens, self._open)
+
+    def _open(self):
+        if self.backend is None:
+            import backends
+
+            self.backend = backends.open_backend(backends.reference().name, self.spec,
+                                                 max_seq_len=self.max_seq_len).backend
+        return self.backend
 
 
 def level_id(server: str, model: str, level: Level, plan: ServePlan) -> str:

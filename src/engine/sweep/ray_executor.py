@@ -82,25 +82,12 @@ def machine_lock() -> Iterator[None]:
 
 
 def missing_references(cells: list[Cell]) -> list[Cell]:
-    """The cells whose reference distributions (for the fidelity columns) this node has not saved:
+    """The cells whose reference answers (tokens, corpus distributions) this node has not cached:
     they are keyed by the model file as this node has it, so each node runs the reference itself."""
-    from engine.measure import fidelity
-    from engine.generate.prompts import prompt_ids
-    from engine.model.spec import ModelSpec
+    from engine.sweep.run import ReferenceTokens
 
-    specs: dict[str, Any] = {}
-    out = []
-    for c in cells:
-        if c.framework == backends.reference().name:
-            continue
-        try:
-            spec = specs.setdefault(c.model, ModelSpec.open(c.model))
-            prompt = prompt_ids(spec, c.prompt_tokens, c.prompt_text, c.seed)
-        except Exception:  # the measuring child reports a bad model or prompt as the cell's row
-            continue
-        if not fidelity.reference_file(c.model, prompt, c.gen_tokens).exists():
-            out.append(c)
-    return out
+    check = ReferenceTokens(0.0, "")
+    return [c for c in cells if c.framework != backends.reference().name and check.ready(c) is False]
 
 
 def measure_group(cells: list[dict[str, Any]], run_id: str, debug: bool) -> Iterator[dict[str, Any]]:

@@ -35,57 +35,64 @@ class SweepOutcome:
 
 
 class ReferenceTokens:
-    """Greedy tokens of the reference backend per (model, prompt, length), from one reference run
-    in a child per prompt before the sweep (which also saves the reference's distributions).
-    A batch is checked sequence by sequence against the reference run on that prompt alone."""
+    """The reference's greedy tokens for each sequence of a sweep's cells, read from the one cache
+    (engine.measure.reference). Before the sweep, one reference cell runs in a child for every
+    workload whose answers are not cached: its runs save the speed prompts' tokens and its fidelity
+    pass the corpus distributions and the text prompt's tokens. A batch is checked sequence by
+    sequence against the reference run on that prompt alone."""
 
     def __init__(self, host_gbps: float, run_id: str, executor: Executor = run_cells):
         self.host_gbps, self.run_id, self.executor = host_gbps, run_id, executor
         self.name = backends.reference().name
-        self._cache: dict[tuple, list[int] | None] = {}
 
     @staticmethod
-    def key(cell: Cell, seed: int) -> tuple:
-        """What decides the reference's tokens for one sequence: the model, its prompt, the length."""
-        return (cell.model, cell.prompt_tokens, cell.prompt_text, cell.gen_tokens, cell.seed if cell.prompt_text else seed)
-
-    def offer(self, cell: Cell, rows: list[BenchmarkResult]) -> None:
-        if cell.framework == self.name and rows[0].status == "ok":
-            for seed, tokens in zip(cell.sequence_seeds, rows[0].batch_tokens):
-                self._cache[self.key(cell, seed)] = list(tokens)
+    def key(cell: Cell) -> tuple:
+        """What one reference run answers for: the model, the prompts' kind and lengths, the first seed."""
+        return (cell.model, cell.prompt_tokens, cell.prompt_text, cell.gen_tokens, cell.seed)
 
     def prefetch(self, cells: list[Cell]) -> None:
-        """Run the reference once for every prompt of the sweep, which also saves its distributions
-        for the fidelity columns. Done before the sweep, never while a measured child runs, so
-        nothing competes for cores and every measured cell finds the reference ready. Cells that
-        differ only in batch size share one reference run at the largest batch: its sequence b is
-        the reference for sequence b of each (the reference's batched tokens equal its unbatched
-        ones: tests/test_batch.py). A batch whose KV caches cannot fit gets none: it will not run."""
-        from engine.measure.runner import kv_memory_shortfall, positions_needed
-        from engine.model.spec import open_spec
-
+        """Run the reference for every cell whose answers are missing. Done before the sweep, never
+        while a measured child runs, so nothing competes for cores. Cells that differ only in batch
+        size share one reference run at the largest batch: its sequence b is the reference for
+        sequence b of each (the reference's batched tokens equal its unbatched ones:
+        tests/test_batch.py). A batch whose KV caches cannot fit gets none: it will not run."""
         missing: dict[tuple, Cell] = {}
         for c in cells:
-            try:
-                spec = open_spec(c.model)
-                if kv_memory_shortfall(spec, c, positions_needed(spec, c)):
-                    continue
-            except Exception:  # a bad model or prompt fails in its own cell, with its own row
+            if self.ready(c) is not False:
                 continue
-            if all(self.key(c, seed) in self._cache for seed in c.sequence_seeds):
-                continue
-            key = self.key(c, c.seed)
+            key = self.key(c)
             if key not in missing or missing[key].batch_size < c.batch_size:
                 missing[key] = replace(c, framework=self.name, precision="auto", device="auto", repeats=1,
                                        max_repeats=0, warmup=0, min_time_s=0.0, compile=False, options=(),
                                        threads=0, memory_limit_mb=0)
         # grouped by load key: references of one shape share a child and a load
-        for ref, rows in self.executor(order(list(missing.values())), self.host_gbps, self.run_id):
-            self.offer(ref, rows)
+        for _ in self.executor(order(list(missing.values())), self.host_gbps, self.run_id):
+            pass
+
+    def ready(self, cell: Cell) -> bool | None:
+        """Whether every answer `cell` is checked against is cached; None when the cell cannot run
+        (a bad model or prompt, a batch that cannot fit: it fails in its own cell, with its own row)."""
+        from engine.measure import corpus, reference
+        from engine.measure.runner import kv_memory_shortfall, positions_needed
+        from engine.model.spec import open_spec
+
+        try:
+            spec = open_spec(cell.model)
+            if kv_memory_shortfall(spec, cell, positions_needed(spec, cell)):
+                return None
+            return (self.get(cell) is not None and reference.distributions_file(cell.model).exists()
+                    and reference.greedy_file(cell.model, corpus.text_prompt(spec), cell.gen_tokens).exists())
+        except Exception:
+            return None
 
     def get(self, cell: Cell) -> list[list[int]] | None:
         """The reference's tokens for each sequence of `cell`; None when one is missing."""
-        refs = [self._cache.get(self.key(cell, seed)) for seed in cell.sequence_seeds]
+        from engine.measure import reference
+        from engine.measure.runner import cell_prompts
+        from engine.model.spec import open_spec
+
+        refs = [reference.greedy_tokens(cell.model, p, cell.gen_tokens)
+                for p in cell_prompts(open_spec(cell.model), cell)]
         return None if any(r is None for r in refs) else refs
 
 
