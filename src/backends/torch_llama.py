@@ -154,6 +154,7 @@ class TorchBased(ArrayLlamaBackend):
 
     requires = (TORCH,)
     devices = ("cuda", "mps", "cpu")
+    compile_caches = {"TORCHINDUCTOR_CACHE_DIR": "torchinductor"}  # FX graphs, AOTAutograd, kernels
 
     @classmethod
     def device_missing(cls, device: str) -> str:
@@ -208,6 +209,7 @@ class TorchBackend(TorchBased):
             dynamo = torch._dynamo.config
             dynamo.recompile_limit = max(dynamo.recompile_limit, opts.max_batch)
             compile_s = time.perf_counter() - t  # tracing happens on the first calls: see warm-up
+            self._graphs_at_load = compiled_graphs()
         info = float_load_info(spec, opts.precision, self.device, torch_threads=torch.get_num_threads(),
                                compiled=bool(opts.compile))
         info.compile_s = compile_s
@@ -235,6 +237,12 @@ class TorchBackend(TorchBased):
                         details={"kernel": "_weight_int4pack_mm_for_cpu", "activations": "bf16",
                                  **int4_counts(self.weights)})
 
+    def uncached_compiles(self) -> int | None:
+        if self._decode is self._forward:
+            return None
+        (graphs, served), (graphs0, served0) = compiled_graphs(), self._graphs_at_load
+        return (graphs - graphs0) - (served - served0)
+
     def _forward(self, tokens, pos):
         return forward(self.ops, self.weights, self.config, tokens, pos, *tokens.shape)
 
@@ -252,6 +260,13 @@ class TorchBackend(TorchBased):
             logits = self._forward(t, pos)
         synchronize(self.device)
         return logits.float().cpu().numpy()
+
+
+def compiled_graphs() -> tuple[int, int]:
+    """Graphs dynamo compiled in this process, and how many inductor read from its FX graph cache."""
+    from torch._dynamo.utils import counters
+
+    return counters["stats"]["unique_graphs"], counters["inductor"]["fxgraph_cache_hit"]
 
 
 def _cpu_half_works() -> bool:

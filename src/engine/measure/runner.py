@@ -38,6 +38,15 @@ class LoadedModel:
         self.backend, self.info, self.precision = opened.backend, opened.info, opened.precision
         self.version, self.load_s = opened.version, opened.load_s
         self.used = False
+        self.compiles_marked = False
+
+    def compile_mark(self) -> int | None:
+        """The backend's uncached compiles so far; 0 for the first cell, which owns the load's too."""
+        mark = self.backend.uncached_compiles()
+        if not self.compiles_marked and mark is not None:
+            mark = 0
+        self.compiles_marked = True
+        return mark
 
     def close(self) -> None:
         self.backend.close()
@@ -86,15 +95,20 @@ class CellRun:
         self.runs: list[Generation] = []
         self.measured_at: list[str] = []
         self.measured_s = 0.0
+        self.compile_cache = ""
 
     def step(self) -> bool:
         """Warm up (first call only), measure one repeat; True when the cell is complete."""
-        if self.warm is None:
+        first = self.warm is None
+        if first:
+            compiles = self.loaded.compile_mark()
             self.warm = [_timed(self.engine, self.prompts, self.gen_cfg) for _ in range(self.cell.warmup)]
         self.measured_at.append(utc_now_ms())
         t = time.perf_counter()
         self.runs.append(self.engine.generate_batch(self.prompts, self.gen_cfg))
         self.measured_s += time.perf_counter() - t
+        if first:  # through the first repeat too: with --warmup 0 that is where compilation happens
+            self.compile_cache = compile_cache_state(compiles, self.loaded.backend.uncached_compiles())
         self.peak_rss_bytes = high_water_mark_bytes()  # through the timed runs, before any bookkeeping
         n, c = len(self.runs), self.cell
         return n >= c.repeats and (self.measured_s >= c.min_time_s or n >= MAX_REPEATS)
@@ -112,8 +126,16 @@ class CellRun:
         fid = measure_fidelity(self.cell, loaded, self.prompts[0], runs[0].tokens)
         rows = build_rows(self.cell, loaded, self.prompts, runs, sum(warm), compile_s, load_s, device_mem,
                           self.host_gbps, self.run_id, self.peak_rss_bytes)
-        return [replace(r, kl_vs_reference=fid.kl_vs_reference, top1_agreement=fid.top1_agreement, measured_at=at)
-                for r, at in zip(rows, self.measured_at)]
+        return [replace(r, kl_vs_reference=fid.kl_vs_reference, top1_agreement=fid.top1_agreement, measured_at=at,
+                        compile_cache=self.compile_cache) for r, at in zip(rows, self.measured_at)]
+
+
+def compile_cache_state(before: int | None, after: int | None) -> str:
+    """`cold` when the backend compiled anything its disk cache could not serve in between,
+    `cached` when it compiled nothing itself, '' when the mode compiles nothing."""
+    if before is None or after is None:
+        return ""
+    return "cold" if after > before else "cached"
 
 
 def measure(cell: Cell, loaded: LoadedModel, prompts: list[list[int]], host_gbps: float,
