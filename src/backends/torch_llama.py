@@ -209,7 +209,7 @@ class TorchBackend(TorchBased):
             dynamo = torch._dynamo.config
             dynamo.recompile_limit = max(dynamo.recompile_limit, opts.max_batch)
             compile_s = time.perf_counter() - t  # tracing happens on the first calls: see warm-up
-            self._graphs_at_load = compiled_graphs()
+            self._codegens_at_load = inductor_codegens()
         info = float_load_info(spec, opts.precision, self.device, torch_threads=torch.get_num_threads(),
                                compiled=bool(opts.compile))
         info.compile_s = compile_s
@@ -238,10 +238,11 @@ class TorchBackend(TorchBased):
                                  **int4_counts(self.weights)})
 
     def uncached_compiles(self) -> int | None:
-        if self._decode is self._forward:
+        from torch._inductor import config
+
+        if self._decode is self._forward or not config.fx_graph_cache:
             return None
-        (graphs, served), (graphs0, served0) = compiled_graphs(), self._graphs_at_load
-        return (graphs - graphs0) - (served - served0)
+        return inductor_codegens() - self._codegens_at_load
 
     def _forward(self, tokens, pos):
         return forward(self.ops, self.weights, self.config, tokens, pos, *tokens.shape)
@@ -262,11 +263,12 @@ class TorchBackend(TorchBased):
         return logits.float().cpu().numpy()
 
 
-def compiled_graphs() -> tuple[int, int]:
-    """Graphs dynamo compiled in this process, and how many inductor read from its FX graph cache."""
+def inductor_codegens() -> int:
+    """Graphs inductor generated code for in this process: its FX graph cache missed or refused
+    them (a graph served from that cache or from the AOTAutograd cache counts neither)."""
     from torch._dynamo.utils import counters
 
-    return counters["stats"]["unique_graphs"], counters["inductor"]["fxgraph_cache_hit"]
+    return counters["inductor"]["fxgraph_cache_miss"] + counters["inductor"]["fxgraph_cache_bypass"]
 
 
 def _cpu_half_works() -> bool:
