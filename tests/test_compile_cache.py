@@ -47,3 +47,15 @@ def test_compile_cache_state_reads_the_change_in_uncached_compiles():
     assert compile_cache_state(0, 3) == "cold"
     assert compile_cache_state(3, 3) == "cached"
     assert compile_cache_state(None, None) == ""
+
+
+def test_torch_eager_decode_attends_over_the_filled_positions_only(tiny_f32):
+    """Only a compiled decode reads the whole static cache (one shape); an eager one stops at the
+    last written position."""
+    from conftest import load_backend
+
+    b = load_backend("torch", tiny_f32, "f32", max_seq=64)
+    b.prefill([1, 2, 3, 4])
+    b.decode(5)
+    assert b.ops.end == 5
+    assert b.uncached_compiles() is None

@@ -200,7 +200,7 @@ class TorchBackend(TorchBased):
         self.weights = spec.load_weights(to)
         self.ops = TorchOps(spec.config, opts.max_seq_len, opts.max_batch, dtype, self.device)
         self.ops.fuse(self.weights.layers)
-        self._decode = self._forward
+        self._decode = None  # the compiled decode step, when compiling
         compile_s = 0.0
         if opts.compile:
             t = time.perf_counter()
@@ -225,7 +225,7 @@ class TorchBackend(TorchBased):
             raise UnavailableError("torch.compile of the int4 path is not supported; drop --compile")
         self.weights = load_int4_weights(spec, lambda a: torch.from_numpy(a))
         self.ops = TorchOps(spec.config, opts.max_seq_len, opts.max_batch, torch.float32, self.device)
-        self._decode = self._forward
+        self._decode = None
         held = dict(spec.weight_items(self.weights))
         def size(name: str) -> int:  # bytes as held: packed int4 with its scales, or f32
             w = held.get(name)
@@ -240,7 +240,7 @@ class TorchBackend(TorchBased):
     def uncached_compiles(self) -> int | None:
         from torch._inductor import config
 
-        if self._decode is self._forward or not config.fx_graph_cache:
+        if self._decode is None or not config.fx_graph_cache:
             return None
         return inductor_codegens() - self._codegens_at_load
 
@@ -253,7 +253,7 @@ class TorchBackend(TorchBased):
         t = torch.tensor(tokens, device=self.device)
         n = t.shape[1]
         pos = self.ops.positions[start:start + n]
-        if n == 1 and self._decode is not self._forward:  # one compiled graph per batch size
+        if n == 1 and self._decode is not None:  # one compiled graph per batch size
             self.ops.end = None
             logits = self._decode(t, pos)
         else:
