@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 
 from backends.base import ArrayLlamaBackend, LoadInfo, LoadOptions, float_load_info
-from backends.tinygrad_llama import TINYGRAD, ShapeJits, TinyOps
+from backends.tinygrad_llama import TINYGRAD, ShapeJits, TinygradBackend, TinyOps
 from backends.torch_llama import TORCH, TorchOps, enter_inference
 from engine.model.spec import LayerWeights
 from engine.model.forward import block, embed, head
@@ -44,6 +44,7 @@ class HybridBackend(ArrayLlamaBackend):
     description = "torch owns the weights; tinygrad runs the blocks on zero-copy views of them"
     requires = (TORCH, TINYGRAD)
     devices = ("cpu",)
+    compile_caches = TinygradBackend.compile_caches  # its blocks' kernels
 
     @classmethod
     def precisions(cls, spec):

@@ -154,6 +154,7 @@ class TorchBased(ArrayLlamaBackend):
 
     requires = (TORCH,)
     devices = ("cuda", "mps", "cpu")
+    compile_caches = {"TORCHINDUCTOR_CACHE_DIR": "torchinductor"}  # FX graphs, AOTAutograd, kernels
 
     @classmethod
     def device_missing(cls, device: str) -> str:
@@ -203,7 +204,7 @@ class TorchBackend(TorchBased):
         self.weights = spec.load_weights(to)
         self.ops = TorchOps(spec.config, opts.max_seq_len, opts.max_batch, dtype, self.device)
         self.ops.fuse(self.weights.layers)
-        self._decode = self._forward
+        self._decode = None  # the compiled decode step, when compiling
         compile_s = 0.0
         if opts.compile:
             t = time.perf_counter()
@@ -212,6 +213,7 @@ class TorchBackend(TorchBased):
             dynamo = torch._dynamo.config
             dynamo.recompile_limit = max(dynamo.recompile_limit, opts.max_batch)
             compile_s = time.perf_counter() - t  # tracing happens on the first calls: see warm-up
+            self._codegens_at_load = inductor_codegens()
         info = float_load_info(spec, opts.precision, self.device, torch_threads=torch.get_num_threads(),
                                compiled=bool(opts.compile))
         info.compile_s = compile_s
@@ -227,7 +229,7 @@ class TorchBackend(TorchBased):
             raise UnavailableError("torch.compile of the int4 path is not supported; drop --compile")
         self.weights = load_int4_weights(spec, lambda a: torch.from_numpy(a))
         self.ops = TorchOps(spec.config, opts.max_seq_len, opts.max_batch, torch.float32, self.device)
-        self._decode = self._forward
+        self._decode = None
         held = dict(spec.weight_items(self.weights))
         def size(name: str) -> int:  # bytes as held: packed int4 with its scales, or f32
             w = held.get(name)
@@ -239,6 +241,13 @@ class TorchBackend(TorchBased):
                         details={"kernel": "_weight_int4pack_mm_for_cpu", "activations": "bf16",
                                  **int4_counts(self.weights)})
 
+    def uncached_compiles(self) -> int | None:
+        from torch._inductor import config
+
+        if self._decode is None or not config.fx_graph_cache:
+            return None
+        return inductor_codegens() - self._codegens_at_load
+
     def _forward(self, tokens, pos):
         return forward(self.ops, self.weights, self.config, tokens, pos, *tokens.shape)
 
@@ -248,7 +257,7 @@ class TorchBackend(TorchBased):
         t = torch.tensor(tokens, device=self.device)
         n = t.shape[1]
         pos = self.ops.positions[start:start + n]
-        if n == 1 and self._decode is not self._forward:  # one compiled graph per batch size
+        if n == 1 and self._decode is not None:  # one compiled graph per batch size
             self.ops.end = None
             logits = self._decode(t, pos)
         else:
@@ -256,6 +265,14 @@ class TorchBackend(TorchBased):
             logits = self._forward(t, pos)
         synchronize(self.device)
         return logits.float().cpu().numpy()
+
+
+def inductor_codegens() -> int:
+    """Graphs inductor generated code for in this process: its FX graph cache missed or refused
+    them (a graph served from that cache or from the AOTAutograd cache counts neither)."""
+    from torch._dynamo.utils import counters
+
+    return counters["inductor"]["fxgraph_cache_miss"] + counters["inductor"]["fxgraph_cache_bypass"]
 
 
 def _cpu_half_works() -> bool:

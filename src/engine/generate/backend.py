@@ -121,6 +121,9 @@ class Backend(ABC):
     options: ClassVar[tuple[BackendOption, ...]] = ()
     is_reference: ClassVar[bool] = False
     batched: ClassVar[bool] = False  # overrides prefill_batch/decode_batch to step many sequences at once
+    # where the framework keeps compiled code between processes: environment variable -> a path
+    # under the project's cache directory (the harness sets them in the measuring child)
+    compile_caches: ClassVar[Mapping[str, str]] = {}
 
     @classmethod
     def availability(cls) -> Availability:
@@ -221,6 +224,12 @@ class Backend(ABC):
     def memory(self) -> dict[str, int]:
         """What the framework's own allocator reports, in bytes (empty when it has none)."""
         return {}
+
+    def uncached_compiles(self) -> int | None:
+        """Programs this loaded backend compiled itself so far (since load) because its on-disk
+        compile cache could not serve them; None when this mode compiles nothing or the framework
+        cannot tell. The harness reads the change over a cell's first run: cold or cached."""
+        return None
 
     def threads_used(self) -> tuple[int, str]:
         """Threads the loaded framework computes with, read back from it where it can say (0 when

@@ -42,6 +42,15 @@ class LoadedModel:
         self.load = dict(sequences=opts.max_batch, positions=opts.max_seq_len, precision=opts.precision,
                          device=opts.device, threads=opts.threads, compile=opts.compile, options=dict(opts.options))
         self.used = False
+        self.compiles_marked = False
+
+    def compile_mark(self) -> int | None:
+        """The backend's uncached compiles so far; 0 for the first cell, which owns the load's too."""
+        mark = self.backend.uncached_compiles()
+        if not self.compiles_marked and mark is not None:
+            mark = 0
+        self.compiles_marked = True
+        return mark
 
     @property
     def load_shape(self) -> tuple[int, int]:
@@ -97,15 +106,20 @@ class CellRun:
         self.runs: list[Generation] = []
         self.measured_at: list[str] = []
         self.measured_s = 0.0
+        self.compile_cache = ""
 
     def step(self) -> bool:
         """Warm up (first call only), measure one repeat; True when the cell is complete."""
-        if self.warm is None:
+        first = self.warm is None
+        if first:
+            compiles = self.loaded.compile_mark()
             self.warm = [_timed(self.engine, self.prompts, self.gen_cfg) for _ in range(self.cell.warmup)]
         self.measured_at.append(utc_now_ms())
         t = time.perf_counter()
         self.runs.append(self.engine.generate_batch(self.prompts, self.gen_cfg))
         self.measured_s += time.perf_counter() - t
+        if first:  # through the first repeat too: with --warmup 0 that is where compilation happens
+            self.compile_cache = compile_cache_state(compiles, self.loaded.backend.uncached_compiles())
         self.peak_rss_bytes = self.peak.bytes()  # through the timed runs, before any bookkeeping
         n, c = len(self.runs), self.cell
         if n < c.repeats or (self.measured_s < c.min_time_s and n < MAX_REPEATS):
@@ -127,8 +141,17 @@ class CellRun:
         checked = run_pass(self.cell, loaded)  # outside the timed runs; cached per mode
         rows = build_rows(self.cell, loaded, self.prompts, runs, sum(warm), compile_s, load_s, device_mem,
                           self.host_gbps, self.run_id, self.peak_rss_bytes)
-        return [with_fidelity(replace(r, measured_at=at, peak_rss_scope=self.peak.scope, load=loaded.load), checked)
+        return [with_fidelity(replace(r, measured_at=at, peak_rss_scope=self.peak.scope, load=loaded.load,
+                                      compile_cache=self.compile_cache), checked)
                 for r, at in zip(rows, self.measured_at)]
+
+
+def compile_cache_state(before: int | None, after: int | None) -> str:
+    """`cold` when the backend compiled anything its disk cache could not serve in between,
+    `cached` when it compiled nothing itself, '' when the mode compiles nothing."""
+    if before is None or after is None:
+        return ""
+    return "cold" if after > before else "cached"
 
 
 def measure(cell: Cell, loaded: LoadedModel, prompts: list[list[int]], host_gbps: float,

@@ -85,6 +85,7 @@ class BenchmarkResult(TypedRow):
     load_s: float = math.nan
     warmup_s: float = math.nan
     compile_s: float = math.nan
+    compile_cache: str = ""  # cold, cached, or empty (the mode compiles nothing)
     ttft_s: float = math.nan
     prefill_tps: float = math.nan
     decode_tps: float = math.nan  # every sequence of the batch together

@@ -19,8 +19,10 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
+import backends
 from engine.measure.cell import Cell
 from engine.measure.memory import ProcessSampler
+from engine.paths import cache_dir
 
 THREAD_VARS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "VECLIB_MAXIMUM_THREADS",
                "NUMEXPR_NUM_THREADS")
@@ -34,7 +36,16 @@ def child_env(cell: Cell) -> dict[str, str]:
     env.update({v: str(cell.resolved_threads) for v in THREAD_VARS})
     src = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     env["PYTHONPATH"] = os.pathsep.join(p for p in (src, env.get("PYTHONPATH", "")) if p)
+    env.update(compile_cache_env(cell.framework))
     return env
+
+
+def compile_cache_env(framework: str) -> dict[str, str]:
+    """The framework's compile caches under the project's cache directory, so a later run (a fresh
+    process, a reboot) reads back what an earlier one compiled, and BENCH_CACHE_DIR keeps a test's
+    compiles out of the user's caches."""
+    root = cache_dir() / "compile"
+    return {var: str(root / where) for var, where in backends.get(framework).compile_caches.items()}
 
 
 @dataclass
