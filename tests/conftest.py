@@ -29,7 +29,8 @@ def tiny_models(synth_dir):
             ("f32", "f16", "q8_0", "q4_0", "q4_1")}
 
 
-ARCHS = ("llama", "qwen2", "qwen3", "gemma3")
+LONG_PROMPT = [(7 * i + 5) % 380 for i in range(80)]  # past the tiny llama3 file's original context (64)
+ARCHS = ("llama", "llama3", "qwen2", "qwen3", "gemma2", "gemma3")  # llama3: llama with Llama 3.x RoPE factors
 
 
 @pytest.fixture(scope="session")

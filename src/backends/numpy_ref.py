@@ -1,4 +1,4 @@
-"""The reference: an f32 Llama-family model (llama, qwen2, qwen3, gemma3) in plain numpy. It defines correct output for every other backend."""
+"""The reference: an f32 Llama-family model (llama, qwen2, qwen3, gemma2, gemma3) in plain numpy. It defines correct output for every other backend."""
 
 from __future__ import annotations
 
@@ -53,6 +53,8 @@ class NumpyOps(SeparateProjections):
         keys, values = self.k_cache[layer, :b, :end], self.v_cache[layer, :b, :end]  # (B, S, kv, hd)
         qg = q.reshape(b, t, kv, n_heads // kv, hd)
         scores = np.einsum("btkgd,bskd->bkgts", qg, keys) * self.cfg.scale  # a Python float keeps float32
+        if self.cfg.attn_softcap:
+            scores = self.softcap(scores, self.cfg.attn_softcap)
         scores = np.where(attention_mask(start, t, end, self.cfg.window(layer)), -np.inf, scores)
         scores = np.exp(scores - scores.max(axis=-1, keepdims=True))
         scores /= scores.sum(axis=-1, keepdims=True)
@@ -66,6 +68,9 @@ class NumpyOps(SeparateProjections):
 
     def residual(self, x, delta):
         return x + delta
+
+    def softcap(self, x, cap):
+        return np.tanh(x / cap) * cap
 
 
 class NumpyBackend(ArrayLlamaBackend):

@@ -1,4 +1,4 @@
-"""`torch`: our compact Llama-family model (llama, qwen2, qwen3, gemma3) in PyTorch (gpt-fast style): static KV cache, SDPA with grouped-query
+"""`torch`: our compact Llama-family model (llama, qwen2, qwen3, gemma2, gemma3) in PyTorch (gpt-fast style): static KV cache, SDPA with grouped-query
 attention, optional `torch.compile` of the decode step. CPU, CUDA and MPS."""
 
 from __future__ import annotations
@@ -115,9 +115,20 @@ class TorchOps(FusedProjections):
         window = self.cfg.window(layer)
         if window:
             mask = mask & (self.positions[None, :end] > pos[:, None] - window)
-        out = F.scaled_dot_product_attention(q.transpose(1, 2), kc[:, :, :end], vc[:, :, :end],
-                                             attn_mask=mask, enable_gqa=True, scale=self.cfg.scale)
+        if self.cfg.attn_softcap:
+            out = self._capped_attention(q.transpose(1, 2), kc[:, :, :end], vc[:, :, :end], mask)
+        else:
+            out = F.scaled_dot_product_attention(q.transpose(1, 2), kc[:, :, :end], vc[:, :, :end],
+                                                 attn_mask=mask, enable_gqa=True, scale=self.cfg.scale)
         return out.transpose(1, 2).reshape(batch, q.shape[1], -1)
+
+    def _capped_attention(self, q, k, v, keep):
+        """Attention with soft-capped scores (Gemma 2), which SDPA cannot do: q (B, H, T, hd),
+        k and v (B, kv, S, hd), keep (T, S) True where a query sees a key."""
+        group = q.shape[1] // k.shape[1]
+        k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+        scores = self.softcap(q @ k.transpose(-1, -2) * self.cfg.scale, self.cfg.attn_softcap)
+        return scores.masked_fill(~keep, float("-inf")).softmax(dim=-1) @ v
 
     def silu_mul(self, gate, up):
         import torch.nn.functional as F
@@ -131,6 +142,9 @@ class TorchOps(FusedProjections):
 
     def residual(self, x, delta):
         return x + delta
+
+    def softcap(self, x, cap):
+        return (x / cap).tanh() * cap
 
     def project(self, layer, kind, x, weights):
         if not getattr(self, "fused", None):  # int4 weights are not fused: one kernel call each

@@ -1,5 +1,5 @@
 """`transformers`: the Hugging Face model class of the file's architecture (LlamaForCausalLM,
-Qwen2ForCausalLM, Qwen3ForCausalLM, Gemma3ForCausalLM) as most users run it, built from our ModelSpec
+Qwen2ForCausalLM, Qwen3ForCausalLM, Gemma2ForCausalLM, Gemma3ForCausalLM) as most users run it, built from our ModelSpec
 (config and state dict from the GGUF, no hub access) and driven step by step through its KV cache."""
 
 from __future__ import annotations
@@ -8,6 +8,7 @@ import numpy as np
 
 from backends.base import LoadInfo, LoadOptions, Mode, Requirement, float_load_info, pip_extra
 from backends.torch_llama import TORCH, TORCH_DTYPES, TorchBased, synchronize
+from engine.model.forward import rope_frequencies
 
 TRANSFORMERS = Requirement("transformers", "transformers", pip_extra("transformers"))
 
@@ -28,6 +29,7 @@ HF_CLASSES = {
     "llama": ("LlamaConfig", "LlamaForCausalLM", HF_LAYER_NAMES),
     "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", HF_LAYER_NAMES),
     "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", HF_LAYER_NAMES),
+    "gemma2": ("Gemma2Config", "Gemma2ForCausalLM", GEMMA_LAYER_NAMES),
     "gemma3": ("Gemma3TextConfig", "Gemma3ForCausalLM", GEMMA_LAYER_NAMES),
 }
 
@@ -49,14 +51,8 @@ def hf_config(spec):
         rms_norm_eps=c.rms_eps, tie_word_embeddings=spec.tied_embeddings, head_dim=c.head_dim,
         bos_token_id=spec.field("tokenizer.ggml.bos_token_id"), eos_token_id=spec.field("tokenizer.ggml.eos_token_id"),
     )
-    if arch == "gemma3":
-        extra = dict(
-            hidden_activation="gelu_pytorch_tanh", query_pre_attn_scalar=round(c.scale ** -2), sliding_window=c.sliding_window,
-            layer_types=["sliding_attention" if local else "full_attention" for local in c.local_layers],
-            rope_parameters={"full_attention": _rope(c.rope_base, c.rope_linear_factor),
-                             "sliding_attention": _rope(c.rope_base_local, 1.0)},
-            final_logit_softcapping=None, attn_logit_softcapping=None, pad_token_id=None,
-        )
+    if arch.startswith("gemma"):
+        extra = _gemma_config(c)
     else:
         extra = dict(hidden_act="silu", rope_parameters=_rope(c.rope_base, c.rope_linear_factor))
         if arch == "llama":
@@ -64,6 +60,19 @@ def hf_config(spec):
         if arch == "qwen3":
             extra.update(attention_bias=False)
     return getattr(transformers, HF_CLASSES[arch][0])(**common, **extra)
+
+
+def _gemma_config(c) -> dict:
+    """Gemma 2 and 3: window layers, query scale, soft-caps; Gemma 3 gives its local layers a RoPE of their own."""
+    rope = _rope(c.rope_base, c.rope_linear_factor)
+    if c.arch.name == "gemma3":
+        rope = {"full_attention": rope, "sliding_attention": _rope(c.rope_base_local, 1.0)}
+    return dict(
+        hidden_activation="gelu_pytorch_tanh", query_pre_attn_scalar=round(c.scale ** -2), sliding_window=c.sliding_window,
+        layer_types=["sliding_attention" if local else "full_attention" for local in c.local_layers],
+        rope_parameters=rope, final_logit_softcapping=c.final_softcap or None,
+        attn_logit_softcapping=c.attn_softcap or None, pad_token_id=None,
+    )
 
 
 def build_hf_model(spec, precision: str, device: str):
@@ -79,7 +88,7 @@ def build_hf_model(spec, precision: str, device: str):
         model = getattr(transformers, model_class)(cfg)
     state = {}
     w = spec.load_weights(lambda a: torch.from_numpy(a).to(dtype=dtype))
-    shift = spec.config.arch.name == "gemma3"  # GGUF stores 1 + w (the converter adds it)
+    shift = spec.config.arch.name.startswith("gemma")  # GGUF stores 1 + w (the converter adds it)
     norm = (lambda t: t - 1) if shift else (lambda t: t)  # noqa: E731
     state["model.embed_tokens.weight"] = w.tok_embd
     state["model.norm.weight"] = norm(w.output_norm)
@@ -92,6 +101,9 @@ def build_hf_model(spec, precision: str, device: str):
         model.tie_weights()
     # buffers created on meta (RoPE inv_freq, Gemma's embedding scale): rebuild them for real
     model.model.rotary_emb = type(model.model.rotary_emb)(config=cfg)
+    if spec.config.rope_freq_factors:  # Llama 3.x: the file holds the llama3 scaling as frequencies, not parameters
+        model.model.rotary_emb.inv_freq = torch.from_numpy(rope_frequencies(spec.config, 0)).float()
+        model.model.rotary_emb.original_inv_freq = model.model.rotary_emb.inv_freq
     embed = model.model.embed_tokens
     if hasattr(embed, "scalar_embed_scale"):
         embed.embed_scale = torch.tensor(embed.scalar_embed_scale)

@@ -1,10 +1,13 @@
-"""Architectures as data: what the shared forward does differently for llama, qwen2, qwen3, gemma3.
+"""Architectures as data: what the shared forward does differently for llama, qwen2, qwen3, gemma2, gemma3.
 
 `Architecture` names the structural choices of a family (biases on Q/K/V, per-head Q/K RMSNorm,
 norms after attention and feed-forward, the gated activation, embedding scale, sliding windows);
 `read_config` reads the numbers from a GGUF's metadata into one `LlamaConfig`. Anything in the
 file this code does not implement (a RoPE scaling type, logit soft-capping, experts) is a
-ModelError naming the key, never silently different output.
+ModelError naming the key, never silently different output. Llama 3.x's RoPE scaling comes as
+data too: the converter bakes its `llama3` parameters into per-pair frequency divisors (the
+`rope_freqs.weight` tensor; GGUF has no keys for them), which `read_config` takes as
+`rope_freq_factors`.
 """
 
 from __future__ import annotations
@@ -27,15 +30,20 @@ class Architecture:
     permuted_qk: bool = False  # the converter permuted Q/K rows for interleaved RoPE (llama only)
     sliding_window: bool = False  # local layers attend to a window (Gemma 3)
     window_pattern: int = 0  # every Nth layer is global when the file names no pattern
-    rope_base_local: float = 10000.0  # RoPE base of the local layers
+    rope_base_local: float = 10000.0  # RoPE base of the local layers (0: the global base)
+    rope_freqs: bool = False  # reads rope_freqs.weight, per-pair frequency divisors (Llama 3.x)
+    softcap: bool = False  # cap * tanh(x / cap) on attention scores and final logits (Gemma 2)
+    wide_scale_layers: int = 0  # the model with this many layers scales queries by 1/sqrt(dim/heads) (27B)
 
 
 ARCHITECTURES = {
-    "llama": Architecture("llama", permuted_qk=True),
+    "llama": Architecture("llama", permuted_qk=True, rope_freqs=True),
     "qwen2": Architecture("qwen2", qkv_bias=True),
     "qwen3": Architecture("qwen3", qk_norm=True),
+    "gemma2": Architecture("gemma2", post_norms=True, activation="gelu_tanh", embed_scale=True, sliding_window=True,
+                           window_pattern=2, rope_base_local=0.0, softcap=True, wide_scale_layers=46),
     "gemma3": Architecture("gemma3", qk_norm=True, post_norms=True, activation="gelu_tanh", embed_scale=True,
-                           sliding_window=True, window_pattern=6),
+                           sliding_window=True, window_pattern=6, wide_scale_layers=62),
 }
 SUPPORTED_ARCHITECTURES = tuple(ARCHITECTURES)
 
@@ -79,6 +87,9 @@ class LlamaConfig:
     local_layers: tuple[bool, ...] = ()  # per layer: True where attention is windowed
     rope_base_local: float = 0.0  # RoPE base of the local layers
     rope_linear_factor: float = 1.0  # linear RoPE scaling of the global layers
+    rope_freq_factors: tuple[float, ...] = ()  # per rotated pair, divides its frequency (llama.cpp's freq_factors)
+    attn_softcap: float = 0.0  # attention scores capped to (-cap, cap) by cap * tanh(s / cap); 0: none
+    final_softcap: float = 0.0  # the same on the output logits
 
     @property
     def head_dim(self) -> int:
@@ -114,27 +125,25 @@ class LlamaConfig:
 
 
 def read_config(arch_name: str, field: Callable[[str, Any], Any], positive: Callable[..., int],
-                vocab_from_tensor: int) -> LlamaConfig:
+                vocab_from_tensor: int, rope_freq_factors: tuple[float, ...] = ()) -> LlamaConfig:
     """The config of a GGUF whose general.architecture is `arch_name`, from its metadata.
 
-    `field(key, default)` reads a key; `positive(key, default=None)` reads a whole number >= 1."""
+    `field(key, default)` reads a key; `positive(key, default=None)` reads a whole number >= 1;
+    `rope_freq_factors` are the values of the file's rope_freqs.weight, if it has one."""
     if arch_name not in ARCHITECTURES:
         raise ModelError(f"unsupported architecture {arch_name!r} (supported: {', '.join(SUPPORTED_ARCHITECTURES)})")
     arch = ARCHITECTURES[arch_name]
     a = arch_name
-    _reject_unsupported(a, field)
+    _reject_unsupported(arch, field)
     n_heads = positive(f"{a}.attention.head_count")
     n_layers = positive(f"{a}.block_count")
     key_length = int(field(f"{a}.attention.key_length", 0) or 0)
     value_length = int(field(f"{a}.attention.value_length", 0) or 0)
     if value_length and value_length != (key_length or positive(f"{a}.embedding_length") // n_heads):
         raise ModelError(f"{a}.attention.value_length {value_length} differs from the key length: not supported")
-    window, local = 0, ()
-    if arch.sliding_window:
-        window = positive(f"{a}.attention.sliding_window")
-        local = _local_layers(a, field, n_layers, arch.window_pattern)
     scaling = str(field(f"{a}.rope.scaling.type", "none") or "none")
     factor = float(field(f"{a}.rope.scaling.factor", 1.0) or 1.0) if scaling == "linear" else 1.0
+    rope_base = float(field(f"{a}.rope.freq_base", 10000.0))
     cfg = dict(
         n_layers=n_layers,
         dim=positive(f"{a}.embedding_length"),
@@ -143,20 +152,49 @@ def read_config(arch_name: str, field: Callable[[str, Any], Any], positive: Call
         ffn_dim=positive(f"{a}.feed_forward_length"),
         vocab_size=int(field(f"{a}.vocab_size", 0) or vocab_from_tensor),
         context_length=int(field(f"{a}.context_length", 2048)),
-        rope_base=float(field(f"{a}.rope.freq_base", 10000.0)),
+        rope_base=rope_base,
         rms_eps=float(field(f"{a}.attention.layer_norm_rms_epsilon", 1e-5)),
-        arch=arch, key_length=key_length, sliding_window=window, local_layers=local,
-        rope_base_local=float(field(f"{a}.rope.freq_base_swa", arch.rope_base_local)),
-        rope_linear_factor=factor,
+        arch=arch, key_length=key_length,
+        rope_base_local=float(field(f"{a}.rope.freq_base_swa", arch.rope_base_local or rope_base)),
+        rope_linear_factor=factor, rope_freq_factors=tuple(rope_freq_factors),
+        **_windows_and_caps(arch, field, positive, n_layers),
     )
-    cfg["attn_scale"] = float(field(f"{a}.attention.scale", 0.0) or 0.0) or _gemma_scale(arch, cfg)
-    return LlamaConfig(**cfg)
+    cfg["attn_scale"] = float(field(f"{a}.attention.scale", 0.0) or 0.0) or _wide_scale(arch, cfg)
+    config = LlamaConfig(**cfg)
+    _check_freq_factors(config)
+    return config
 
 
-def _gemma_scale(arch: Architecture, cfg: dict) -> float:
-    """Gemma 3 27B scales queries by 1/sqrt(dim/heads), the others by 1/sqrt(head size), as
+def _check_freq_factors(cfg: LlamaConfig) -> None:
+    """rope_freqs.weight: one positive divisor per rotated pair, on an architecture that reads it."""
+    factors = cfg.rope_freq_factors
+    if not factors:
+        return
+    if not cfg.arch.rope_freqs:
+        raise ModelError(f"tensor rope_freqs.weight (RoPE frequency factors) is not supported for {cfg.arch.name}")
+    if len(factors) != cfg.head_dim // 2 or min(factors) <= 0:
+        raise ModelError(f"tensor rope_freqs.weight must hold {cfg.head_dim // 2} positive factors (one per rotated "
+                         f"pair), got {len(factors)} with minimum {min(factors)}")
+
+
+def _windows_and_caps(arch: Architecture, field: Callable[[str, Any], Any], positive: Callable[..., int],
+                      n_layers: int) -> dict:
+    """Sliding-window layers and soft-caps (llama.cpp's Gemma 2 defaults: 50 and 30) where the
+    architecture has them."""
+    a, out = arch.name, {}
+    if arch.sliding_window:
+        out.update(sliding_window=positive(f"{a}.attention.sliding_window"),
+                   local_layers=_local_layers(a, field, n_layers, arch.window_pattern))
+    if arch.softcap:
+        out.update(attn_softcap=float(field(f"{a}.attn_logit_softcapping", 50.0)),
+                   final_softcap=float(field(f"{a}.final_logit_softcapping", 30.0)))
+    return out
+
+
+def _wide_scale(arch: Architecture, cfg: dict) -> float:
+    """Gemma 2 and 3 27B scale queries by 1/sqrt(dim/heads), the others by 1/sqrt(head size), as
     llama.cpp decides by the layer count (the file has no key for it)."""
-    return (cfg["dim"] / cfg["n_heads"]) ** -0.5 if arch.name == "gemma3" and cfg["n_layers"] == 62 else 0.0
+    return (cfg["dim"] / cfg["n_heads"]) ** -0.5 if cfg["n_layers"] == arch.wide_scale_layers else 0.0
 
 
 # keys whose presence changes the arithmetic in ways not implemented here -> what they mean
@@ -170,8 +208,14 @@ _NEUTRAL = {"rope.scaling.attn_factor": 1.0}  # values that change nothing
 ROPE_SCALING_TYPES = ("none", "linear")
 
 
-def _reject_unsupported(a: str, field: Callable[[str, Any], Any]) -> None:
+_SOFTCAP_KEYS = ("final_logit_softcapping", "attn_logit_softcapping")
+
+
+def _reject_unsupported(arch: Architecture, field: Callable[[str, Any], Any]) -> None:
+    a = arch.name
     for key, what in _UNSUPPORTED_KEYS.items():
+        if arch.softcap and key in _SOFTCAP_KEYS:
+            continue
         value = field(f"{a}.{key}", None)
         if value is not None and float(value) != _NEUTRAL.get(key, 0.0):
             raise ModelError(f"metadata {a}.{key} = {value}: {what} is not supported")

@@ -134,11 +134,9 @@ class ModelSpec:
         embd = self._tensors.get("token_embd.weight")
         if embd is None and arch in SUPPORTED_ARCHITECTURES:
             raise ModelError(f"{self.path}: missing tensors token_embd.weight")
-        if "rope_freqs.weight" in self._tensors:
-            raise ModelError(f"{self.path}: tensor rope_freqs.weight (Llama 3.1-style RoPE frequency factors) "
-                             "is not supported")
+        factors = tuple(float(f) for f in self.tensor("rope_freqs.weight")) if "rope_freqs.weight" in self._tensors else ()
         try:
-            return read_config(arch, self.field, self._positive, int(embd.shape[-1]) if embd is not None else 0)
+            return read_config(arch, self.field, self._positive, int(embd.shape[-1]) if embd is not None else 0, factors)
         except ModelError as e:  # name the file
             raise ModelError(f"{self.path}: {e}") from None
 
