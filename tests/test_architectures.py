@@ -5,7 +5,7 @@ errors for what is not implemented."""
 import numpy as np
 import pytest
 
-from conftest import ARCHS, LONG_PROMPT, bench, load_backend, rel_err
+from conftest import ARCHS, LONG_PROMPT, MOE_ARCHS, bench, load_backend, rel_err
 from engine.errors import ModelError
 from engine.model.arch import read_config
 from engine.model.forward import rope_frequencies
@@ -31,7 +31,7 @@ def test_each_architecture_loads_its_tensors(arch_models, arch):
     spec = ModelSpec.open(arch_models[arch])
     w = spec.load_weights(lambda a: a)
     layer = w.layers[0]
-    assert (layer.bq is not None) == (arch == "qwen2")
+    assert (layer.bq is not None) == (arch == "qwen2") and layer.wv is not None
     assert (layer.q_norm is not None) == (arch in ("qwen3", "gemma3"))
     assert (layer.post_ffn_norm is not None) == arch.startswith("gemma")
     assert layer.wq.shape == (spec.config.n_heads * spec.config.head_dim, spec.config.dim)
@@ -49,6 +49,41 @@ def test_reference_equals_llama_cpp(arch_models, arch):
         pairs.append((ref.decode(t), cpp.decode(t)))
     for i, (r, c) in enumerate(pairs):
         assert np.abs(r - c).max() / np.abs(r).max() < 1e-3, f"step {i}"
+
+
+def test_phi3_fused_tensors_split_at_load(arch_models):
+    """Phi-3 files hold Q/K/V as one attn_qkv and gate/up as one ffn_up; the layers get the row
+    blocks, in that order (as llama.cpp's build_qkv and swiglu split them)."""
+    spec = ModelSpec.open(arch_models["phi3"])
+    c = spec.config
+    assert "blk.0.attn_qkv.weight" in spec.tensor_names and "blk.0.attn_q.weight" not in spec.tensor_names
+    layer = spec.load_weights(lambda a: a).layers[1]
+    qkv, up = spec.tensor("blk.1.attn_qkv.weight"), spec.tensor("blk.1.ffn_up.weight")
+    q, kv = c.n_heads * c.head_dim, c.n_kv_heads * c.head_dim
+    np.testing.assert_array_equal(layer.wk, qkv[q:q + kv])
+    np.testing.assert_array_equal(np.concatenate([layer.wq, layer.wk, layer.wv]), qkv)
+    np.testing.assert_array_equal(np.concatenate([layer.w_gate, layer.w_up]), up)
+    assert layer.w_up.shape == (c.ffn_dim, c.dim)
+
+
+def test_phi3_long_rope_is_one_line(tmp_path):
+    import gguf
+
+    w = gguf.GGUFWriter(str(tmp_path / "phi3-128k.gguf"), "phi3")
+    w.add_tensor("token_embd.weight", np.zeros((8, 4), np.float32))
+    w.add_tensor("rope_factors_long.weight", np.ones(2, np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    r = bench("run", "-f", "numpy", "-m", str(tmp_path / "phi3-128k.gguf"), "-n", "2", "-O", str(tmp_path / "o.csv"))
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert "rope_factors_long/short.weight (LongRoPE, Phi-3 128k) are not supported" in r.stderr
+
+
+def test_partial_rope_is_a_clear_error(arch_models):
+    with pytest.raises(ModelError, match="rope.dimension_count = 12: RoPE over part of the 16-wide head"):
+        _config_with(arch_models["phi3"], **{"rope.dimension_count": 12})
 
 
 def test_gemma2_config_read_from_metadata(arch_models):
@@ -163,19 +198,20 @@ def test_windowed_mask():
 
 
 def test_unsupported_architecture_is_one_line_exit_2(tmp_path):
-    p = write_synthetic(tmp_path / "moe.gguf", "tiny", "f32", architecture="qwen3moe")
+    p = write_synthetic(tmp_path / "ds.gguf", "tiny", "f32", architecture="deepseek2")
     r = bench("run", "-f", "numpy", "-m", str(p), "-n", "2", "-r", "1", "-O", str(tmp_path / "o.csv"))
     assert r.returncode == 2 and "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
-    assert "unsupported architecture 'qwen3moe' (supported: llama, qwen2, qwen3, gemma3)" in r.stderr
+    assert "unsupported architecture 'deepseek2' (supported: llama, qwen2, qwen3, qwen3moe, phi3, gemma2, gemma3)" in r.stderr
 
 
-@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("arch", ARCHS + MOE_ARCHS)
 def test_synth_arch_cli(tmp_path, arch):
     out = tmp_path / f"{arch}.gguf"
     r = bench("synth", "--arch", arch, "--out", str(out))
     assert r.returncode == 0, r.stderr
     assert ModelSpec.open(out).config.arch.name == gguf_architecture(arch)
     assert bool(ModelSpec.open(out).config.rope_freq_factors) == (arch == "llama3")
+    assert bool(ModelSpec.open(out).config.n_experts) == (arch in MOE_ARCHS)
 
 
 def test_synthetic_names_take_an_architecture(tmp_path, monkeypatch):

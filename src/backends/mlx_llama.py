@@ -138,6 +138,8 @@ class MlxBackend(ArrayLlamaBackend):
     def build(self, spec, opts: LoadOptions) -> LoadInfo:
         import mlx.core as mx
 
+        if spec.config.n_experts:
+            raise UnavailableError("mlx has no mixture-of-experts op here yet (numpy, torch and llamacpp run it)")
         mx.set_default_device(mx.gpu if opts.device == "gpu" else mx.cpu)
         self.mx = mx
         if opts.precision in NATIVE_QUANT:
@@ -160,6 +162,8 @@ class MlxBackend(ArrayLlamaBackend):
     def _load_native(self, spec):
         """Quantized tensors as MLX loads them from the GGUF; Q/K rows moved to rotate-half order."""
         mx = self.mx
+        if spec.config.arch.fused:
+            raise UnavailableError(f"mlx cannot split {spec.config.arch.name}'s fused attn_qkv/ffn_up blocks natively; use f32")
         arrays = mx.load(spec.path)
 
         def tensor(name: str):

@@ -72,6 +72,24 @@ class NumpyOps(SeparateProjections):
     def softcap(self, x, cap):
         return np.tanh(x / cap) * cap
 
+    def moe(self, x, layer):
+        """Each token through the experts it is routed to, one expert's tokens at a time."""
+        flat = x.reshape(-1, x.shape[-1])
+        probs = self.linear(flat, layer.router)
+        probs = np.exp(probs - probs.max(axis=-1, keepdims=True))
+        probs /= probs.sum(axis=-1, keepdims=True)
+        top = np.argsort(-probs, axis=-1, kind="stable")[:, :self.cfg.n_experts_used]  # (N, k)
+        weights = np.take_along_axis(probs, top, axis=-1)
+        weights /= weights.sum(axis=-1, keepdims=True)
+        out = np.zeros_like(flat)
+        for e in np.unique(top):
+            rows, slot = np.nonzero(top == e)
+            h = flat[rows]
+            y = self.linear(self.silu_mul(self.linear(h, layer.gate_exps[e]), self.linear(h, layer.up_exps[e])),
+                            layer.down_exps[e])
+            np.add.at(out, rows, y * weights[rows, slot, None])
+        return out.reshape(x.shape)
+
 
 class NumpyBackend(ArrayLlamaBackend):
     name = "numpy"

@@ -14,9 +14,11 @@ import numpy as np
 
 from backends.base import (ArrayLlamaBackend, BackendOption, LoadInfo, LoadOptions, Mode, Requirement, float_load_info,
                            pip_extra)
+from engine.errors import UnavailableError
 from engine.model.forward import SeparateProjections, forward, layer_rope_tables
 
 TINYGRAD = Requirement("tinygrad", "tinygrad", pip_extra("tinygrad"))
+MOE_UNAVAILABLE = "tinygrad has no mixture-of-experts op here yet (numpy, torch and llamacpp run it)"
 
 
 class TinyOps(SeparateProjections):
@@ -90,6 +92,9 @@ class TinyOps(SeparateProjections):
     def softcap(self, x, cap):
         return ((x / cap).tanh() * cap).contiguous()
 
+    def moe(self, x, layer):
+        raise UnavailableError(MOE_UNAVAILABLE)
+
     def silu_mul(self, gate, up):
         return (gate.silu() * up).contiguous()
 
@@ -156,6 +161,8 @@ class TinygradBackend(ArrayLlamaBackend):
         from tinygrad import Tensor, UOp, dtypes
         from tinygrad.helpers import BEAM, CACHEDB
 
+        if spec.config.n_experts:
+            raise UnavailableError(MOE_UNAVAILABLE)
         if "beam" in opts.options:  # tinygrad read BEAM from the environment at import: set the live value
             BEAM.value = int(opts.options["beam"])
 

@@ -15,6 +15,7 @@ from engine.model.forward import FusedProjections, forward, layer_rope_tables
 
 TORCH = Requirement("torch", "torch", pip_extra("torch"))
 TORCH_DTYPES = {"f32": "float32", "bf16": "bfloat16", "f16": "float16"}
+MOE_GATHER_TOKENS = 8  # up to this many tokens a step gathers each one's experts instead of looping over experts
 
 
 def torch_device_missing(device: str) -> str:
@@ -146,6 +147,29 @@ class TorchOps(FusedProjections):
     def softcap(self, x, cap):
         return (x / cap).tanh() * cap
 
+    def moe(self, x, layer):
+        """Routing as the reference; a few tokens (decode) gather their experts' matrices, static
+        shapes torch.compile keeps in one graph; more (prefill) run expert by expert."""
+        import torch
+        import torch.nn.functional as F
+
+        flat = x.reshape(-1, x.shape[-1])
+        probs = F.linear(flat, layer.router).float().softmax(dim=-1)
+        weights, top = probs.topk(self.cfg.n_experts_used, dim=-1)  # (N, k)
+        weights = (weights / weights.sum(dim=-1, keepdim=True)).to(x.dtype)
+        if flat.shape[0] <= MOE_GATHER_TOKENS:
+            h = flat[:, None, :, None]  # (N, 1, dim, 1) against (N, k, rows, dim) gathered experts
+            act = F.silu(layer.gate_exps[top] @ h) * (layer.up_exps[top] @ h)
+            y = (layer.down_exps[top] @ act)[..., 0]  # (N, k, dim)
+            return (y * weights[..., None]).sum(dim=1).reshape(x.shape)
+        out = torch.zeros_like(flat)
+        for e in top.unique().tolist():
+            rows, slot = (top == e).nonzero(as_tuple=True)
+            h = flat[rows]
+            y = F.linear(F.silu(F.linear(h, layer.gate_exps[e])) * F.linear(h, layer.up_exps[e]), layer.down_exps[e])
+            out.index_add_(0, rows, y * weights[rows, slot, None])
+        return out.reshape(x.shape)
+
     def project(self, layer, kind, x, weights):
         if not getattr(self, "fused", None):  # int4 weights are not fused: one kernel call each
             return tuple(self.linear(x, w) for w in weights)
@@ -235,6 +259,9 @@ class TorchBackend(TorchBased):
             raise UnavailableError(f"torch runs {opts.precision} blocks on the CPU only (its int4 kernel here)")
         if opts.compile:
             raise UnavailableError("torch.compile of the int4 path is not supported; drop --compile")
+        if spec.config.arch.fused or spec.config.n_experts:
+            raise UnavailableError(f"torch int4 runs neither fused attn_qkv/ffn_up blocks nor stacked experts "
+                                   f"({spec.config.arch.name}); use f32 or bf16")
         self.weights = load_int4_weights(spec, lambda a: torch.from_numpy(a))
         self.ops = TorchOps(spec.config, opts.max_seq_len, opts.max_batch, torch.float32, self.device)
         self._decode = self._forward

@@ -1,5 +1,5 @@
 """`transformers`: the Hugging Face model class of the file's architecture (LlamaForCausalLM,
-Qwen2ForCausalLM, Qwen3ForCausalLM, Gemma2ForCausalLM, Gemma3ForCausalLM) as most users run it, built from our ModelSpec
+Qwen2ForCausalLM, Qwen3ForCausalLM, Phi3ForCausalLM, Gemma2ForCausalLM, Gemma3ForCausalLM) as most users run it, built from our ModelSpec
 (config and state dict from the GGUF, no hub access) and driven step by step through its KV cache."""
 
 from __future__ import annotations
@@ -24,11 +24,19 @@ HF_LAYER_NAMES = {
 GEMMA_LAYER_NAMES = {**HF_LAYER_NAMES, "ffn_norm": "pre_feedforward_layernorm.weight",
                      "post_attn_norm": "post_attention_layernorm.weight",
                      "post_ffn_norm": "post_feedforward_layernorm.weight"}
-# architecture -> (transformers config class, model class, layer names)
+# Phi-3: the fused projections transformers keeps as one matrix, from our split fields
+PHI3_FUSED = {"self_attn.qkv_proj.weight": ("wq", "wk", "wv"), "mlp.gate_up_proj.weight": ("w_gate", "w_up")}
+# mixture of experts: transformers stacks gate and up of every expert in one (experts, 2 * ffn, dim)
+MOE_NAMES = {"router": "mlp.gate.weight", "down_exps": "mlp.experts.down_proj"}
+MOE_FUSED = {"mlp.experts.gate_up_proj": ("gate_exps", "up_exps")}
+# architecture ("mixtral": llama with experts) -> (transformers config class, model class, layer names)
 HF_CLASSES = {
     "llama": ("LlamaConfig", "LlamaForCausalLM", HF_LAYER_NAMES),
     "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", HF_LAYER_NAMES),
     "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", HF_LAYER_NAMES),
+    "phi3": ("Phi3Config", "Phi3ForCausalLM", HF_LAYER_NAMES),
+    "qwen3moe": ("Qwen3MoeConfig", "Qwen3MoeForCausalLM", {**HF_LAYER_NAMES, **MOE_NAMES}),
+    "mixtral": ("MixtralConfig", "MixtralForCausalLM", {**HF_LAYER_NAMES, **MOE_NAMES}),
     "gemma2": ("Gemma2Config", "Gemma2ForCausalLM", GEMMA_LAYER_NAMES),
     "gemma3": ("Gemma3TextConfig", "Gemma3ForCausalLM", GEMMA_LAYER_NAMES),
 }
@@ -40,11 +48,16 @@ def _rope(base: float, factor: float) -> dict:
     return {"rope_type": "linear", "rope_theta": base, "factor": factor}
 
 
+def hf_arch(c) -> str:
+    """The HF_CLASSES key of a config: its architecture, or mixtral for llama with experts."""
+    return "mixtral" if c.arch.name == "llama" and c.n_experts else c.arch.name
+
+
 def hf_config(spec):
     import transformers
 
     c = spec.config
-    arch = c.arch.name
+    arch = hf_arch(c)
     common = dict(
         vocab_size=c.vocab_size, hidden_size=c.dim, intermediate_size=c.ffn_dim, num_hidden_layers=c.n_layers,
         num_attention_heads=c.n_heads, num_key_value_heads=c.n_kv_heads, max_position_embeddings=c.context_length,
@@ -57,8 +70,16 @@ def hf_config(spec):
         extra = dict(hidden_act="silu", rope_parameters=_rope(c.rope_base, c.rope_linear_factor))
         if arch == "llama":
             extra.update(attention_bias=False, mlp_bias=False)
-        if arch == "qwen3":
+        if arch in ("qwen3", "qwen3moe"):
             extra.update(attention_bias=False)
+        if arch == "qwen3moe":  # llama.cpp renormalises the top-k weights of every qwen3moe
+            extra.update(num_experts=c.n_experts, num_experts_per_tok=c.n_experts_used, norm_topk_prob=True,
+                         moe_intermediate_size=c.expert_ffn_dim, decoder_sparse_step=1, mlp_only_layers=[])
+        if arch == "mixtral":
+            extra.update(num_local_experts=c.n_experts, num_experts_per_tok=c.n_experts_used,
+                         intermediate_size=c.expert_ffn_dim, sliding_window=None)
+        if arch == "phi3":  # llama.cpp runs Phi-3 without its sliding window: so does this
+            extra.update(sliding_window=None, pad_token_id=None, original_max_position_embeddings=c.context_length)
     return getattr(transformers, HF_CLASSES[arch][0])(**common, **extra)
 
 
@@ -83,7 +104,7 @@ def build_hf_model(spec, precision: str, device: str):
 
     dtype = getattr(torch, TORCH_DTYPES[precision])
     cfg = hf_config(spec)
-    _, model_class, names = HF_CLASSES[spec.config.arch.name]
+    _, model_class, names = HF_CLASSES[hf_arch(spec.config)]
     with torch.device("meta"):
         model = getattr(transformers, model_class)(cfg)
     state = {}
@@ -93,8 +114,12 @@ def build_hf_model(spec, precision: str, device: str):
     state["model.embed_tokens.weight"] = w.tok_embd
     state["model.norm.weight"] = norm(w.output_norm)
     state["lm_head.weight"] = w.output
+    fused = PHI3_FUSED if spec.config.arch.fused else MOE_FUSED if spec.config.n_experts else {}
     for i, layer in enumerate(w.layers):
-        for ours, tensor in layer.tensors().items():
+        parts = layer.tensors()
+        for hf_name, fields in fused.items():  # rows of a matrix, or of each expert's matrix
+            state[f"model.layers.{i}.{hf_name}"] = torch.cat([parts.pop(f) for f in fields], dim=-2)
+        for ours, tensor in parts.items():
             state[f"model.layers.{i}.{names[ours]}"] = norm(tensor) if ours.endswith("norm") else tensor
     model.load_state_dict(state, assign=True, strict=False)
     if spec.tied_embeddings:

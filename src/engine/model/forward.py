@@ -37,6 +37,10 @@ class LlamaOps(Protocol):
     def scale(self, x: Array, factor: float) -> Array: ...
     def residual(self, x: Array, delta: Array) -> Array: ...  # x + delta: where lazy frameworks materialise
     def softcap(self, x: Array, cap: float) -> Array: ...  # cap * tanh(x / cap)
+    def moe(self, x: Array, layer: Any) -> Array: ...
+    # ^ mixture of experts, x (B, T, dim): each token's router softmax (layer.router), its top
+    #   cfg.n_experts_used experts with their probabilities renormalised to sum 1, the weighted sum
+    #   of those experts' SiLU-gated feed-forwards (layer.gate_exps/up_exps/down_exps, stacked)
     def project(self, layer: int, kind: str, x: Array, weights: tuple) -> tuple: ...
     # ^ several linears of one input ("qkv", "gate_up"); a framework may run them as one fused matmul
 
@@ -58,7 +62,7 @@ class SeparateProjections(ElementwiseDefaults):
         return tuple(self.linear(x, w) for w in weights)
 
 
-FUSED_PROJECTIONS = (("qkv", ("wq", "wk", "wv")), ("gate_up", ("w_gate", "w_up")))
+FUSED_PROJECTIONS = (("qkv", ("wq", "wk", "wv")), ("gate_up", ("w_gate", "w_up")))  # gate_up: dense layers only
 
 
 class FusedProjections(ElementwiseDefaults):
@@ -73,6 +77,9 @@ class FusedProjections(ElementwiseDefaults):
         for layer in layers:
             for kind, names in FUSED_PROJECTIONS:
                 parts = [getattr(layer, n) for n in names]
+                if parts[0] is None:  # experts instead of a dense feed-forward
+                    self.fused[kind].append(None)
+                    continue
                 sizes = [int(p.shape[0]) for p in parts]
                 fused = self.concat_rows(parts)
                 for name, view in zip(names, self.split_rows(fused, sizes)):
@@ -103,8 +110,11 @@ def block(ops: LlamaOps, i: int, layer: Any, cfg: LlamaConfig, x: Array, start: 
     a = ops.linear(ops.attend(i, q, k, v.reshape(batch, n_tokens, cfg.n_kv_heads, hd), start), layer.wo)
     x = ops.residual(x, ops.rms_norm(a, layer.post_attn_norm) if arch.post_norms else a)
     h = ops.rms_norm(x, layer.ffn_norm)
-    gate, up = ops.project(i, "gate_up", h, (layer.w_gate, layer.w_up))
-    f = ops.linear(getattr(ops, ACTIVATIONS[arch.activation])(gate, up), layer.w_down)
+    if cfg.n_experts:
+        f = ops.moe(h, layer)
+    else:
+        gate, up = ops.project(i, "gate_up", h, (layer.w_gate, layer.w_up))
+        f = ops.linear(getattr(ops, ACTIVATIONS[arch.activation])(gate, up), layer.w_down)
     return ops.residual(x, ops.rms_norm(f, layer.post_ffn_norm) if arch.post_norms else f)
 
 

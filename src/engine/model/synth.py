@@ -1,5 +1,6 @@
 """Synthetic GGUF files with random weights, of every supported architecture (llama, qwen2, qwen3,
-gemma2, gemma3, and `llama3`: llama with Llama 3.x's RoPE factors) and a tokenizer of the matching kind:
+qwen3moe, phi3, gemma2, gemma3; `llama3`: llama with Llama 3.x's RoPE factors; `mixtral`: llama
+with experts) and a tokenizer of the matching kind:
 tiny ones for tests, real shapes for scaling.
 
 Weights are scaled to keep activations O(1), so logits are peaked and greedy tokens are stable
@@ -50,8 +51,8 @@ SPM_SPECIALS = {
 # tokenizer name -> (ggml model, pre-tokenizer or SentencePiece flavour)
 TOKENIZERS = {"gpt2": ("gpt2", "default"), "qwen2": ("gpt2", "qwen2"), "llama": ("llama", "llama"),
               "gemma": ("llama", "gemma")}
-ARCH_TOKENIZER = {"llama": "gpt2", "llama3": "gpt2", "qwen2": "qwen2", "qwen3": "qwen2", "gemma2": "gemma",
-                  "gemma3": "gemma"}
+ARCH_TOKENIZER = {"llama": "gpt2", "llama3": "gpt2", "mixtral": "llama", "qwen2": "qwen2", "qwen3": "qwen2",
+                  "qwen3moe": "qwen2", "phi3": "llama", "gemma2": "gemma", "gemma3": "gemma"}
 
 
 def _spm_vocab(size: int, flavour: str = "llama") -> tuple[list[str], list[int], list[float]]:
@@ -110,7 +111,7 @@ def llama3_rope(shape: LlamaConfig) -> Llama3Rope:
 
 
 # synthetic architecture names that are variants of a GGUF architecture
-VARIANTS = {"llama3": "llama"}  # Llama 3.x: llama with rope_freqs
+VARIANTS = {"llama3": "llama", "mixtral": "llama"}  # Llama 3.x: llama with rope_freqs; Mixtral: with experts
 
 
 SYNTH_ARCHITECTURES = (*ARCHITECTURES, *VARIANTS)
@@ -142,6 +143,10 @@ def arch_shape(shape: LlamaConfig, architecture: str) -> LlamaConfig:
                      local_layers=tuple((i + 1) % arch.window_pattern != 0 for i in range(n_layers)))
     if arch.softcap:  # tiny: caps that bite on O(1) activations (scores ~1, logits ~10)
         extra.update(attn_softcap=2.0 if tiny else 50.0, final_softcap=10.0 if tiny else 30.0)
+    if arch.moe_only or architecture == "mixtral":  # tiny: 4 experts, 2 a token; real: Qwen3-30B-A3B's, Mixtral's
+        experts = (4, 2, 32) if tiny else (128, 8, 768) if arch.moe_only else (8, 2, shape.ffn_dim)
+        extra.update(n_experts=experts[0], n_experts_used=experts[1],
+                     expert_ffn_dim=experts[2] if arch.moe_only else shape.ffn_dim)
     return replace(shape, **extra)
 
 
@@ -198,6 +203,11 @@ def _write_hparams(w, s: LlamaConfig) -> None:
     if s.attn_softcap:
         w.add_attn_logit_softcapping(s.attn_softcap)
         w.add_final_logit_softcapping(s.final_softcap)
+    if s.n_experts:
+        w.add_expert_count(s.n_experts)
+        w.add_expert_used_count(s.n_experts_used)
+        if s.expert_ffn_dim != s.ffn_dim:
+            w.add_expert_feed_forward_length(s.expert_ffn_dim)
     w.add_rope_dimension_count(s.head_dim)
     w.add_rope_freq_base(s.rope_base)
     w.add_layer_norm_rms_eps(s.rms_eps)
@@ -226,9 +236,9 @@ def _write_tensors(w, s: LlamaConfig, qtype: str, rng: np.random.Generator, tied
         add("rope_freqs.weight", np.asarray(s.rope_freq_factors, np.float32), quantize=False)
     layer = _layer_tensors(s, make)
     for i in range(s.n_layers):
-        for suffix in layer_tensors(s.arch):
-            maker, quantize = layer[suffix]
-            add(f"blk.{i}.{suffix}", maker(), quantize=quantize)
+        for suffix, fields in layer_tensors(s.arch, moe=bool(s.n_experts)).items():
+            parts = [layer[f] for f in (fields if isinstance(fields, tuple) else (fields,))]
+            add(f"blk.{i}.{suffix}", np.concatenate([maker() for maker, _ in parts]), quantize=parts[0][1])
 
 
 class _Maker:
@@ -243,30 +253,37 @@ class _Maker:
     def norm(self, n: int) -> np.ndarray:
         return (1 + 0.1 * self.rng.standard_normal(n)).astype(np.float32)
 
+    def experts(self, n: int, rows: int, cols: int, scale: float) -> np.ndarray:
+        return (self.rng.standard_normal((n, rows, cols)) * scale).astype(np.float32)
+
     def bias(self, n: int) -> np.ndarray:
         return (0.1 * self.rng.standard_normal(n)).astype(np.float32)
 
 
 def _layer_tensors(s: LlamaConfig, make: _Maker) -> dict:
-    """Per-layer tensor suffix -> (array maker, quantized)."""
+    """LayerWeights field -> (array maker, quantized); a fused tensor concatenates its fields' rows."""
     hd, q_dim, kv_dim = s.head_dim, s.n_heads * s.head_dim, s.n_kv_heads * s.head_dim
     return {
-        "attn_norm.weight": (lambda: make.norm(s.dim), False),
-        "attn_q.weight": (lambda: make.matrix(q_dim, s.dim, s.dim**-0.5), True),
-        "attn_k.weight": (lambda: make.matrix(kv_dim, s.dim, s.dim**-0.5), True),
-        "attn_v.weight": (lambda: make.matrix(kv_dim, s.dim, s.dim**-0.5), True),
-        "attn_output.weight": (lambda: make.matrix(s.dim, q_dim, 0.5 * q_dim**-0.5), True),
-        "ffn_norm.weight": (lambda: make.norm(s.dim), False),
-        "ffn_gate.weight": (lambda: make.matrix(s.ffn_dim, s.dim, s.dim**-0.5), True),
-        "ffn_up.weight": (lambda: make.matrix(s.ffn_dim, s.dim, s.dim**-0.5), True),
-        "ffn_down.weight": (lambda: make.matrix(s.dim, s.ffn_dim, 0.5 * s.ffn_dim**-0.5), True),
-        "attn_q.bias": (lambda: make.bias(q_dim), False),
-        "attn_k.bias": (lambda: make.bias(kv_dim), False),
-        "attn_v.bias": (lambda: make.bias(kv_dim), False),
-        "attn_q_norm.weight": (lambda: make.norm(hd), False),
-        "attn_k_norm.weight": (lambda: make.norm(hd), False),
-        "post_attention_norm.weight": (lambda: make.norm(s.dim), False),
-        "post_ffw_norm.weight": (lambda: make.norm(s.dim), False),
+        "attn_norm": (lambda: make.norm(s.dim), False),
+        "wq": (lambda: make.matrix(q_dim, s.dim, s.dim**-0.5), True),
+        "wk": (lambda: make.matrix(kv_dim, s.dim, s.dim**-0.5), True),
+        "wv": (lambda: make.matrix(kv_dim, s.dim, s.dim**-0.5), True),
+        "wo": (lambda: make.matrix(s.dim, q_dim, 0.5 * q_dim**-0.5), True),
+        "ffn_norm": (lambda: make.norm(s.dim), False),
+        "w_gate": (lambda: make.matrix(s.ffn_dim, s.dim, s.dim**-0.5), True),
+        "w_up": (lambda: make.matrix(s.ffn_dim, s.dim, s.dim**-0.5), True),
+        "w_down": (lambda: make.matrix(s.dim, s.ffn_dim, 0.5 * s.ffn_dim**-0.5), True),
+        "bq": (lambda: make.bias(q_dim), False),
+        "bk": (lambda: make.bias(kv_dim), False),
+        "bv": (lambda: make.bias(kv_dim), False),
+        "q_norm": (lambda: make.norm(hd), False),
+        "k_norm": (lambda: make.norm(hd), False),
+        "post_attn_norm": (lambda: make.norm(s.dim), False),
+        "post_ffn_norm": (lambda: make.norm(s.dim), False),
+        "router": (lambda: make.matrix(s.n_experts, s.dim, 3 * s.dim**-0.5), False),  # decisive routing
+        "gate_exps": (lambda: make.experts(s.n_experts, s.expert_ffn_dim, s.dim, s.dim**-0.5), True),
+        "up_exps": (lambda: make.experts(s.n_experts, s.expert_ffn_dim, s.dim, s.dim**-0.5), True),
+        "down_exps": (lambda: make.experts(s.n_experts, s.dim, s.expert_ffn_dim, 0.5 * s.expert_ffn_dim**-0.5), True),
     }
 
 
