@@ -30,14 +30,18 @@ def tiny_models(synth_dir):
             ("f32", "f16", "q8_0", "q4_0", "q4_1")}
 
 
-ARCHS = ("llama", "qwen2", "qwen3", "gemma3")
+LONG_PROMPT = [(7 * i + 5) % 380 for i in range(80)]  # past the tiny llama3 file's original context (64)
+ARCHS = ("llama", "llama3", "qwen2", "qwen3", "phi3", "gemma2", "gemma3")  # llama3: llama with Llama 3.x RoPE factors
+
+
+MOE_ARCHS = ("qwen3moe", "mixtral")  # mixtral: llama with experts
 
 
 @pytest.fixture(scope="session")
 def arch_models(synth_dir):
     """Tiny random f32 GGUFs of every supported architecture, with a tokenizer of its kind."""
     return {a: str(write_synthetic(synth_dir / f"tiny-{a}.gguf", "tiny", "f32", seed=1, architecture=a))
-            for a in ARCHS}
+            for a in ARCHS + MOE_ARCHS}
 
 
 @pytest.fixture(scope="session")

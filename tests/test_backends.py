@@ -1,11 +1,11 @@
 """Every backend against the numpy reference on tiny synthetic GGUFs the tests write, for every
-architecture (llama, qwen2, qwen3, gemma3)."""
+architecture (llama, llama3, qwen2, qwen3, gemma3)."""
 
 import numpy as np
 import pytest
 
 import backends
-from conftest import ARCHS, device_skip, load_backend, rel_err, require_backend, reference_logits
+from conftest import ARCHS, LONG_PROMPT, device_skip, load_backend, rel_err, require_backend, reference_logits
 from engine.model.spec import ModelSpec
 from engine.generate.engine import GenerationConfig, InferenceEngine
 
@@ -99,6 +99,19 @@ def test_greedy_tokens_equal_reference(arch_models, name, arch):
     eng = InferenceEngine(b)
     assert eng.generate(PROMPT, cfg).tokens == want
     assert eng.generate(PROMPT, cfg).tokens == want, "a second run after reset differs"
+
+
+@pytest.mark.parametrize("name", [n for n in backends.names() if n != "metal"])
+def test_llama3_rope_past_the_original_context(arch_models, name):
+    """Llama 3.x RoPE factors on every backend, at positions past the file's original context (64)."""
+    require_backend(name)
+    path = arch_models["llama3"]
+    ref = load_backend("numpy", path, max_seq=128)
+    b = load_backend(name, path, "f32" if name != "llamacpp" else "auto", max_seq=128)
+    want = [ref.prefill(LONG_PROMPT)] + [ref.decode(t) for t in (3, 9)]
+    got = [b.prefill(LONG_PROMPT)] + [b.decode(t) for t in (3, 9)]
+    for i, (g, r) in enumerate(zip(got, want)):
+        assert rel_err(g, r) < (1e-3 if name == "llamacpp" else TOLERANCE["f32"]), f"step {i}"
 
 
 @pytest.mark.parametrize("arch", ["llama", "gemma3"])

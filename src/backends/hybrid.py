@@ -127,7 +127,7 @@ class HybridBackend(ArrayLlamaBackend):
             else:
                 out = self._run_tiny(seg, xt(), start)
             x = torch.from_numpy(out.numpy())
-        return head(self.torch_ops, self.weights, x).numpy()
+        return head(self.torch_ops, self.weights, self.config, x).numpy()
 
 
 def _tiny_f32():

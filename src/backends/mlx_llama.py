@@ -16,7 +16,7 @@ import numpy as np
 from backends.base import (FLOAT_PRECISIONS, ArrayLlamaBackend, LoadInfo, LoadOptions, Mode, Requirement,
                            float_load_info, pip_extra)
 from engine.errors import UnavailableError
-from engine.model.forward import SeparateProjections, forward
+from engine.model.forward import SeparateProjections, forward, rope_frequencies
 
 MLX = Requirement("mlx", "mlx", pip_extra("mlx"))
 NATIVE_QUANT = {"q4_0": 4, "q4_1": 4, "q8_0": 8}  # GGUF types MLX loads as quantized matrices
@@ -41,6 +41,7 @@ class MlxOps(SeparateProjections):
         import mlx.core as mx
 
         self.mx, self.cfg, self.dtype = mx, cfg, dtype
+        self.rope_periods = [mx.array((1.0 / rope_frequencies(cfg, i)).astype(np.float32)) for i in range(cfg.n_layers)]
         shape = (max_batch, cfg.n_kv_heads, max_seq, cfg.head_dim)
         self.k_cache = [mx.zeros(shape, dtype=dtype) for _ in range(cfg.n_layers)]
         self.v_cache = [mx.zeros(shape, dtype=dtype) for _ in range(cfg.n_layers)]
@@ -63,10 +64,10 @@ class MlxOps(SeparateProjections):
         return x @ weight.T
 
     def rope(self, x, start, layer):
-        # (B, T, H, D) -> (B, H, T, D): mx.fast.rope rotates along the second-to-last axis
-        base, position_scale = self.cfg.rope(layer)
+        # (B, T, H, D) -> (B, H, T, D): mx.fast.rope rotates along the second-to-last axis; its
+        # `freqs` are periods (radians per position = 1 / freqs), base and position scale folded in
         rotated = self.mx.fast.rope(x.transpose(0, 2, 1, 3), self.cfg.head_dim, traditional=False,
-                                    base=base, scale=position_scale, offset=start)
+                                    base=None, scale=1.0, offset=start, freqs=self.rope_periods[layer])
         return rotated.transpose(0, 2, 1, 3)
 
     def attend(self, layer, q, k, v, start):
@@ -75,16 +76,30 @@ class MlxOps(SeparateProjections):
         kc, vc = self.k_cache[layer], self.v_cache[layer]
         kc[:b, :, start:end, :] = k.transpose(0, 2, 1, 3)
         vc[:b, :, start:end, :] = v.transpose(0, 2, 1, 3)
-        window = self.cfg.window(layer)
-        if window and end > window:  # keys (start+i-window, start+i] for query i
-            mx = self.mx
-            qpos, kpos = mx.arange(start, end)[:, None], mx.arange(end)[None, :]
-            mask = (kpos <= qpos) & (kpos > qpos - window)
+        window, q, keys, values = self.cfg.window(layer), q.transpose(0, 2, 1, 3), kc[:b, :, :end, :], vc[:b, :, :end, :]
+        if self.cfg.attn_softcap:
+            out = self._capped_attention(q, keys, values, start, window)
         else:
-            mask = "causal" if t > 1 else None  # causal aligned to the end of the keys
-        out = self.mx.fast.scaled_dot_product_attention(
-            q.transpose(0, 2, 1, 3), kc[:b, :, :end, :], vc[:b, :, :end, :], scale=self.cfg.scale, mask=mask)
+            if window and end > window:  # keys (start+i-window, start+i] for query i
+                mask = self._keep(start, end, window)
+            else:
+                mask = "causal" if t > 1 else None  # causal aligned to the end of the keys
+            out = self.mx.fast.scaled_dot_product_attention(q, keys, values, scale=self.cfg.scale, mask=mask)
         return out.transpose(0, 2, 1, 3).reshape(b, t, -1)
+
+    def _keep(self, start, end, window):
+        """(T, S) True where query start+i sees key j: causal, within `window` when not 0."""
+        qpos, kpos = self.mx.arange(start, end)[:, None], self.mx.arange(end)[None, :]
+        return (kpos <= qpos) & (kpos > qpos - window) if window else kpos <= qpos
+
+    def _capped_attention(self, q, k, v, start, window):
+        """Attention with soft-capped scores (Gemma 2), which the fused kernel cannot do."""
+        mx = self.mx
+        group = q.shape[1] // k.shape[1]
+        k, v = mx.repeat(k, group, axis=1), mx.repeat(v, group, axis=1)
+        scores = self.softcap((q @ k.transpose(0, 1, 3, 2)) * self.cfg.scale, self.cfg.attn_softcap)
+        scores = mx.where(self._keep(start, start + q.shape[2], window), scores, -float("inf"))
+        return mx.softmax(scores, axis=-1) @ v
 
     def silu_mul(self, gate, up):
         return gate * self.mx.sigmoid(gate) * up
@@ -94,6 +109,9 @@ class MlxOps(SeparateProjections):
 
     def residual(self, x, delta):
         return x + delta
+
+    def softcap(self, x, cap):
+        return self.mx.tanh(x / cap) * cap
 
 
 class MlxBackend(ArrayLlamaBackend):
@@ -120,6 +138,8 @@ class MlxBackend(ArrayLlamaBackend):
     def build(self, spec, opts: LoadOptions) -> LoadInfo:
         import mlx.core as mx
 
+        if spec.config.n_experts:
+            raise UnavailableError("mlx has no mixture-of-experts op here yet (numpy, torch and llamacpp run it)")
         mx.set_default_device(mx.gpu if opts.device == "gpu" else mx.cpu)
         self.mx = mx
         if opts.precision in NATIVE_QUANT:
@@ -142,6 +162,8 @@ class MlxBackend(ArrayLlamaBackend):
     def _load_native(self, spec):
         """Quantized tensors as MLX loads them from the GGUF; Q/K rows moved to rotate-half order."""
         mx = self.mx
+        if spec.config.arch.fused:
+            raise UnavailableError(f"mlx cannot split {spec.config.arch.name}'s fused attn_qkv/ffn_up blocks natively; use f32")
         arrays = mx.load(spec.path)
 
         def tensor(name: str):

@@ -1,4 +1,4 @@
-"""The reference: an f32 Llama-family model (llama, qwen2, qwen3, gemma3) in plain numpy. It defines correct output for every other backend."""
+"""The reference: an f32 Llama-family model (llama, qwen2, qwen3, gemma2, gemma3) in plain numpy. It defines correct output for every other backend."""
 
 from __future__ import annotations
 
@@ -53,6 +53,8 @@ class NumpyOps(SeparateProjections):
         keys, values = self.k_cache[layer, :b, :end], self.v_cache[layer, :b, :end]  # (B, S, kv, hd)
         qg = q.reshape(b, t, kv, n_heads // kv, hd)
         scores = np.einsum("btkgd,bskd->bkgts", qg, keys) * self.cfg.scale  # a Python float keeps float32
+        if self.cfg.attn_softcap:
+            scores = self.softcap(scores, self.cfg.attn_softcap)
         scores = np.where(attention_mask(start, t, end, self.cfg.window(layer)), -np.inf, scores)
         scores = np.exp(scores - scores.max(axis=-1, keepdims=True))
         scores /= scores.sum(axis=-1, keepdims=True)
@@ -66,6 +68,27 @@ class NumpyOps(SeparateProjections):
 
     def residual(self, x, delta):
         return x + delta
+
+    def softcap(self, x, cap):
+        return np.tanh(x / cap) * cap
+
+    def moe(self, x, layer):
+        """Each token through the experts it is routed to, one expert's tokens at a time."""
+        flat = x.reshape(-1, x.shape[-1])
+        probs = self.linear(flat, layer.router)
+        probs = np.exp(probs - probs.max(axis=-1, keepdims=True))
+        probs /= probs.sum(axis=-1, keepdims=True)
+        top = np.argsort(-probs, axis=-1, kind="stable")[:, :self.cfg.n_experts_used]  # (N, k)
+        weights = np.take_along_axis(probs, top, axis=-1)
+        weights /= weights.sum(axis=-1, keepdims=True)
+        out = np.zeros_like(flat)
+        for e in np.unique(top):
+            rows, slot = np.nonzero(top == e)
+            h = flat[rows]
+            y = self.linear(self.silu_mul(self.linear(h, layer.gate_exps[e]), self.linear(h, layer.up_exps[e])),
+                            layer.down_exps[e])
+            np.add.at(out, rows, y * weights[rows, slot, None])
+        return out.reshape(x.shape)
 
 
 class NumpyBackend(ArrayLlamaBackend):

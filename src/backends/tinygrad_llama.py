@@ -14,9 +14,11 @@ import numpy as np
 
 from backends.base import (ArrayLlamaBackend, BackendOption, LoadInfo, LoadOptions, Mode, Requirement, float_load_info,
                            pip_extra)
+from engine.errors import UnavailableError
 from engine.model.forward import SeparateProjections, forward, layer_rope_tables
 
 TINYGRAD = Requirement("tinygrad", "tinygrad", pip_extra("tinygrad"))
+MOE_UNAVAILABLE = "tinygrad has no mixture-of-experts op here yet (numpy, torch and llamacpp run it)"
 
 
 class TinyOps(SeparateProjections):
@@ -62,6 +64,9 @@ class TinyOps(SeparateProjections):
         vc[:b, :, start:start + t, :].assign(v.transpose(1, 2)).realize()
         keys, values = kc[:b, :, :start + t, :], vc[:b, :, :start + t, :]
         mask, window = None, self.cfg.window(layer)
+        if self.cfg.attn_softcap:
+            out = self._capped_attention(q.transpose(1, 2), keys, values, start, window)
+            return out.transpose(1, 2).reshape(b, t, -1).contiguous()
         if window:  # query start+i sees keys (start+i-window, start+i]; positions may be symbolic
             qpos, kpos = self.positions[start:start + t].unsqueeze(1), self.positions[:start + t].unsqueeze(0)
             mask = ((kpos <= qpos) & (kpos > qpos - window)).reshape(1, 1, t, -1)
@@ -72,6 +77,23 @@ class TinyOps(SeparateProjections):
             q = q * (self.cfg.scale * hd ** 0.5)
         out = q.transpose(1, 2).scaled_dot_product_attention(keys, values, attn_mask=mask, enable_gqa=True)
         return out.transpose(1, 2).reshape(b, t, -1).contiguous()
+
+    def _capped_attention(self, q, k, v, start, window):
+        """Attention with soft-capped scores (Gemma 2), which SDPA cannot do: q (B, H, T, hd),
+        k and v (B, kv, S, hd); query start+i sees keys <= start+i (within `window` when not 0)."""
+        t = q.shape[2]
+        group = q.shape[1] // k.shape[1]
+        k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+        scores = self.softcap((q @ k.transpose(-1, -2)) * self.cfg.scale, self.cfg.attn_softcap)
+        qpos, kpos = self.positions[start:start + t].unsqueeze(1), self.positions[:start + t].unsqueeze(0)
+        keep = (kpos <= qpos) & (kpos > qpos - window) if window else kpos <= qpos
+        return keep.reshape(1, 1, t, -1).where(scores, float("-inf")).softmax(-1) @ v
+
+    def softcap(self, x, cap):
+        return ((x / cap).tanh() * cap).contiguous()
+
+    def moe(self, x, layer):
+        raise UnavailableError(MOE_UNAVAILABLE)
 
     def silu_mul(self, gate, up):
         return (gate.silu() * up).contiguous()
@@ -144,6 +166,8 @@ class TinygradBackend(ArrayLlamaBackend):
         from tinygrad import Tensor, UOp, dtypes
         from tinygrad.helpers import BEAM, CACHEDB
 
+        if spec.config.n_experts:
+            raise UnavailableError(MOE_UNAVAILABLE)
         if "beam" in opts.options:  # tinygrad read BEAM from the environment at import: set the live value
             BEAM.value = int(opts.options["beam"])
 

@@ -1,4 +1,4 @@
-"""`torch`: our compact Llama-family model (llama, qwen2, qwen3, gemma3) in PyTorch (gpt-fast style): static KV cache, SDPA with grouped-query
+"""`torch`: our compact Llama-family model (llama, qwen2, qwen3, gemma2, gemma3) in PyTorch (gpt-fast style): static KV cache, SDPA with grouped-query
 attention, optional `torch.compile` of the decode step. CPU, CUDA and MPS."""
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from engine.model.forward import FusedProjections, forward, layer_rope_tables
 
 TORCH = Requirement("torch", "torch", pip_extra("torch"))
 TORCH_DTYPES = {"f32": "float32", "bf16": "bfloat16", "f16": "float16"}
+MOE_GATHER_TOKENS = 8  # up to this many tokens a step gathers each one's experts instead of looping over experts
 
 
 def torch_device_missing(device: str) -> str:
@@ -115,9 +116,20 @@ class TorchOps(FusedProjections):
         window = self.cfg.window(layer)
         if window:
             mask = mask & (self.positions[None, :end] > pos[:, None] - window)
-        out = F.scaled_dot_product_attention(q.transpose(1, 2), kc[:, :, :end], vc[:, :, :end],
-                                             attn_mask=mask, enable_gqa=True, scale=self.cfg.scale)
+        if self.cfg.attn_softcap:
+            out = self._capped_attention(q.transpose(1, 2), kc[:, :, :end], vc[:, :, :end], mask)
+        else:
+            out = F.scaled_dot_product_attention(q.transpose(1, 2), kc[:, :, :end], vc[:, :, :end],
+                                                 attn_mask=mask, enable_gqa=True, scale=self.cfg.scale)
         return out.transpose(1, 2).reshape(batch, q.shape[1], -1)
+
+    def _capped_attention(self, q, k, v, keep):
+        """Attention with soft-capped scores (Gemma 2), which SDPA cannot do: q (B, H, T, hd),
+        k and v (B, kv, S, hd), keep (T, S) True where a query sees a key."""
+        group = q.shape[1] // k.shape[1]
+        k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+        scores = self.softcap(q @ k.transpose(-1, -2) * self.cfg.scale, self.cfg.attn_softcap)
+        return scores.masked_fill(~keep, float("-inf")).softmax(dim=-1) @ v
 
     def silu_mul(self, gate, up):
         import torch.nn.functional as F
@@ -131,6 +143,32 @@ class TorchOps(FusedProjections):
 
     def residual(self, x, delta):
         return x + delta
+
+    def softcap(self, x, cap):
+        return (x / cap).tanh() * cap
+
+    def moe(self, x, layer):
+        """Routing as the reference; a few tokens (decode) gather their experts' matrices, static
+        shapes torch.compile keeps in one graph; more (prefill) run expert by expert."""
+        import torch
+        import torch.nn.functional as F
+
+        flat = x.reshape(-1, x.shape[-1])
+        probs = F.linear(flat, layer.router).float().softmax(dim=-1)
+        weights, top = probs.topk(self.cfg.n_experts_used, dim=-1)  # (N, k)
+        weights = (weights / weights.sum(dim=-1, keepdim=True)).to(x.dtype)
+        if flat.shape[0] <= MOE_GATHER_TOKENS:
+            h = flat[:, None, :, None]  # (N, 1, dim, 1) against (N, k, rows, dim) gathered experts
+            act = F.silu(layer.gate_exps[top] @ h) * (layer.up_exps[top] @ h)
+            y = (layer.down_exps[top] @ act)[..., 0]  # (N, k, dim)
+            return (y * weights[..., None]).sum(dim=1).reshape(x.shape)
+        out = torch.zeros_like(flat)
+        for e in top.unique().tolist():
+            rows, slot = (top == e).nonzero(as_tuple=True)
+            h = flat[rows]
+            y = F.linear(F.silu(F.linear(h, layer.gate_exps[e])) * F.linear(h, layer.up_exps[e]), layer.down_exps[e])
+            out.index_add_(0, rows, y * weights[rows, slot, None])
+        return out.reshape(x.shape)
 
     def project(self, layer, kind, x, weights):
         if not getattr(self, "fused", None):  # int4 weights are not fused: one kernel call each
@@ -227,6 +265,9 @@ class TorchBackend(TorchBased):
             raise UnavailableError(f"torch runs {opts.precision} blocks on the CPU only (its int4 kernel here)")
         if opts.compile:
             raise UnavailableError("torch.compile of the int4 path is not supported; drop --compile")
+        if spec.config.arch.fused or spec.config.n_experts:
+            raise UnavailableError(f"torch int4 runs neither fused attn_qkv/ffn_up blocks nor stacked experts "
+                                   f"({spec.config.arch.name}); use f32 or bf16")
         self.weights = load_int4_weights(spec, lambda a: torch.from_numpy(a))
         self.ops = TorchOps(spec.config, opts.max_seq_len, opts.max_batch, torch.float32, self.device)
         self._decode = None

@@ -73,10 +73,10 @@ def _synthetic(name: str) -> str:
     shape = parts[1]
     qtype = parts[2] if len(parts) > 2 else "f32"
     arch = parts[3] if len(parts) > 3 else "llama"
-    from engine.model.arch import SUPPORTED_ARCHITECTURES
+    from engine.model.synth import SYNTH_ARCHITECTURES
 
-    if arch not in SUPPORTED_ARCHITECTURES:
-        raise InputError(f"unknown architecture {arch!r} in {name!r} (supported: {', '.join(SUPPORTED_ARCHITECTURES)})")
+    if arch not in SYNTH_ARCHITECTURES:
+        raise InputError(f"unknown architecture {arch!r} in {name!r} (supported: {', '.join(SYNTH_ARCHITECTURES)})")
     suffix = "" if arch == "llama" else f"-{arch}"
     path = cache_dir() / "synth" / f"{shape}-{qtype}{suffix}.gguf"
     if not path.exists():

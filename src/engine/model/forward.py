@@ -1,4 +1,4 @@
-"""The Llama-family forward pass (llama, qwen2, qwen3, gemma3), written once against a small ops protocol.
+"""The Llama-family forward pass (llama, qwen2, qwen3, gemma2, gemma3), written once against a small ops protocol.
 
 numpy, torch, MLX, tinygrad and the hybrid backend each implement `LlamaOps` with their own
 fastest primitives and wrap `forward` in their own JIT; the arithmetic and its order live here.
@@ -6,7 +6,8 @@ Activations are (batch, tokens, dim): `batch` independent sequences, each with i
 all at the same positions, so one step reads the weights once for every sequence. Arrays only
 need `.reshape` and `[:, -1]`; everything else goes through the ops. Architectures
 differ only in data the config carries (`cfg.arch`: biases, Q/K norms, post-norms, activation,
-embedding scale; per layer: attention window and RoPE), never in a copy of this code.
+embedding scale, soft-caps; per layer: attention window and RoPE frequencies), never in a copy of
+this code.
 """
 
 from __future__ import annotations
@@ -25,16 +26,21 @@ class LlamaOps(Protocol):
     def rms_norm(self, x: Array, weight: Array) -> Array: ...
     def linear(self, x: Array, weight: Array) -> Array: ...  # x @ weight.T
     def rope(self, x: Array, start: Any, layer: int) -> Array: ...  # (B, T, heads, head_dim), rotate-half,
-    # ^ with layer's base and scale (cfg.rope(layer))
+    # ^ with layer's frequencies (rope_frequencies(cfg, layer))
     def attend(self, layer: int, q: Array, k: Array, v: Array, start: Any) -> Array: ...
     # ^ q (B, T, heads, hd), k and v (B, T, kv_heads, hd): writes k, v to sequence b's KV cache at
     #   [start, start+T), attends causally (within cfg.window(layer) when it is not 0) with scale
-    #   cfg.scale, returns (B, T, heads*head_dim)
+    #   cfg.scale, scores soft-capped when cfg.attn_softcap, returns (B, T, heads*head_dim)
     def silu_mul(self, gate: Array, up: Array) -> Array: ...
     def gelu_mul(self, gate: Array, up: Array) -> Array: ...  # GELU, tanh approximation
     def add_bias(self, x: Array, bias: Array) -> Array: ...
     def scale(self, x: Array, factor: float) -> Array: ...
     def residual(self, x: Array, delta: Array) -> Array: ...  # x + delta: where lazy frameworks materialise
+    def softcap(self, x: Array, cap: float) -> Array: ...  # cap * tanh(x / cap)
+    def moe(self, x: Array, layer: Any) -> Array: ...
+    # ^ mixture of experts, x (B, T, dim): each token's router softmax (layer.router), its top
+    #   cfg.n_experts_used experts with their probabilities renormalised to sum 1, the weighted sum
+    #   of those experts' SiLU-gated feed-forwards (layer.gate_exps/up_exps/down_exps, stacked)
     def project(self, layer: int, kind: str, x: Array, weights: tuple) -> tuple: ...
     # ^ several linears of one input ("qkv", "gate_up"); a framework may run them as one fused matmul
 
@@ -56,7 +62,7 @@ class SeparateProjections(ElementwiseDefaults):
         return tuple(self.linear(x, w) for w in weights)
 
 
-FUSED_PROJECTIONS = (("qkv", ("wq", "wk", "wv")), ("gate_up", ("w_gate", "w_up")))
+FUSED_PROJECTIONS = (("qkv", ("wq", "wk", "wv")), ("gate_up", ("w_gate", "w_up")))  # gate_up: dense layers only
 
 
 class FusedProjections(ElementwiseDefaults):
@@ -71,6 +77,9 @@ class FusedProjections(ElementwiseDefaults):
         for layer in layers:
             for kind, names in FUSED_PROJECTIONS:
                 parts = [getattr(layer, n) for n in names]
+                if parts[0] is None:  # experts instead of a dense feed-forward
+                    self.fused[kind].append(None)
+                    continue
                 sizes = [int(p.shape[0]) for p in parts]
                 fused = self.concat_rows(parts)
                 for name, view in zip(names, self.split_rows(fused, sizes)):
@@ -101,14 +110,19 @@ def block(ops: LlamaOps, i: int, layer: Any, cfg: LlamaConfig, x: Array, start: 
     a = ops.linear(ops.attend(i, q, k, v.reshape(batch, n_tokens, cfg.n_kv_heads, hd), start), layer.wo)
     x = ops.residual(x, ops.rms_norm(a, layer.post_attn_norm) if arch.post_norms else a)
     h = ops.rms_norm(x, layer.ffn_norm)
-    gate, up = ops.project(i, "gate_up", h, (layer.w_gate, layer.w_up))
-    f = ops.linear(getattr(ops, ACTIVATIONS[arch.activation])(gate, up), layer.w_down)
+    if cfg.n_experts:
+        f = ops.moe(h, layer)
+    else:
+        gate, up = ops.project(i, "gate_up", h, (layer.w_gate, layer.w_up))
+        f = ops.linear(getattr(ops, ACTIVATIONS[arch.activation])(gate, up), layer.w_down)
     return ops.residual(x, ops.rms_norm(f, layer.post_ffn_norm) if arch.post_norms else f)
 
 
-def head(ops: LlamaOps, w: LlamaWeights, x: Array) -> Array:
-    """Logits of each sequence's last position, shape (B, vocab)."""
-    return ops.linear(ops.rms_norm(x[:, -1], w.output_norm), w.output)
+def head(ops: LlamaOps, w: LlamaWeights, cfg: LlamaConfig, x: Array) -> Array:
+    """Logits of each sequence's last position, shape (B, vocab), soft-capped where the
+    architecture caps them."""
+    logits = ops.linear(ops.rms_norm(x[:, -1], w.output_norm), w.output)
+    return ops.softcap(logits, cfg.final_softcap) if cfg.final_softcap else logits
 
 
 def embed(ops: LlamaOps, w: LlamaWeights, cfg: LlamaConfig, tokens: Array) -> Array:
@@ -122,28 +136,36 @@ def forward(ops: LlamaOps, w: LlamaWeights, cfg: LlamaConfig, tokens: Array, sta
     x = embed(ops, w, cfg, tokens)
     for i, layer in enumerate(w.layers):
         x = block(ops, i, layer, cfg, x, start, batch, n_tokens)
-    return head(ops, w, x)
+    return head(ops, w, cfg, x)
 
 
-def rope_tables(cfg: LlamaConfig, max_seq: int, base: float | None = None,
-                position_scale: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
+def rope_frequencies(cfg: LlamaConfig, layer: int) -> np.ndarray:
+    """Radians per position of each rotated pair of layer `layer` (head_dim / 2, float64): the
+    base's frequencies times the layer's position scale, divided by the file's per-pair factors
+    (Llama 3.x's rope_freqs) where the layer is global."""
+    base, position_scale = cfg.rope(layer)
+    inv_freq = position_scale / base ** (np.arange(cfg.head_dim // 2, dtype=np.float64) * 2 / cfg.head_dim)
+    if cfg.rope_freq_factors and not cfg.window(layer):
+        inv_freq = inv_freq / np.asarray(cfg.rope_freq_factors, dtype=np.float64)
+    return inv_freq
+
+
+def rope_tables(inv_freq: np.ndarray, max_seq: int) -> tuple[np.ndarray, np.ndarray]:
     """cos, sin of shape (max_seq, head_dim): rotate-half layout, float32."""
-    half = cfg.head_dim // 2
-    base = cfg.rope_base if base is None else base
-    inv_freq = 1.0 / (base ** (np.arange(half, dtype=np.float64) * 2 / cfg.head_dim))
-    angles = np.outer(np.arange(max_seq, dtype=np.float64) * position_scale, inv_freq)
+    angles = np.outer(np.arange(max_seq, dtype=np.float64), inv_freq)
     angles = np.concatenate([angles, angles], axis=1)
     return np.cos(angles).astype(np.float32), np.sin(angles).astype(np.float32)
 
 
 def layer_rope_tables(cfg: LlamaConfig, max_seq: int, convert=lambda a: a) -> list[tuple[Any, Any]]:
     """(cos, sin) for every layer, through `convert`; layers with the same RoPE share one pair."""
-    made: dict[tuple[float, float], tuple[Any, Any]] = {}
+    made: dict[bytes, tuple[Any, Any]] = {}
     out = []
     for i in range(cfg.n_layers):
-        key = cfg.rope(i)
+        inv_freq = rope_frequencies(cfg, i)
+        key = inv_freq.tobytes()
         if key not in made:
-            made[key] = tuple(convert(t) for t in rope_tables(cfg, max_seq, *key))
+            made[key] = tuple(convert(t) for t in rope_tables(inv_freq, max_seq))
         out.append(made[key])
     return out
 

@@ -31,9 +31,9 @@ class LayerWeights(Generic[T]):
     wv: T
     wo: T
     ffn_norm: T
-    w_gate: T
-    w_up: T
-    w_down: T
+    w_gate: T | None = None  # the dense feed-forward (absent where the layer has experts)
+    w_up: T | None = None
+    w_down: T | None = None
     bq: T | None = None  # biases of Q, K, V (qwen2)
     bk: T | None = None
     bv: T | None = None
@@ -41,6 +41,10 @@ class LayerWeights(Generic[T]):
     k_norm: T | None = None
     post_attn_norm: T | None = None  # norms of the attention and feed-forward outputs (gemma3)
     post_ffn_norm: T | None = None
+    router: T | None = None  # mixture of experts: router (experts, dim) and stacked expert matrices
+    gate_exps: T | None = None  # (experts, expert_ffn, dim)
+    up_exps: T | None = None
+    down_exps: T | None = None  # (experts, dim, expert_ffn)
 
     def tensors(self) -> dict[str, T]:
         """The weights this layer has, by field name (optional ones left out when absent)."""
@@ -70,7 +74,7 @@ class ModelSpec:
         self._compact_fields()
         self._tensors = {t.name: t for t in reader.tensors}
         self.config = self._read_config(self.field("general.architecture"))
-        self.layer_tensors = layer_tensors(self.config.arch)
+        self.layer_tensors = layer_tensors(self.config.arch, moe=bool(self.config.n_experts))
         missing = [n for n in self._required_tensors() if n not in self._tensors]
         if missing:
             raise ModelError(f"{path}: missing tensors {', '.join(missing[:3])}{' ...' if len(missing) > 3 else ''}")
@@ -134,11 +138,11 @@ class ModelSpec:
         embd = self._tensors.get("token_embd.weight")
         if embd is None and arch in SUPPORTED_ARCHITECTURES:
             raise ModelError(f"{self.path}: missing tensors token_embd.weight")
-        if "rope_freqs.weight" in self._tensors:
-            raise ModelError(f"{self.path}: tensor rope_freqs.weight (Llama 3.1-style RoPE frequency factors) "
-                             "is not supported")
+        if "rope_factors_long.weight" in self._tensors:
+            raise ModelError(f"{self.path}: tensors rope_factors_long/short.weight (LongRoPE, Phi-3 128k) are not supported")
+        factors = tuple(float(f) for f in self.tensor("rope_freqs.weight")) if "rope_freqs.weight" in self._tensors else ()
         try:
-            return read_config(arch, self.field, self._positive, int(embd.shape[-1]) if embd is not None else 0)
+            return read_config(arch, self.field, self._positive, int(embd.shape[-1]) if embd is not None else 0, factors)
         except ModelError as e:  # name the file
             raise ModelError(f"{self.path}: {e}") from None
 
@@ -195,9 +199,12 @@ class ModelSpec:
         return int(self._tensors[name].n_bytes)
 
     def decode_read_bytes(self, bytes_of: Callable[[str], int]) -> int:
-        """Weight bytes one decode step reads: every matrix once, the output head once, and one
-        embedding row (a lookup reads a row, not the table)."""
-        total = sum(bytes_of(n) for n in self._tensors if n != "token_embd.weight")
+        """Weight bytes one decode step of one sequence reads: every matrix once (of a mixture of
+        experts, the experts it is routed to), the output head once, and one embedding row (a
+        lookup reads a row, not the table)."""
+        c = self.config
+        share = lambda n: c.n_experts_used / c.n_experts if n.endswith("_exps.weight") else 1  # noqa: E731
+        total = sum(int(bytes_of(n) * share(n)) for n in self._tensors if n != "token_embd.weight")
         embd = bytes_of("token_embd.weight")
         head = embd if self.tied_embeddings else 0
         return total + head + embd // self.config.vocab_size
@@ -247,20 +254,38 @@ class ModelSpec:
         output = tok_embd if self.tied_embeddings else convert(read("output.weight"))
         weights = LlamaWeights(tok_embd=tok_embd, output_norm=convert(read("output_norm.weight")), output=output)
         for i in range(self.config.n_layers):
-            fields = {f: convert(read(f"blk.{i}.{suffix}")) for suffix, f in self.layer_tensors.items()}
+            fields = {}
+            for suffix, f in self.layer_tensors.items():
+                value = read(f"blk.{i}.{suffix}")
+                parts = self.split_fused(f"blk.{i}.{suffix}", value, f) if isinstance(f, tuple) else {f: value}
+                fields.update({name: convert(part) for name, part in parts.items()})
             weights.layers.append(LayerWeights(**fields))
         release_freed_memory()
         return weights
 
+    def split_fused(self, name: str, rows: np.ndarray, fields: tuple[str, ...]) -> dict[str, np.ndarray]:
+        """A fused tensor's row blocks (Phi-3's Q/K/V and gate/up) by field, each contiguous."""
+        c = self.config
+        sizes = {"wq": c.n_heads * c.head_dim, "wk": c.n_kv_heads * c.head_dim, "wv": c.n_kv_heads * c.head_dim,
+                 "w_gate": c.ffn_dim, "w_up": c.ffn_dim}
+        if not isinstance(rows, np.ndarray):
+            raise ModelError(f"{self.path}: fused tensor {name} can only be split as float rows")
+        want = [sizes[f] for f in fields]
+        if rows.shape[0] != sum(want):
+            raise ModelError(f"{self.path}: fused tensor {name} has {rows.shape[0]} rows, expected {sum(want)}")
+        return {f: np.ascontiguousarray(p) for f, p in zip(fields, np.split(rows, np.cumsum(want)[:-1]))}
+
     def weight_items(self, weights: LlamaWeights[T]) -> Iterator[tuple[str, T]]:
-        """(GGUF tensor name, loaded weight) for every tensor `load_weights` loaded, each once."""
+        """(GGUF tensor name, loaded weight) for every tensor `load_weights` loaded, each once (a
+        fused tensor as the tuple of its parts)."""
         yield "token_embd.weight", weights.tok_embd
         if not self.tied_embeddings:
             yield "output.weight", weights.output
         yield "output_norm.weight", weights.output_norm
         for i, layer in enumerate(weights.layers):
-            for suffix, field_name in self.layer_tensors.items():
-                yield f"blk.{i}.{suffix}", getattr(layer, field_name)
+            for suffix, f in self.layer_tensors.items():
+                value = tuple(getattr(layer, n) for n in f) if isinstance(f, tuple) else getattr(layer, f)
+                yield f"blk.{i}.{suffix}", value
 
 
 TRIM_BYTES = 32 << 20

@@ -1,5 +1,7 @@
 """Synthetic GGUF files with random weights, of every supported architecture (llama, qwen2, qwen3,
-gemma3) and a tokenizer of the matching kind: tiny ones for tests, real shapes for scaling.
+qwen3moe, phi3, gemma2, gemma3; `llama3`: llama with Llama 3.x's RoPE factors; `mixtral`: llama
+with experts) and a tokenizer of the matching kind:
+tiny ones for tests, real shapes for scaling.
 
 Weights are scaled to keep activations O(1), so logits are peaked and greedy tokens are stable
 across float implementations. Q/K are written as they come (random), which a converter's RoPE
@@ -9,7 +11,7 @@ permutation maps onto itself in distribution; every reader applies the same un-p
 from __future__ import annotations
 
 import os
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -49,7 +51,8 @@ SPM_SPECIALS = {
 # tokenizer name -> (ggml model, pre-tokenizer or SentencePiece flavour)
 TOKENIZERS = {"gpt2": ("gpt2", "default"), "qwen2": ("gpt2", "qwen2"), "llama": ("llama", "llama"),
               "gemma": ("llama", "gemma")}
-ARCH_TOKENIZER = {"llama": "gpt2", "qwen2": "qwen2", "qwen3": "qwen2", "gemma3": "gemma"}
+ARCH_TOKENIZER = {"llama": "gpt2", "llama3": "gpt2", "mixtral": "llama", "qwen2": "qwen2", "qwen3": "qwen2",
+                  "qwen3moe": "qwen2", "phi3": "llama", "gemma2": "gemma", "gemma3": "gemma"}
 
 
 def _spm_vocab(size: int, flavour: str = "llama") -> tuple[list[str], list[int], list[float]]:
@@ -76,29 +79,103 @@ def _vocab(size: int) -> tuple[list[str], list[int], list[str]]:
     return tokens, types, [" ".join(m) for m in MERGES]
 
 
+@dataclass(frozen=True)
+class Llama3Rope:
+    """Llama 3.x's RoPE scaling parameters (transformers' rope_type "llama3")."""
+
+    factor: float
+    low_freq_factor: float
+    high_freq_factor: float
+    original_context: int
+
+    def factors(self, head_dim: int, base: float) -> np.ndarray:
+        """Each rotated pair's frequency divisor, as convert_hf_to_gguf bakes them into rope_freqs."""
+        wavelen = 2 * np.pi * base ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim)
+        smooth = (self.original_context / wavelen - self.low_freq_factor) / (self.high_freq_factor - self.low_freq_factor)
+        blended = 1 / ((1 - smooth) / self.factor + smooth)
+        short, long = wavelen < self.original_context / self.high_freq_factor, wavelen > self.original_context / self.low_freq_factor
+        return np.where(short, 1.0, np.where(long, self.factor, blended)).astype(np.float32)
+
+    def hf_parameters(self, base: float) -> dict:
+        return {"rope_type": "llama3", "rope_theta": base, "factor": self.factor, "low_freq_factor": self.low_freq_factor,
+                "high_freq_factor": self.high_freq_factor, "original_max_position_embeddings": self.original_context}
+
+
+LLAMA3_BASE = 500000.0
+
+
+def llama3_rope(shape: LlamaConfig) -> Llama3Rope:
+    """Llama 3.2's scaling; tiny shapes get an original context of 64, so tests run past it and
+    the 8 pairs of a 16-wide head fall in all three bands (kept, blended, divided by the factor)."""
+    return Llama3Rope(8.0, 1.0, 4.0, 64) if shape.dim <= 128 else Llama3Rope(32.0, 1.0, 4.0, 8192)
+
+
+# synthetic architecture names that are variants of a GGUF architecture
+VARIANTS = {"llama3": "llama", "mixtral": "llama"}  # Llama 3.x: llama with rope_freqs; Mixtral: with experts
+
+
+SYNTH_ARCHITECTURES = (*ARCHITECTURES, *VARIANTS)
+
+
+def gguf_architecture(name: str) -> str:
+    return VARIANTS.get(name, name)
+
+
 def arch_shape(shape: LlamaConfig, architecture: str) -> LlamaConfig:
     """`shape` as a model of `architecture`; tiny shapes get the features worth testing (a head
     size other than dim/heads, a window shorter than the test prompts, local and global layers)."""
-    if architecture not in ARCHITECTURES:
+    if gguf_architecture(architecture) not in ARCHITECTURES:
         return shape  # written anyway, for tests of the unsupported-architecture error
-    arch = ARCHITECTURES[architecture]
+    arch = ARCHITECTURES[gguf_architecture(architecture)]
     tiny = shape.dim <= 128
     extra: dict = {"arch": arch}
     if arch.qk_norm and tiny:
         extra["key_length"] = 2 * shape.dim // shape.n_heads
+    if architecture == "llama3":
+        factors = llama3_rope(shape).factors(shape.head_dim, LLAMA3_BASE)
+        extra.update(rope_base=LLAMA3_BASE, rope_freq_factors=tuple(float(f) for f in factors))
+    elif architecture != "llama":
+        extra["rope_base"] = 1e6
     if arch.sliding_window:
         n_layers = max(shape.n_layers, arch.window_pattern) if tiny else shape.n_layers
-        extra.update(n_layers=n_layers, sliding_window=4 if tiny else 512, rope_base_local=arch.rope_base_local,
+        extra.update(n_layers=n_layers, sliding_window=4 if tiny else 512,
+                     rope_base_local=arch.rope_base_local or extra["rope_base"],
                      local_layers=tuple((i + 1) % arch.window_pattern != 0 for i in range(n_layers)))
-    if architecture != "llama":
-        extra["rope_base"] = 1e6
+    if arch.softcap:  # tiny: caps that bite on O(1) activations (scores ~1, logits ~10)
+        extra.update(attn_softcap=2.0 if tiny else 50.0, final_softcap=10.0 if tiny else 30.0)
+    if arch.moe_only or architecture == "mixtral":  # tiny: 4 experts, 2 a token; real: Qwen3-30B-A3B's, Mixtral's
+        experts = (4, 2, 32) if tiny else (128, 8, 768) if arch.moe_only else (8, 2, shape.ffn_dim)
+        extra.update(n_experts=experts[0], n_experts_used=experts[1],
+                     expert_ffn_dim=experts[2] if arch.moe_only else shape.ffn_dim)
     return replace(shape, **extra)
+
+
+FILE_TYPES = {"f32": 0, "f16": 1, "bf16": 32, "q8_0": 7, "q4_0": 2, "q4_1": 3}
 
 
 def write_synthetic(path: str | os.PathLike, shape: LlamaConfig | str = "tiny", qtype: str = "f32", seed: int = 0,
                     tied: bool = True, architecture: str = "llama", tokenizer: str | None = None) -> Path:
     import gguf
 
+    shape, tokenizer = _checked(shape, qtype, architecture, tokenizer)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    s = arch_shape(shape, architecture)
+    w = gguf.GGUFWriter(str(path), gguf_architecture(architecture))
+    w.add_name(f"synthetic-{architecture}-{s.n_layers}x{s.dim}")
+    _write_hparams(w, s)
+    w.add_file_type(FILE_TYPES[qtype])
+    _write_tokenizer(w, tokenizer, s.vocab_size)
+    _write_tensors(w, s, qtype, np.random.default_rng(seed), tied)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+def _checked(shape: LlamaConfig | str, qtype: str, architecture: str, tokenizer: str | None) -> tuple[LlamaConfig, str]:
+    """The shape and tokenizer to write, or an InputError naming what is unknown."""
     if isinstance(shape, str):
         if shape not in SHAPES:
             raise InputError(f"unknown shape {shape!r} (known: {', '.join(SHAPES)})")
@@ -108,13 +185,10 @@ def write_synthetic(path: str | os.PathLike, shape: LlamaConfig | str = "tiny", 
     tokenizer = tokenizer or ARCH_TOKENIZER.get(architecture, "gpt2")
     if tokenizer not in TOKENIZERS:
         raise InputError(f"unknown tokenizer {tokenizer!r} (known: {', '.join(TOKENIZERS)})")
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(seed)
-    s = arch_shape(shape, architecture)
-    hd = s.head_dim
-    w = gguf.GGUFWriter(str(path), architecture)
-    w.add_name(f"synthetic-{architecture}-{s.n_layers}x{s.dim}")
+    return shape, tokenizer
+
+
+def _write_hparams(w, s: LlamaConfig) -> None:
     w.add_block_count(s.n_layers)
     w.add_context_length(s.context_length)
     w.add_embedding_length(s.dim)
@@ -122,20 +196,27 @@ def write_synthetic(path: str | os.PathLike, shape: LlamaConfig | str = "tiny", 
     w.add_head_count(s.n_heads)
     w.add_head_count_kv(s.n_kv_heads)
     if s.key_length:
-        w.add_key_length(hd)
-        w.add_value_length(hd)
+        w.add_key_length(s.head_dim)
+        w.add_value_length(s.head_dim)
     if s.sliding_window:
         w.add_sliding_window(s.sliding_window)
-    w.add_rope_dimension_count(hd)
+    if s.attn_softcap:
+        w.add_attn_logit_softcapping(s.attn_softcap)
+        w.add_final_logit_softcapping(s.final_softcap)
+    if s.n_experts:
+        w.add_expert_count(s.n_experts)
+        w.add_expert_used_count(s.n_experts_used)
+        if s.expert_ffn_dim != s.ffn_dim:
+            w.add_expert_feed_forward_length(s.expert_ffn_dim)
+    w.add_rope_dimension_count(s.head_dim)
     w.add_rope_freq_base(s.rope_base)
     w.add_layer_norm_rms_eps(s.rms_eps)
     w.add_vocab_size(s.vocab_size)
-    file_type = {"f32": 0, "f16": 1, "bf16": 32, "q8_0": 7, "q4_0": 2, "q4_1": 3}[qtype]
-    w.add_file_type(file_type)
-    _write_tokenizer(w, tokenizer, s.vocab_size)
 
-    def matrix(rows: int, cols: int, scale: float) -> np.ndarray:
-        return (rng.standard_normal((rows, cols)) * scale).astype(np.float32)
+
+def _write_tensors(w, s: LlamaConfig, qtype: str, rng: np.random.Generator, tied: bool) -> None:
+    """Every tensor of `s`'s architecture: matrices in `qtype`, norms, biases and RoPE factors in f32."""
+    import gguf
 
     def add(name: str, arr: np.ndarray, quantize: bool = True) -> None:
         if not quantize or qtype == "f32":
@@ -146,41 +227,64 @@ def write_synthetic(path: str | os.PathLike, shape: LlamaConfig | str = "tiny", 
             q = getattr(gguf.GGMLQuantizationType, qtype.upper())
             w.add_tensor(name, gguf.quants.quantize(arr, q), raw_dtype=q)
 
-    def norm(n: int) -> np.ndarray:
-        return (1 + 0.1 * rng.standard_normal(n)).astype(np.float32)
-
-    q_dim, kv_dim = s.n_heads * hd, s.n_kv_heads * hd
-    shapes = {  # suffix -> (array maker, quantized)
-        "attn_norm.weight": (lambda: norm(s.dim), False),
-        "attn_q.weight": (lambda: matrix(q_dim, s.dim, s.dim**-0.5), True),
-        "attn_k.weight": (lambda: matrix(kv_dim, s.dim, s.dim**-0.5), True),
-        "attn_v.weight": (lambda: matrix(kv_dim, s.dim, s.dim**-0.5), True),
-        "attn_output.weight": (lambda: matrix(s.dim, q_dim, 0.5 * q_dim**-0.5), True),
-        "ffn_norm.weight": (lambda: norm(s.dim), False),
-        "ffn_gate.weight": (lambda: matrix(s.ffn_dim, s.dim, s.dim**-0.5), True),
-        "ffn_up.weight": (lambda: matrix(s.ffn_dim, s.dim, s.dim**-0.5), True),
-        "ffn_down.weight": (lambda: matrix(s.dim, s.ffn_dim, 0.5 * s.ffn_dim**-0.5), True),
-        "attn_q.bias": (lambda: (0.1 * rng.standard_normal(q_dim)).astype(np.float32), False),
-        "attn_k.bias": (lambda: (0.1 * rng.standard_normal(kv_dim)).astype(np.float32), False),
-        "attn_v.bias": (lambda: (0.1 * rng.standard_normal(kv_dim)).astype(np.float32), False),
-        "attn_q_norm.weight": (lambda: norm(hd), False),
-        "attn_k_norm.weight": (lambda: norm(hd), False),
-        "post_attention_norm.weight": (lambda: norm(s.dim), False),
-        "post_ffw_norm.weight": (lambda: norm(s.dim), False),
-    }
-    add("token_embd.weight", matrix(s.vocab_size, s.dim, 1.0))
+    make = _Maker(rng)
+    add("token_embd.weight", make.matrix(s.vocab_size, s.dim, 1.0))
     add("output_norm.weight", np.ones(s.dim, np.float32), quantize=False)
     if not tied:
-        add("output.weight", matrix(s.vocab_size, s.dim, s.dim**-0.5))
+        add("output.weight", make.matrix(s.vocab_size, s.dim, s.dim**-0.5))
+    if s.rope_freq_factors:
+        add("rope_freqs.weight", np.asarray(s.rope_freq_factors, np.float32), quantize=False)
+    layer = _layer_tensors(s, make)
     for i in range(s.n_layers):
-        for suffix in layer_tensors(s.arch):
-            make, quantize = shapes[suffix]
-            add(f"blk.{i}.{suffix}", make(), quantize=quantize)
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
-    return path
+        for suffix, fields in layer_tensors(s.arch, moe=bool(s.n_experts)).items():
+            parts = [layer[f] for f in (fields if isinstance(fields, tuple) else (fields,))]
+            add(f"blk.{i}.{suffix}", np.concatenate([maker() for maker, _ in parts]), quantize=parts[0][1])
+
+
+class _Maker:
+    """Random weights scaled to keep activations O(1)."""
+
+    def __init__(self, rng: np.random.Generator):
+        self.rng = rng
+
+    def matrix(self, rows: int, cols: int, scale: float) -> np.ndarray:
+        return (self.rng.standard_normal((rows, cols)) * scale).astype(np.float32)
+
+    def norm(self, n: int) -> np.ndarray:
+        return (1 + 0.1 * self.rng.standard_normal(n)).astype(np.float32)
+
+    def experts(self, n: int, rows: int, cols: int, scale: float) -> np.ndarray:
+        return (self.rng.standard_normal((n, rows, cols)) * scale).astype(np.float32)
+
+    def bias(self, n: int) -> np.ndarray:
+        return (0.1 * self.rng.standard_normal(n)).astype(np.float32)
+
+
+def _layer_tensors(s: LlamaConfig, make: _Maker) -> dict:
+    """LayerWeights field -> (array maker, quantized); a fused tensor concatenates its fields' rows."""
+    hd, q_dim, kv_dim = s.head_dim, s.n_heads * s.head_dim, s.n_kv_heads * s.head_dim
+    return {
+        "attn_norm": (lambda: make.norm(s.dim), False),
+        "wq": (lambda: make.matrix(q_dim, s.dim, s.dim**-0.5), True),
+        "wk": (lambda: make.matrix(kv_dim, s.dim, s.dim**-0.5), True),
+        "wv": (lambda: make.matrix(kv_dim, s.dim, s.dim**-0.5), True),
+        "wo": (lambda: make.matrix(s.dim, q_dim, 0.5 * q_dim**-0.5), True),
+        "ffn_norm": (lambda: make.norm(s.dim), False),
+        "w_gate": (lambda: make.matrix(s.ffn_dim, s.dim, s.dim**-0.5), True),
+        "w_up": (lambda: make.matrix(s.ffn_dim, s.dim, s.dim**-0.5), True),
+        "w_down": (lambda: make.matrix(s.dim, s.ffn_dim, 0.5 * s.ffn_dim**-0.5), True),
+        "bq": (lambda: make.bias(q_dim), False),
+        "bk": (lambda: make.bias(kv_dim), False),
+        "bv": (lambda: make.bias(kv_dim), False),
+        "q_norm": (lambda: make.norm(hd), False),
+        "k_norm": (lambda: make.norm(hd), False),
+        "post_attn_norm": (lambda: make.norm(s.dim), False),
+        "post_ffn_norm": (lambda: make.norm(s.dim), False),
+        "router": (lambda: make.matrix(s.n_experts, s.dim, 3 * s.dim**-0.5), False),  # decisive routing
+        "gate_exps": (lambda: make.experts(s.n_experts, s.expert_ffn_dim, s.dim, s.dim**-0.5), True),
+        "up_exps": (lambda: make.experts(s.n_experts, s.expert_ffn_dim, s.dim, s.dim**-0.5), True),
+        "down_exps": (lambda: make.experts(s.n_experts, s.dim, s.expert_ffn_dim, 0.5 * s.expert_ffn_dim**-0.5), True),
+    }
 
 
 def _write_tokenizer(w, tokenizer: str, vocab_size: int) -> None:

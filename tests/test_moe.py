@@ -1,0 +1,102 @@
+"""Mixture of experts (qwen3moe, and llama with experts as Mixtral files have them): the router's
+softmax, top-k, renormalised weights, stacked experts. The reference against llama.cpp and
+transformers, numpy/torch/hybrid against the reference, batches against single sequences, and
+one clear unavailable line from the backends without the op."""
+
+import numpy as np
+import pytest
+
+from conftest import MOE_ARCHS, bench, load_backend, rel_err
+from engine.errors import UnavailableError
+from engine.model.spec import ModelSpec
+
+PROMPT = [5, 17, 99, 42, 7, 300, 12, 250, 33, 44]
+RUNS_MOE = ("torch", "transformers", "hybrid", "llamacpp")  # besides the numpy reference
+
+
+def test_experts_read_from_metadata(arch_models):
+    q, m = (ModelSpec.open(arch_models[a]) for a in MOE_ARCHS)
+    assert (q.config.n_experts, q.config.n_experts_used, q.config.expert_ffn_dim) == (4, 2, 32)
+    assert (m.config.n_experts, m.config.n_experts_used, m.config.expert_ffn_dim) == (4, 2, m.config.ffn_dim)
+    layer = q.load_weights(lambda a: a).layers[0]
+    assert layer.w_gate is None and layer.router.shape == (4, q.config.dim)
+    assert layer.gate_exps.shape == (4, 32, q.config.dim) and layer.down_exps.shape == (4, q.config.dim, 32)
+    assert q.config.arch.qk_norm and m.config.arch.permuted_qk
+
+
+def test_decode_reads_only_the_routed_experts(arch_models):
+    """bytes_per_token counts 2 of the 4 experts' bytes, every other tensor whole."""
+    spec = ModelSpec.open(arch_models["qwen3moe"])
+    experts = sum(spec.file_bytes(n) for n in spec.tensor_names if n.endswith("_exps.weight"))
+    dense = spec.decode_read_bytes(lambda n: 0 if n.endswith("_exps.weight") else spec.file_bytes(n))
+    assert spec.decode_read_bytes(spec.file_bytes) == dense + experts // 2
+
+
+@pytest.mark.parametrize("arch", MOE_ARCHS)
+def test_reference_equals_llama_cpp(arch_models, arch):
+    ref, cpp = load_backend("numpy", arch_models[arch]), load_backend("llamacpp", arch_models[arch])
+    pairs = [(ref.prefill(PROMPT), cpp.prefill(PROMPT))] + [(ref.decode(t), cpp.decode(t)) for t in (3, 9, 100)]
+    for i, (r, c) in enumerate(pairs):
+        assert rel_err(c, r) < 1e-3, f"step {i}"
+
+
+def test_routing_picks_and_renormalises(arch_models):
+    """One token through the op against the definition written out: top-2 of the softmax,
+    weights summing to 1 (as llama.cpp's norm_w and transformers' norm_topk_prob)."""
+    ref = load_backend("numpy", arch_models["qwen3moe"])
+    layer = ref.weights.layers[1]
+    x = np.random.default_rng(3).standard_normal((1, 1, ref.config.dim)).astype(np.float32)
+    logits = layer.router @ x[0, 0]
+    top = np.argsort(-logits)[:2]
+    w = np.exp(logits[top] - logits[top].max())
+    w /= w.sum()
+    silu = lambda g: g / (1 + np.exp(-g))  # noqa: E731
+    want = sum(wi * layer.down_exps[e] @ (silu(layer.gate_exps[e] @ x[0, 0]) * (layer.up_exps[e] @ x[0, 0]))
+               for wi, e in zip(w, top))
+    np.testing.assert_allclose(ref.ops.moe(x, layer)[0, 0], want, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("arch", MOE_ARCHS)
+@pytest.mark.parametrize("name", RUNS_MOE[:3])
+def test_backends_match_reference(arch_models, arch, name):
+    """torch (gathered experts for decode, expert by expert for prefill), transformers'
+    Qwen3MoeForCausalLM / MixtralForCausalLM, hybrid (its blocks fall back to torch)."""
+    path = arch_models[arch]
+    ref, b = load_backend("numpy", path), load_backend(name, path, "f32")
+    pairs = [(b.prefill(PROMPT), ref.prefill(PROMPT))] + [(b.decode(t), ref.decode(t)) for t in (3, 9, 100)]
+    for i, (g, r) in enumerate(pairs):
+        assert rel_err(g, r) < 2e-4, f"step {i}"
+
+
+@pytest.mark.parametrize("name", ["numpy", "torch", "llamacpp"])
+def test_batched_logits_equal_unbatched(arch_models, name):
+    """Each sequence of a batch is routed on its own: batched prefill and decode = one at a time."""
+    path = arch_models["qwen3moe"]
+    prompts = [PROMPT, PROMPT[::-1], [t + 1 for t in PROMPT]]
+    b = load_backend(name, path, max_batch=3)
+    batched = [b.prefill_batch(prompts), b.decode_batch([3, 9, 100])]
+    for s, p in enumerate(prompts):
+        one = load_backend(name, path)
+        alone = [one.prefill(p), one.decode([3, 9, 100][s])]
+        for step in range(2):
+            assert rel_err(batched[step][s], alone[step]) < 1e-4, f"sequence {s}, step {step}"
+
+
+@pytest.mark.parametrize("name", ["mlx", "tinygrad"])
+def test_backends_without_the_op_say_so(arch_models, name):
+    with pytest.raises(UnavailableError, match=f"{name} has no mixture-of-experts op here yet"):
+        load_backend(name, arch_models["qwen3moe"], "f32")
+
+
+def test_unavailable_backend_is_a_row_of_its_own_in_a_run(arch_models, tmp_path):
+    """`bench run` on an MoE file: numpy measures it, tinygrad is one `unavailable` row saying why."""
+    import csv
+
+    out = tmp_path / "moe.csv"
+    r = bench("run", "-f", "numpy", "-f", "tinygrad", "-m", arch_models["qwen3moe"], "-n", "2", "-r", "1",
+              "-O", str(out), "--format", "csv")
+    assert "Traceback" not in r.stderr, r.stderr
+    rows = {row["framework"]: row for row in csv.DictReader(out.open())}
+    assert rows["numpy"]["status"] == "ok"
+    assert rows["tinygrad"]["status"] == "unavailable"
+    assert "tinygrad has no mixture-of-experts op here yet" in rows["tinygrad"]["error"]
