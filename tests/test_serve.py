@@ -59,63 +59,60 @@ def test_server_starts_and_stops_with_its_whole_group(tmp_path):
 
 
 def test_client_timing_against_known_delays(tmp_path):
-    """TTFT 0.2 s, then a token every 0.05 s; tokens 2 and 3 share one chunk (two tokens, one time)."""
-    server = fake(tmp_path, "--ttft", "0.2", "--itl", "0.05", "--tokens", "8")
+    """TTFT 0.2 s, then a chunk every 0.05 s; 8 tokens in chunks of 3, 3 and 2 (vLLM's chunk ITL)."""
+    server = fake(tmp_path, "--ttft", "0.2", "--itl", "0.05", "--tokens", "8", "--chunk-tokens", "3")
     server.start(timeout_s=30)
     try:
-        records, duration = run_level(server.url, Level("concurrency", 1), LoadSpec(requests=3, warmup=1),
-                                      body_for)
+        run = run_level(server.url, Level("concurrency", 1), LoadSpec(requests=3, warmup=1), body_for)
     finally:
         server.stop()
-    words = lambda text: text.split()  # noqa: E731  (the fake's tokens are words)
-    samples = [request_sample(r, words, " ".join, None) for r in records]
+    words = lambda text: len(text.split())  # noqa: E731  (the fake's tokens are words)
+    samples = [request_sample(r, words, " ".join, None) for r in run.records]
     assert [s["ok"] for s in samples] == [True] * 3 and [s["output_tokens"] for s in samples] == [8] * 3
     for s in samples:
-        assert 0.2 <= s["ttft_s"] < 0.3
-        itl = s["itl_s"]
-        assert len(itl) == 7 and itl[2] == 0.0  # the second token of the 2-token chunk
-        assert all(0.045 <= x < 0.12 for i, x in enumerate(itl) if i not in (1, 2)), itl
-        assert 0.095 <= itl[1] < 0.17, itl
-        assert 0.2 + 7 * 0.05 <= s["e2el_s"] < 0.2 + 7 * 0.05 + 0.15
-        assert s["tpot_s"] == pytest.approx(sum(itl) / 7)
-    f = level_fields(samples, duration, 8, Slo(ttft_s=0.25, tpot_s=1.0))
+        t = s["chunk_t_s"]
+        assert len(t) == 3 and s["chunk_text"][0] == "w0 w1 w2 " and s["server_tokens"] == s["client_tokens"] == 8
+        assert s["ttft_s"] == t[0] and 0.2 <= t[0] < 0.3
+        assert s["itl_s"] == [t[1] - t[0], t[2] - t[1]] and all(0.045 <= x < 0.12 for x in s["itl_s"])
+        assert s["e2el_s"] == t[2] <= s["end_s"] and s["tpot_s"] == pytest.approx((t[2] - t[0]) / 7)
+    f = level_fields(samples, run.duration_s, 8, Slo(ttft_s=0.25, tpot_s=1.0))
     assert f["requests_ok"] == 3 and f["output_tokens_total"] == 24 and f["usage_completion_tokens_total"] == 24
-    assert 0.2 <= f["ttft_p50_s"] < 0.3 and f["goodput_rps"] == pytest.approx(3 / duration)
-    assert 3 * 0.55 <= duration < 3 * 0.55 + 0.6  # warm-up excluded
+    assert 0.2 <= f["ttft_p50_s"] < 0.3 and f["goodput_rps"] == pytest.approx(3 / run.duration_s)
+    assert 3 * 0.3 <= run.duration_s < 3 * 0.3 + 0.6 and run.not_sent == 0  # warm-up excluded
 
 
 def test_concurrent_requests_overlap(tmp_path):
     server = fake(tmp_path, "--ttft", "0.3", "--itl", "0.01")
     server.start(timeout_s=30)
     try:
-        records, duration = run_level(server.url, Level("concurrency", 4), LoadSpec(requests=8, warmup=0), body_for)
+        run = run_level(server.url, Level("concurrency", 4), LoadSpec(requests=8, warmup=0), body_for)
     finally:
         server.stop()
-    assert all(r.ok for r in records) and len(records) == 8
-    assert duration < 2 * 0.45 + 0.5  # two waves of four, not eight in a row
+    assert all(r.ok for r in run.records) and len(run.records) == 8
+    assert run.duration_s < 2 * 0.45 + 0.5  # two waves of four, not eight in a row
 
 
 def test_poisson_rate_sends_on_schedule(tmp_path):
     server = fake(tmp_path, "--ttft", "0.01", "--itl", "0.001")
     server.start(timeout_s=30)
     try:
-        records, duration = run_level(server.url, Level("rate", 20.0), LoadSpec(requests=20, warmup=0), body_for)
+        run = run_level(server.url, Level("rate", 20.0), LoadSpec(requests=20, warmup=0), body_for)
     finally:
         server.stop()
-    starts = [r.start_s for r in records]
-    assert all(r.ok for r in records) and starts == sorted(starts) and 0.2 < starts[-1] < 3.0
+    starts = [r.start_s for r in run.records]
+    assert all(r.ok for r in run.records) and starts == sorted(starts) and 0.2 < starts[-1] < 3.0
 
 
 def test_duration_bounds_a_level(tmp_path):
     server = fake(tmp_path, "--ttft", "0.05", "--itl", "0.01")
     server.start(timeout_s=30)
     try:
-        records, duration = run_level(server.url, Level("concurrency", 2), LoadSpec(duration_s=1.0, warmup=0),
-                                      body_for)
+        run = run_level(server.url, Level("concurrency", 2), LoadSpec(duration_s=1.0, warmup=0), body_for)
     finally:
         server.stop()
+    records = run.records
     assert 6 <= len(records) <= 2 * 1.0 / 0.12 + 2 and all(r.ok for r in records)
-    assert 1.0 <= duration < 1.5 and max(r.start_s for r in records) < 1.0
+    assert 1.0 <= run.duration_s < 1.5 and max(r.start_s for r in records) < 1.0
 
 
 def test_start_failures_have_a_status_and_the_log(tmp_path):
@@ -143,7 +140,12 @@ def test_faults_become_rows_and_the_rest_continue(tmp_path, tiny_f32):
                       ("hangs", 1): "timeout", ("hangs", 2): "timeout", ("good", 1): "ok", ("good", 2): "ok"}
     by = {(x["server"], x["concurrency"]): x for x in rows}
     assert "cannot load the model" in by["nostart", 1]["error"] and "SIGKILL" in by["dies", 1]["error"]
-    assert by["dies", 1]["requests_ok"] == 2 and by["dies", 1]["requests_failed"] >= 1
+    # killed while streaming its third request: that level's row counts the failure and the request
+    # never sent; the next level did not run, and says why
+    assert by["dies", 1]["requests_ok"] == 2 and by["dies", 1]["requests_failed"] == 1
+    assert by["dies", 1]["requests_not_sent"] == 1 and "not_sent" in by["dies", 1]["flags"]
+    assert by["dies", 2]["error"].startswith("not run: dies killed by SIGKILL")
+    assert by["hangs", 1]["requests_failed"] == 1 and by["hangs", 1]["requests_not_sent"] == 3
     assert by["good", 2]["requests_ok"] == 4 and by["good", 2]["usage_completion_tokens_total"] == 4 * 8
     assert len(by["good", 2]["requests"]) == 4 and by["good", 1]["server_command"].startswith(sys.executable)
     ports = [int(x["server_url"].rsplit(":", 1)[1]) for x in rows if x["server_url"]]
@@ -217,14 +219,15 @@ def test_exported_checkpoint_gives_the_reference_logits(tiny_models, tmp_path, m
     np.testing.assert_allclose(got, ref, atol=1e-4, rtol=1e-4)
 
 
-def test_llamacpp_server_streams_the_reference_tokens(tiny_f32, tmp_path):
+def test_llama_cpp_python_server_streams_the_reference_tokens(tiny_f32, tmp_path):
     pytest.importorskip("llama_cpp.server.app")
     out = tmp_path / "serve.csv"
-    r = bench("serve", "-s", "llamacpp", "-m", tiny_f32, "-c", "1", "-c", "2", "--requests", "6",
+    r = bench("serve", "-s", "llama-cpp-python", "-m", tiny_f32, "-c", "1", "-c", "2", "--requests", "6",
               "--prompt-tokens", "12", "-n", "8", "--check", "6", "-O", str(out), "--format", "csv", timeout=300)
     assert r.returncode == 0, r.stderr
     rows = [json.loads(line) for line in out.with_suffix(".jsonl").read_text().splitlines()]
-    assert [(x["server"], x["concurrency"], x["status"]) for x in rows] == [("llamacpp", 1, "ok"), ("llamacpp", 2, "ok")]
+    assert [(x["server"], x["concurrency"], x["status"]) for x in rows] == [("llama-cpp-python", 1, "ok"),
+                                                                            ("llama-cpp-python", 2, "ok")]
     for x in rows:
         # a random tiny model often samples byte tokens that decode to no text: those requests
         # fail ("no text") and are not checked; every one that streamed text equals the reference
@@ -236,13 +239,14 @@ def test_llamacpp_server_streams_the_reference_tokens(tiny_f32, tmp_path):
 
 
 @pytest.mark.slow
-def test_llamacpp_and_vllm_on_the_default_model(tmp_path):
+def test_llama_cpp_python_and_vllm_on_the_default_model(tmp_path):
     """The issue's command: one row per server and level, every field, no server left behind."""
     out = tmp_path / "out.csv"
-    r = bench("serve", "--server", "llamacpp", "--server", "vllm", "--concurrency", "1", "--concurrency", "4",
+    r = bench("serve", "--server", "llama-cpp-python", "--server", "vllm", "--concurrency", "1", "--concurrency", "4",
               "--requests", "16", "--prompt-tokens", "64", "--gen-tokens", "32", "-O", str(out), timeout=1500)
     rows = [json.loads(line) for line in out.with_suffix(".jsonl").read_text().splitlines()]
-    assert [(x["server"], x["concurrency"]) for x in rows] == [("llamacpp", 1), ("llamacpp", 4), ("vllm", 1), ("vllm", 4)]
+    assert [(x["server"], x["concurrency"]) for x in rows] == [("llama-cpp-python", 1), ("llama-cpp-python", 4),
+                                                               ("vllm", 1), ("vllm", 4)]
     assert r.returncode == 0, r.stderr
     for x in rows:
         # output length by the model's tokenizer: text re-tokenized can merge a token or two (llama.cpp
