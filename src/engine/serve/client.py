@@ -41,7 +41,8 @@ class RequestRecord:
 
     @property
     def token_ids(self) -> list[int] | None:
-        if not self.chunks or any(c.token_ids is None for c in self.chunks if c.text):
+        carried = [c.token_ids is not None for c in self.chunks]
+        if not any(carried) or any(not has and c.text for has, c in zip(carried, self.chunks)):
             return None
         return [t for c in self.chunks for t in (c.token_ids or [])]
 

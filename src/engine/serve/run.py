@@ -196,7 +196,7 @@ def _connect(ctx: Context, server: Endpoint) -> Session:
     url = server.url.rstrip("/")
     session = Session(server.name, url, server.headers(), None, None, dict(server_url=url, weights="(remote)"))
     session.model_name = _served_model(url, session.headers)
-    session.token_ids = _accepts_token_ids(session, ctx.prompts.get(-2, 0, warmup=True).ids)  # a prompt no level uses
+    session.token_ids = _accepts_token_ids(session, ctx.tok.encode("Hello"))  # a prompt no level uses
     return session
 
 
