@@ -108,7 +108,7 @@ def _find_max(o: dict[str, Any], levels: list, slo):
 @click.option("--slo-fraction", type=float, default=0.9, show_default=True,
               help="--find-max: share of a level's requests that must meet --slo")
 @click.option("--server-option", "-o", multiple=True, metavar="parallel=N",
-              help="server option: parallel=N (llama-server slots; default the highest concurrency)")
+              help="server option: parallel=N (llama-server slots; default: the highest concurrency, 1 for --rate)")
 @click.option("--threads", "-t", type=click.IntRange(min=0), default=0, help="server threads (0: all cores)")
 @click.option("--startup-timeout", type=float, default=600.0, show_default=True, help="seconds to become healthy")
 @click.option("--request-timeout", type=float, default=60.0, show_default=True,

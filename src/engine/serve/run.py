@@ -244,8 +244,10 @@ def _status(s: Session, run: LevelRun, f: dict[str, Any], samples: list[dict[str
 
 
 def _flags(ctx: Context, run: LevelRun, f: dict[str, Any], index: int) -> list[str]:
+    """prefix_cached: more than one cached token a request (every prompt of a BOS model shares its first)."""
     named = [("some_failed", f["requests_failed"]), ("not_sent", run.not_sent), ("short", f["short_requests"]),
-             ("prefix_cached", f["cached_prompt_tokens_total"] > 0), ("diverged", f.get("diverged_requests")),
+             ("prefix_cached", f["cached_prompt_tokens_total"] > f["requests_ok"]),
+             ("diverged", f.get("diverged_requests")),
              ("nonce_prefix", ctx.prompts.nonce_prefixed.get(index))]
     return [name for name, on in named if on]
 
@@ -300,7 +302,8 @@ def _search(ctx: Context, s: Session) -> Iterator[ServeResult]:
         stopped = last is not None and last.status != "ok"
         status, error = (last.status, f"search stopped: {last.error}") if stopped else ("ok", "no level met the SLO")
         yield ServeResult(**ctx.base, **s.info, server=s.name, status=status, error=error, flags=("find_max",),
-                          profile=spec.profile, level_id="find-max", extra={**s.info.get("extra", {}), "find_max": tried})
+                          profile=spec.profile, level_id="find-max",
+                          extra={**s.info.get("extra", {}), "find_max": tried})
         return
     yield dataclasses.replace(best, flags=("find_max",), level_id=best.level_id + "-max", requests=[],
                               extra={**best.extra, "find_max": tried})
