@@ -301,9 +301,9 @@ def _search(ctx: Context, s: Session) -> Iterator[ServeResult]:
         last = rows[-1] if rows else None
         stopped = last is not None and last.status != "ok"
         status, error = (last.status, f"search stopped: {last.error}") if stopped else ("ok", "no level met the SLO")
-        yield ServeResult(**ctx.base, **s.info, server=s.name, status=status, error=error, flags=("find_max",),
-                          profile=spec.profile, level_id="find-max",
-                          extra={**s.info.get("extra", {}), "find_max": tried})
+        info = {**s.info, "extra": {**s.info.get("extra", {}), "find_max": tried}}
+        yield ServeResult(**ctx.base, **info, server=s.name, status=status, error=error, flags=("find_max",),
+                          profile=spec.profile, level_id="find-max")
         return
     yield dataclasses.replace(best, flags=("find_max",), level_id=best.level_id + "-max", requests=[],
                               extra={**best.extra, "find_max": tried})
