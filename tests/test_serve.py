@@ -317,13 +317,18 @@ def test_find_max_on_latencies_that_grow_with_load(tiny_f32, tmp_path):
     """TTFT 50 ms x the requests in flight: c <= 3 meets ttft_ms=175, c = 4 does not."""
     cmd = f"{sys.executable} {FAKE} --port {{port}} --ttft 0.05 --itl 0.005 --tokens 4 --slowdown 1"
     out = tmp_path / "serve.csv"
-    r = bench("serve", "-m", tiny_f32, "--server-command", f"f={cmd}", "--find-max", "--slo", "ttft_ms=175",
-              "--requests", "8", "--check", "0", "-O", str(out), "--format", "csv", timeout=120)
+    slow = f"{sys.executable} {FAKE} --port {{port}} --ttft 0.3 --itl 0.005 --tokens 4"
+    r = bench("serve", "-m", tiny_f32, "--server-command", f"f={cmd}", "--server-command", f"slow={slow}", "--find-max",
+              "--slo", "ttft_ms=175", "--requests", "8", "--check", "0", "-O", str(out), "--format", "csv", timeout=120)
     assert r.returncode == 0, r.stderr
     rows = jsonl_rows(out)
-    assert [(x["concurrency"], "slo_met" in x["flags"]) for x in rows[:-1]] == [(1, True), (2, True), (4, False),
-                                                                                (3, True)]
-    result = rows[-1]
+    assert [(x["concurrency"], "slo_met" in x["flags"]) for x in rows[:4]] == [(1, True), (2, True), (4, False),
+                                                                               (3, True)]
+    never = rows[-1]  # the slow server misses the SLO at c=1: a result that says so, and the one level tried
+    assert (never["server"], never["status"], never["error"], never["flags"]) == ("slow", "ok", "no level met the SLO",
+                                                                                  ["find_max"])
+    assert never["extra"]["find_max"]["tried"] == [1] and never["extra"]["find_max"]["best"] is None
+    result = rows[4]
     assert result["flags"] == ["find_max"] and result["concurrency"] == 3 and result["goodput_frac"] >= 0.9
     assert result["extra"]["find_max"] == {"tried": [1, 2, 4, 3], "met": [True, True, False, True], "best": 3,
                                            "fraction": 0.9}
