@@ -44,6 +44,34 @@ install_llama_cpp() {
   .venv/bin/pip install -q "llama-cpp-python==${LLAMA_CPP_VERSION}"  # its pure-Python dependencies
 }
 
+# llama.cpp's own tools (llama-server for `bench serve -s llama-server`, llama-quantize,
+# llama-bench): one cmake build of the llama.cpp source vendored in the same sdist as the wheel,
+# with the wheel's CPU flags, kept per version and flags (BENCH_LLAMA_TOOLS_DIR overrides where
+# the harness looks: engine.serve.servers.llama_tools_dir). No curl/openssl (nothing is
+# downloaded by the tools) and no web UI (it would be fetched from the network).
+LLAMA_TOOLS="llama-server llama-quantize llama-bench"
+build_llama_tools() {
+  local args dir work
+  args="$(llama_cmake_args)"
+  dir="${HOME}/.cache/llm-bench/llama-tools/llama-cpp-${LLAMA_CPP_VERSION}-$(echo "$args" | sha1sum | cut -c1-10)"
+  [ -x "$dir/llama-server" ] && [ -x "$dir/llama-quantize" ] && [ -x "$dir/llama-bench" ] && return 0
+  echo "setup: building llama.cpp's tools from llama-cpp-python ${LLAMA_CPP_VERSION} (${args:-native}; ~5 min)" >&2
+  work="$(mktemp -d)"
+  .venv/bin/pip download -q --no-binary :all: --no-deps -d "$work" "llama-cpp-python==${LLAMA_CPP_VERSION}"
+  tar -xzf "$work"/llama_cpp_python-*.tar.gz -C "$work"
+  # shellcheck disable=SC2086  # $args is a list of -D flags
+  cmake -S "$work/llama_cpp_python-${LLAMA_CPP_VERSION}/vendor/llama.cpp" -B "$work/build" -G Ninja \
+    -DCMAKE_BUILD_TYPE=Release -DBUILD_SHARED_LIBS=OFF -DLLAMA_CURL=OFF -DLLAMA_OPENSSL=OFF \
+    -DLLAMA_BUILD_UI=OFF -DLLAMA_USE_PREBUILT_UI=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF \
+    $args >"$work/cmake.log" 2>&1 || { tail -20 "$work/cmake.log" >&2; return 1; }
+  # shellcheck disable=SC2086
+  cmake --build "$work/build" -j "$(nproc)" --target $LLAMA_TOOLS >"$work/build.log" 2>&1 \
+    || { tail -20 "$work/build.log" >&2; return 1; }
+  mkdir -p "$dir.partial"
+  for t in $LLAMA_TOOLS; do cp "$work/build/bin/$t" "$dir.partial/"; done
+  rm -rf "$dir" && mv "$dir.partial" "$dir" && rm -rf "$work"
+}
+
 # reinstall only when the dependency list changed (pip's own check takes ~20 s)
 stamp=.venv/.bench-setup
 want="$(sha1sum pyproject.toml scripts/setup.sh | sha1sum | cut -c1-40)"
@@ -61,6 +89,7 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ] || ! .venv/bin/python -c "import
   .venv/bin/python -c "from engine.model.catalog import resolve_model; resolve_model('gemma3-270m')"
   echo "$want" > "$stamp"
 fi
+build_llama_tools
 # vLLM lives in its own environment (it pins other torch/transformers versions); `bench serve
 # --server vllm` creates it on demand, BENCH_SETUP_VLLM=1 creates it here
 if [ "${BENCH_SETUP_VLLM:-0}" = 1 ]; then

@@ -1,13 +1,16 @@
 """A fake OpenAI-compatible streaming server for tests/test_serve.py, started as a real process.
 
     python fake_openai_server.py --port P [--mode ok|exit|die-after|hang|no-health] [--ttft S] [--itl S]
-        [--tokens N] [--after K] [--child]
+        [--tokens N] [--chunk-tokens K] [--no-usage] [--cache-n C] [--slowdown F] [--after K] [--child]
 
-It streams N words (`w0 w1 ...`), the first after --ttft seconds and each next one --itl later;
-words 2 and 3 arrive in one chunk (a chunk that carries two tokens). Modes: `exit` exits at once
-with an error message, `die-after` SIGKILLs itself while streaming request K+1, `hang` accepts
-requests and never answers, `no-health` never answers its health check. --child spawns a
-grandchild (a sleeper) so a test can see the whole process group go.
+It streams N words (`w0 w1 ...`, fewer when max_tokens asks for fewer) in chunks of K words as
+vLLM's server does: the first chunk after --ttft seconds, each next one --itl later, the last one
+carrying finish_reason, then a message with `"choices": []` and the usage (unless --no-usage).
+With --cache-n the last chunk carries llama-server's `timings` (cache_n C). --slowdown F makes
+TTFT and ITL grow with the requests in flight (x (1 + F (in_flight - 1))), for --find-max tests.
+Modes: `exit` exits at once with an error message, `die-after` SIGKILLs itself while streaming
+request K+1, `hang` accepts requests and never answers, `no-health` never answers its health
+check. --child spawns a grandchild (a sleeper) so a test can see the whole process group go.
 """
 
 import argparse
@@ -22,6 +25,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 args = None
 served = 0
+in_flight = 0
 lock = threading.Lock()
 
 
@@ -47,11 +51,20 @@ class Handler(BaseHTTPRequestHandler):
         self.wfile.flush()
 
     def do_POST(self):
-        global served
+        global served, in_flight
         body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
         with lock:
             served += 1
-            nth = served
+            in_flight += 1
+            nth, load = served, 1 + args.slowdown * (in_flight - 1)
+        self.stream(body, nth, load)
+
+    def done(self):  # before the last bytes go out: a client's next request never sees this one in flight
+        global in_flight
+        with lock:
+            in_flight -= 1
+
+    def stream(self, body, nth, load):
         if args.mode == "hang":
             time.sleep(3600)
         self.send_response(200)
@@ -60,16 +73,24 @@ class Handler(BaseHTTPRequestHandler):
         self.end_headers()
         n = min(args.tokens, int(body.get("max_tokens") or args.tokens))
         words = [f"w{i} " for i in range(n)]
-        chunks = [words[0], words[1], words[2] + words[3], *words[4:]] if n >= 4 else words
-        time.sleep(args.ttft)
+        chunks = ["".join(words[i:i + args.chunk_tokens]) for i in range(0, n, args.chunk_tokens)]
+        prompt = body.get("prompt")
+        prompt_n = len(prompt) if isinstance(prompt, list) else len(str(prompt).split())
+        time.sleep(args.ttft * load)
         for i, text in enumerate(chunks):
             if i:
-                time.sleep(args.itl * (2 if i == 2 and n >= 4 else 1))  # the 2-token chunk comes one ITL later
+                time.sleep(args.itl * load)
             if args.mode == "die-after" and nth > args.after and i == 1:
                 os.kill(os.getpid(), signal.SIGKILL)
-            self.send_event(json.dumps({"choices": [{"index": 0, "text": text, "finish_reason": None}]}))
-        usage = {"prompt_tokens": 7, "completion_tokens": n, "total_tokens": n + 7}
-        self.send_event(json.dumps({"choices": [{"index": 0, "text": "", "finish_reason": "length"}], "usage": usage}))
+            last = i == len(chunks) - 1
+            msg = {"choices": [{"index": 0, "text": text, "finish_reason": "length" if last else None}]}
+            if last and args.cache_n >= 0:
+                msg["timings"] = {"cache_n": args.cache_n, "prompt_n": prompt_n - args.cache_n, "predicted_n": n}
+            self.send_event(json.dumps(msg))
+        self.done()
+        if not args.no_usage:
+            usage = {"prompt_tokens": prompt_n, "completion_tokens": n, "total_tokens": n + prompt_n}
+            self.send_event(json.dumps({"choices": [], "usage": usage}))
         self.send_event("[DONE]")
         self.wfile.write(b"0\r\n\r\n")
         self.wfile.flush()
@@ -83,6 +104,10 @@ def main():
     p.add_argument("--ttft", type=float, default=0.2)
     p.add_argument("--itl", type=float, default=0.05)
     p.add_argument("--tokens", type=int, default=8)
+    p.add_argument("--chunk-tokens", type=int, default=1)
+    p.add_argument("--no-usage", action="store_true")
+    p.add_argument("--cache-n", type=int, default=-1)
+    p.add_argument("--slowdown", type=float, default=0.0)
     p.add_argument("--after", type=int, default=2)
     p.add_argument("--child", action="store_true")
     args = p.parse_args()

@@ -59,63 +59,60 @@ def test_server_starts_and_stops_with_its_whole_group(tmp_path):
 
 
 def test_client_timing_against_known_delays(tmp_path):
-    """TTFT 0.2 s, then a token every 0.05 s; tokens 2 and 3 share one chunk (two tokens, one time)."""
-    server = fake(tmp_path, "--ttft", "0.2", "--itl", "0.05", "--tokens", "8")
+    """TTFT 0.2 s, then a chunk every 0.05 s; 8 tokens in chunks of 3, 3 and 2 (vLLM's chunk ITL)."""
+    server = fake(tmp_path, "--ttft", "0.2", "--itl", "0.05", "--tokens", "8", "--chunk-tokens", "3")
     server.start(timeout_s=30)
     try:
-        records, duration = run_level(server.url, Level("concurrency", 1), LoadSpec(requests=3, warmup=1),
-                                      body_for)
+        run = run_level(server.url, Level("concurrency", 1), LoadSpec(requests=3, warmup=1), body_for)
     finally:
         server.stop()
-    words = lambda text: text.split()  # noqa: E731  (the fake's tokens are words)
-    samples = [request_sample(r, words, " ".join, None) for r in records]
+    words = lambda text: len(text.split())  # noqa: E731  (the fake's tokens are words)
+    samples = [request_sample(r, words, " ".join, None) for r in run.records]
     assert [s["ok"] for s in samples] == [True] * 3 and [s["output_tokens"] for s in samples] == [8] * 3
     for s in samples:
-        assert 0.2 <= s["ttft_s"] < 0.3
-        itl = s["itl_s"]
-        assert len(itl) == 7 and itl[2] == 0.0  # the second token of the 2-token chunk
-        assert all(0.045 <= x < 0.12 for i, x in enumerate(itl) if i not in (1, 2)), itl
-        assert 0.095 <= itl[1] < 0.17, itl
-        assert 0.2 + 7 * 0.05 <= s["e2el_s"] < 0.2 + 7 * 0.05 + 0.15
-        assert s["tpot_s"] == pytest.approx(sum(itl) / 7)
-    f = level_fields(samples, duration, 8, Slo(ttft_s=0.25, tpot_s=1.0))
+        t = s["chunk_t_s"]
+        assert len(t) == 3 and s["chunk_text"][0] == "w0 w1 w2 " and s["server_tokens"] == s["client_tokens"] == 8
+        assert s["ttft_s"] == t[0] and 0.2 <= t[0] < 0.3
+        assert s["itl_s"] == [t[1] - t[0], t[2] - t[1]] and all(0.045 <= x < 0.12 for x in s["itl_s"])
+        assert s["e2el_s"] == t[2] <= s["end_s"] and s["tpot_s"] == pytest.approx((t[2] - t[0]) / 7)
+    f = level_fields(samples, run.duration_s, 8, Slo(ttft_s=0.25, tpot_s=1.0))
     assert f["requests_ok"] == 3 and f["output_tokens_total"] == 24 and f["usage_completion_tokens_total"] == 24
-    assert 0.2 <= f["ttft_p50_s"] < 0.3 and f["goodput_rps"] == pytest.approx(3 / duration)
-    assert 3 * 0.55 <= duration < 3 * 0.55 + 0.6  # warm-up excluded
+    assert 0.2 <= f["ttft_p50_s"] < 0.3 and f["goodput_rps"] == pytest.approx(3 / run.duration_s)
+    assert 3 * 0.3 <= run.duration_s < 3 * 0.3 + 0.6 and run.not_sent == 0  # warm-up excluded
 
 
 def test_concurrent_requests_overlap(tmp_path):
     server = fake(tmp_path, "--ttft", "0.3", "--itl", "0.01")
     server.start(timeout_s=30)
     try:
-        records, duration = run_level(server.url, Level("concurrency", 4), LoadSpec(requests=8, warmup=0), body_for)
+        run = run_level(server.url, Level("concurrency", 4), LoadSpec(requests=8, warmup=0), body_for)
     finally:
         server.stop()
-    assert all(r.ok for r in records) and len(records) == 8
-    assert duration < 2 * 0.45 + 0.5  # two waves of four, not eight in a row
+    assert all(r.ok for r in run.records) and len(run.records) == 8
+    assert run.duration_s < 2 * 0.45 + 0.5  # two waves of four, not eight in a row
 
 
 def test_poisson_rate_sends_on_schedule(tmp_path):
     server = fake(tmp_path, "--ttft", "0.01", "--itl", "0.001")
     server.start(timeout_s=30)
     try:
-        records, duration = run_level(server.url, Level("rate", 20.0), LoadSpec(requests=20, warmup=0), body_for)
+        run = run_level(server.url, Level("rate", 20.0), LoadSpec(requests=20, warmup=0), body_for)
     finally:
         server.stop()
-    starts = [r.start_s for r in records]
-    assert all(r.ok for r in records) and starts == sorted(starts) and 0.2 < starts[-1] < 3.0
+    starts = [r.start_s for r in run.records]
+    assert all(r.ok for r in run.records) and starts == sorted(starts) and 0.2 < starts[-1] < 3.0
 
 
 def test_duration_bounds_a_level(tmp_path):
     server = fake(tmp_path, "--ttft", "0.05", "--itl", "0.01")
     server.start(timeout_s=30)
     try:
-        records, duration = run_level(server.url, Level("concurrency", 2), LoadSpec(duration_s=1.0, warmup=0),
-                                      body_for)
+        run = run_level(server.url, Level("concurrency", 2), LoadSpec(duration_s=1.0, warmup=0), body_for)
     finally:
         server.stop()
+    records = run.records
     assert 6 <= len(records) <= 2 * 1.0 / 0.12 + 2 and all(r.ok for r in records)
-    assert 1.0 <= duration < 1.5 and max(r.start_s for r in records) < 1.0
+    assert 1.0 <= run.duration_s < 1.5 and max(r.start_s for r in records) < 1.0
 
 
 def test_start_failures_have_a_status_and_the_log(tmp_path):
@@ -143,7 +140,12 @@ def test_faults_become_rows_and_the_rest_continue(tmp_path, tiny_f32):
                       ("hangs", 1): "timeout", ("hangs", 2): "timeout", ("good", 1): "ok", ("good", 2): "ok"}
     by = {(x["server"], x["concurrency"]): x for x in rows}
     assert "cannot load the model" in by["nostart", 1]["error"] and "SIGKILL" in by["dies", 1]["error"]
-    assert by["dies", 1]["requests_ok"] == 2 and by["dies", 1]["requests_failed"] >= 1
+    # killed while streaming its third request: that level's row counts the failure and the request
+    # never sent; the next level did not run, and says why
+    assert by["dies", 1]["requests_ok"] == 2 and by["dies", 1]["requests_failed"] == 1
+    assert by["dies", 1]["requests_not_sent"] == 1 and "not_sent" in by["dies", 1]["flags"]
+    assert by["dies", 2]["error"].startswith("not run: dies killed by SIGKILL")
+    assert by["hangs", 1]["requests_failed"] == 1 and by["hangs", 1]["requests_not_sent"] == 3
     assert by["good", 2]["requests_ok"] == 4 and by["good", 2]["usage_completion_tokens_total"] == 4 * 8
     assert len(by["good", 2]["requests"]) == 4 and by["good", 1]["server_command"].startswith(sys.executable)
     ports = [int(x["server_url"].rsplit(":", 1)[1]) for x in rows if x["server_url"]]
@@ -217,14 +219,15 @@ def test_exported_checkpoint_gives_the_reference_logits(tiny_models, tmp_path, m
     np.testing.assert_allclose(got, ref, atol=1e-4, rtol=1e-4)
 
 
-def test_llamacpp_server_streams_the_reference_tokens(tiny_f32, tmp_path):
+def test_llama_cpp_python_server_streams_the_reference_tokens(tiny_f32, tmp_path):
     require_module("llama_cpp.server.app")
     out = tmp_path / "serve.csv"
-    r = bench("serve", "-s", "llamacpp", "-m", tiny_f32, "-c", "1", "-c", "2", "--requests", "6",
+    r = bench("serve", "-s", "llama-cpp-python", "-m", tiny_f32, "-c", "1", "-c", "2", "--requests", "6",
               "--prompt-tokens", "12", "-n", "8", "--check", "6", "-O", str(out), "--format", "csv", timeout=300)
     assert r.returncode == 0, r.stderr
     rows = [json.loads(line) for line in out.with_suffix(".jsonl").read_text().splitlines()]
-    assert [(x["server"], x["concurrency"], x["status"]) for x in rows] == [("llamacpp", 1, "ok"), ("llamacpp", 2, "ok")]
+    assert [(x["server"], x["concurrency"], x["status"]) for x in rows] == [("llama-cpp-python", 1, "ok"),
+                                                                            ("llama-cpp-python", 2, "ok")]
     for x in rows:
         # a random tiny model often samples byte tokens that decode to no text: those requests
         # fail ("no text") and are not checked; every one that streamed text equals the reference
@@ -236,13 +239,14 @@ def test_llamacpp_server_streams_the_reference_tokens(tiny_f32, tmp_path):
 
 
 @pytest.mark.slow
-def test_llamacpp_and_vllm_on_the_default_model(tmp_path):
+def test_llama_cpp_python_and_vllm_on_the_default_model(tmp_path):
     """The issue's command: one row per server and level, every field, no server left behind."""
     out = tmp_path / "out.csv"
-    r = bench("serve", "--server", "llamacpp", "--server", "vllm", "--concurrency", "1", "--concurrency", "4",
+    r = bench("serve", "--server", "llama-cpp-python", "--server", "vllm", "--concurrency", "1", "--concurrency", "4",
               "--requests", "16", "--prompt-tokens", "64", "--gen-tokens", "32", "-O", str(out), timeout=1500)
     rows = [json.loads(line) for line in out.with_suffix(".jsonl").read_text().splitlines()]
-    assert [(x["server"], x["concurrency"]) for x in rows] == [("llamacpp", 1), ("llamacpp", 4), ("vllm", 1), ("vllm", 4)]
+    assert [(x["server"], x["concurrency"]) for x in rows] == [("llama-cpp-python", 1), ("llama-cpp-python", 4),
+                                                               ("vllm", 1), ("vllm", 4)]
     assert r.returncode == 0, r.stderr
     for x in rows:
         # output length by the model's tokenizer: text re-tokenized can merge a token or two (llama.cpp
@@ -279,3 +283,145 @@ def test_serve_rows_round_trip_and_report(tmp_path):
     assert (tmp_path / "report" / "latency_vs_throughput.png").stat().st_size > 0
     text = report.read_text()
     assert "Serving report" in text and "exited with code 1" in text
+
+
+def jsonl_rows(out):
+    return [json.loads(line) for line in out.with_suffix(".jsonl").read_text().splitlines()]
+
+
+def test_bos_model_counts_output_without_bos(arch_models, tmp_path):
+    """A SentencePiece model whose file asks for BOS: the client's count of a request's text is the
+    tokenizer's without BOS (it used to read one token too many); the server's usage wins for n."""
+    from engine.model.spec import ModelSpec
+    from engine.model.tokenizer import Tokenizer
+
+    model = arch_models["gemma3"]
+    tok = Tokenizer.from_spec(ModelSpec.open(model))
+    assert tok.add_bos
+    cmd = f"{sys.executable} {FAKE} --port {{port}} --ttft 0.01 --itl 0.01 --chunk-tokens 3"
+    out = tmp_path / "serve.csv"
+    r = bench("serve", "-m", model, "--server-command", f"usage={cmd}", "--server-command", f"nousage={cmd} --no-usage",
+              "-c", "2", "--requests", "4", "-n", "8", "--check", "0", "-O", str(out), "--format", "csv", timeout=120)
+    assert r.returncode == 0, r.stderr
+    rows = {x["server"]: x for x in jsonl_rows(out)}
+    for x in rows.values():
+        for s in x["requests"]:
+            assert s["client_tokens"] == len(tok.encode(s["text"], add_bos=False)) == len(tok.encode(s["text"])) - 1
+        assert x["output_tokens_client_total"] == sum(s["client_tokens"] for s in x["requests"])
+    assert rows["usage"]["output_tokens_total"] == rows["usage"]["usage_completion_tokens_total"] == 4 * 8
+    assert rows["nousage"]["output_tokens_total"] == rows["nousage"]["output_tokens_client_total"]
+    assert rows["nousage"]["usage_completion_tokens_total"] == 0
+
+
+def test_find_max_on_latencies_that_grow_with_load(tiny_f32, tmp_path):
+    """TTFT 50 ms x the requests in flight: c <= 3 meets ttft_ms=175, c = 4 does not."""
+    cmd = f"{sys.executable} {FAKE} --port {{port}} --ttft 0.05 --itl 0.005 --tokens 4 --slowdown 1"
+    out = tmp_path / "serve.csv"
+    slow = f"{sys.executable} {FAKE} --port {{port}} --ttft 0.3 --itl 0.005 --tokens 4"
+    r = bench("serve", "-m", tiny_f32, "--server-command", f"f={cmd}", "--server-command", f"slow={slow}", "--find-max",
+              "--slo", "ttft_ms=175", "--requests", "8", "--check", "0", "-O", str(out), "--format", "csv", timeout=120)
+    assert r.returncode == 0, r.stderr
+    rows = jsonl_rows(out)
+    assert [(x["concurrency"], "slo_met" in x["flags"]) for x in rows[:4]] == [(1, True), (2, True), (4, False),
+                                                                               (3, True)]
+    never = rows[-1]  # the slow server misses the SLO at c=1: a result that says so, and the one level tried
+    assert (never["server"], never["status"], never["error"], never["flags"]) == ("slow", "ok", "no level met the SLO",
+                                                                                  ["find_max"])
+    assert never["extra"]["find_max"]["tried"] == [1] and never["extra"]["find_max"]["best"] is None
+    result = rows[4]
+    assert result["flags"] == ["find_max"] and result["concurrency"] == 3 and result["goodput_frac"] >= 0.9
+    assert result["extra"]["find_max"] == {"tried": [1, 2, 4, 3], "met": [True, True, False, True], "best": 3,
+                                           "fraction": 0.9}
+
+
+def test_every_request_gets_a_fresh_prompt_and_cache_and_length_are_read(tiny_f32, tmp_path):
+    """Seeded and dataset prompts never repeat across warm-ups and levels (dataset rows that run
+    out are reused behind a nonce prefix, flagged); the server's cached prompt tokens and short
+    outputs land in the row."""
+    dataset = tmp_path / "d.jsonl"
+    dataset.write_text("".join(json.dumps({"prompt": f"row {i} of the set"}) + "\n" for i in range(5)))
+    cmd = f"{sys.executable} {FAKE} --port {{port}} --ttft 0.01 --itl 0.01 --tokens 6 --cache-n 3"
+    out = tmp_path / "serve.csv"
+    r = bench("serve", "-m", tiny_f32, "--server-command", f"f={cmd}", "-c", "1", "-c", "2", "--requests", "3",
+              "--warmup", "1", "-n", "8", "--check", "0", "--dataset", str(dataset), "-O", str(out),
+              "--format", "csv", timeout=120)
+    assert r.returncode == 0, r.stderr
+    rows = jsonl_rows(out)
+    assert [x["short_requests"] for x in rows] == [3, 3] and all("short" in x["flags"] for x in rows)
+    assert [x["cached_prompt_tokens_total"] for x in rows] == [9, 9]
+    assert all("prefix_cached" in x["flags"] for x in rows)
+    assert "nonce_prefix" not in rows[0]["flags"] and "nonce_prefix" in rows[1]["flags"]  # 1+3+1 rows, then reuse
+    from engine.model.spec import ModelSpec
+    from engine.model.tokenizer import Tokenizer
+    from engine.serve.prompts import PromptSource
+
+    spec = ModelSpec.open(tiny_f32)
+    src = PromptSource(spec, Tokenizer.from_spec(spec), 16, seed=0)
+    seen = [tuple(src.get(lv, i, warmup=w).ids) for lv in range(3) for w in (True, False) for i in range(300)]
+    assert len(set(seen)) == len(seen) and src.get(1, 7).ids == list(seen[300 * 3 + 7])  # stable per (level, request)
+
+
+def test_url_server_gets_token_id_prompts(tiny_f32, tmp_path):
+    """A --url server that answers an id prompt gets every prompt as ids (the fake counts a list's
+    length as the prompt's tokens), so the reference checks the very prompt the server saw."""
+    server = fake(tmp_path, "--ttft", "0.01", "--itl", "0.01")
+    server.start(timeout_s=30)
+    try:
+        out = tmp_path / "serve.csv"
+        r = bench("serve", "-m", tiny_f32, "--url", server.url, "-c", "1", "--requests", "3", "--prompt-tokens", "12",
+                  "--check", "0", "-O", str(out), "--format", "csv", timeout=120)
+    finally:
+        server.stop()
+    assert r.returncode == 0, r.stderr
+    row = jsonl_rows(out)[0]
+    assert row["prompt_source"] == "token_ids" and row["input_tokens_total"] == 3 * 12
+
+
+def llama_server_or_skip():
+    from engine.serve.servers import LlamaServer
+
+    reason = LlamaServer().availability()
+    if reason:  # scripts/setup.sh builds it; without the build there is nothing to test
+        pytest.fail(reason)
+
+
+def no_llama_server_left(rows):
+    ports = [int(x["server_url"].rsplit(":", 1)[1]) for x in rows if x["server_url"]]
+    assert ports and not any(listening(p) for p in ports)
+    assert not [p for p in psutil.process_iter(["name"]) if p.info["name"] == "llama-server"]
+
+
+def test_llama_server_streams_the_reference_tokens_from_token_id_prompts(tiny_f32, tmp_path):
+    llama_server_or_skip()
+    out = tmp_path / "serve.csv"
+    r = bench("serve", "-s", "llama-server", "-m", tiny_f32, "-c", "1", "-c", "2", "--requests", "6",
+              "--prompt-tokens", "12", "-n", "8", "--check", "6", "-O", str(out), "--format", "csv", timeout=300)
+    assert r.returncode == 0, r.stderr
+    rows = jsonl_rows(out)
+    assert [(x["server"], x["concurrency"], x["status"]) for x in rows] == [("llama-server", 1, "ok"),
+                                                                            ("llama-server", 2, "ok")]
+    for x in rows:
+        assert x["prompt_source"] == "token_ids" and x["input_tokens_total"] == 6 * 12  # the ids, as sent
+        assert x["usage_completion_tokens_total"] == x["output_tokens_total"] == 6 * 8 and not x["short_requests"]
+        assert x["checked_requests"] >= 2 and x["diverged_requests"] == 0 and x["match_tokens"] == 8
+        assert "--parallel 2" in x["server_command"] and x["server_version"]
+        assert all(s["timings"].get("predicted_n") == 8 for s in x["requests"])  # per-response timings kept
+        assert x["extra"]["server_metrics"]["llamacpp:tokens_predicted_total"] > 0  # its /metrics
+    no_llama_server_left(rows)
+
+
+@pytest.mark.slow
+def test_llama_server_batches_concurrent_requests_on_the_default_model(tmp_path):
+    """The issue's command: llama-server's slots make c=4 faster than c=1 (the Python server: 0.96x)."""
+    llama_server_or_skip()
+    out = tmp_path / "out.csv"
+    r = bench("serve", "-s", "llama-server", "-c", "1", "-c", "4", "--requests", "16", "-O", str(out), timeout=900)
+    assert r.returncode == 0, r.stderr
+    rows = jsonl_rows(out)
+    tps = {x["concurrency"]: x["output_tps"] for x in rows}
+    print(f"llama-server output tok/s: c=1 {tps[1]:.1f}, c=4 {tps[4]:.1f} ({tps[4] / tps[1]:.2f}x)")
+    assert tps[4] >= 1.2 * tps[1]
+    for x in rows:
+        assert x["status"] == "ok" and x["requests_ok"] == 16 and x["usage_completion_tokens_total"] == 16 * 32
+        assert x["output_tokens_total"] == 16 * 32 and x["checked_requests"] == 4
+    no_llama_server_left(rows)

@@ -58,9 +58,32 @@ def print_serve_rows(rows: Sequence[Any], fmt: str, out) -> None:
     Console(file=out, highlight=False, width=None if out.isatty() else 200).print(t)
 
 
+def _server_options(items: Sequence[str]) -> dict[str, int]:
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if key != "parallel" or not sep or not value.isdigit() or int(value) < 1:
+            raise InputError(f"-o takes parallel=N (N >= 1), got {item!r}")
+        out[key] = int(value)
+    return out
+
+
+def _find_max(o: dict[str, Any], levels: list, slo):
+    """The --find-max search: over --rate when one is given, else concurrency, from the first level."""
+    from engine.serve.findmax import FindMax
+
+    if not o["find_max"]:
+        return None
+    if slo.empty:
+        raise InputError("--find-max needs --slo ttft_ms=..,tpot_ms=.. (the limits a level must meet)")
+    profile = "rate" if o["rate"] else "concurrency"
+    start = o["rate"][0] if o["rate"] else (o["concurrency"][0] if o["concurrency"] else 1)
+    return FindMax(profile, float(start), float(o["find_max_limit"]), o["slo_fraction"])
+
+
 @click.command()
 @click.option("--server", "-s", multiple=True,
-              help="server to start: llamacpp, vllm, mlx, transformers, transformers-cb (repeatable)")
+              help="server to start: llama-server, llama-cpp-python, vllm, mlx, transformers, transformers-cb (repeatable)")
 @click.option("--url", multiple=True, help="a running OpenAI-compatible endpoint (repeatable)")
 @click.option("--server-command", multiple=True, metavar="NAME=CMD",
               help="any server command line, with {host} {port} and {model} or {checkpoint} filled in")
@@ -77,6 +100,15 @@ def print_serve_rows(rows: Sequence[Any], fmt: str, out) -> None:
 @click.option("--gen-tokens", "-n", type=POSITIVE, default=32, show_default=True, help="tokens per request")
 @click.option("--dataset", default="", help="JSONL file of {\"prompt\": TEXT} (instead of seeded prompts)")
 @click.option("--slo", default="", metavar="ttft_ms=..,tpot_ms=..", help="goodput: requests meeting these limits")
+@click.option("--metrics-as", type=click.Choice(["vllm", "guidellm", "aiperf", "mlperf"]), default="vllm",
+              show_default=True, help="whose metric definitions the rows use (docs/results-schema.md)")
+@click.option("--find-max", is_flag=True, help="search the highest concurrency (or --rate) that meets --slo")
+@click.option("--find-max-limit", type=click.FloatRange(min=0, min_open=True), default=32, show_default=True,
+              help="the highest level --find-max tries")
+@click.option("--slo-fraction", type=float, default=0.9, show_default=True,
+              help="--find-max: share of a level's requests that must meet --slo")
+@click.option("--server-option", "-o", multiple=True, metavar="parallel=N",
+              help="server option: parallel=N (llama-server slots; default: the highest concurrency, 1 for --rate)")
 @click.option("--threads", "-t", type=click.IntRange(min=0), default=0, help="server threads (0: all cores)")
 @click.option("--startup-timeout", type=float, default=600.0, show_default=True, help="seconds to become healthy")
 @click.option("--request-timeout", type=float, default=60.0, show_default=True,
@@ -103,12 +135,15 @@ def serve(**o) -> int:
     if not servers:
         raise InputError("name at least one --server, --server-command or --url")
     levels = [Level("concurrency", c) for c in o["concurrency"]] + [Level("rate", r) for r in o["rate"]]
+    slo = parse_slo(o["slo"])
     out = Path(o["output"]) if o["output"] else Path("results") / f"serve-{time.strftime('%Y%m%d-%H%M%S')}.csv"
     plan = ServePlan(model=resolve_model(o["model"]), servers=servers, levels=levels or [Level("concurrency", 1)],
                      load=LoadSpec(o["requests"], o["duration"], o["warmup"], o["request_timeout"], o["seed"]),
                      prompt_tokens=o["prompt_tokens"], gen_tokens=o["gen_tokens"], dataset=o["dataset"],
-                     slo=parse_slo(o["slo"]), threads=o["threads"], startup_timeout_s=o["startup_timeout"],
-                     check_prompts=o["check"], served_model=o["served_model"], log_dir=out.parent / "serve-logs")
+                     slo=slo, threads=o["threads"], startup_timeout_s=o["startup_timeout"],
+                     check_prompts=o["check"], served_model=o["served_model"], log_dir=out.parent / "serve-logs",
+                     metrics_as=o["metrics_as"], parallel=_server_options(o["server_option"]).get("parallel", 0),
+                     find_max=_find_max(o, levels, slo))
     writer = ResultWriter(out, ServeResult)
     display.stderr.print(f"{len(servers)} server(s) x {len(plan.levels)} level(s) -> {out}")
 

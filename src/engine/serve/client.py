@@ -1,6 +1,10 @@
 """The asynchronous streaming client: one /v1/completions request, every streamed chunk
 timestamped on arrival. Nothing is tokenized here (that would delay the clock); `metrics` turns
-the chunks into token counts afterwards with the model's own tokenizer.
+the log into metrics afterwards.
+
+A chunk is every `data:` message with a non-empty `choices` list, text or not, as vLLM's client
+(`vllm/benchmarks/lib/endpoint_request_func.py`) counts them; the server's `usage` and `timings`
+(llama-server) are kept from whichever message carries them.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ class RequestRecord:
     chunks: list[Chunk] = field(default_factory=list)
     end_s: float = float("nan")  # since the request was sent: the stream's end
     usage: dict[str, Any] = field(default_factory=dict)
+    timings: dict[str, Any] = field(default_factory=dict)  # llama-server's per-response timings
     finish_reason: str = ""
 
     @property
@@ -36,23 +41,35 @@ class RequestRecord:
 
     @property
     def token_ids(self) -> list[int] | None:
-        if not self.chunks or any(c.token_ids is None for c in self.chunks if c.text):
+        carried = [c.token_ids is not None for c in self.chunks]
+        if not any(carried) or any(not has and c.text for has, c in zip(carried, self.chunks)):
             return None
         return [t for c in self.chunks for t in (c.token_ids or [])]
 
 
-def parse_event(data: str) -> tuple[str, list[int] | None, dict[str, Any], str]:
-    """(text, token ids or None, usage, finish_reason) of one `data:` payload."""
+@dataclass
+class Event:
+    """One `data:` payload."""
+
+    choices: bool  # a non-empty `choices` list: a chunk by vLLM's count
+    text: str = ""
+    token_ids: list[int] | None = None
+    usage: dict[str, Any] = field(default_factory=dict)
+    timings: dict[str, Any] = field(default_factory=dict)
+    finish_reason: str = ""
+
+
+def parse_event(data: str) -> Event:
     msg = json.loads(data)
     if "error" in msg and not msg.get("choices"):
         raise RuntimeError(f"server error: {str(msg['error'])[:200]}")
-    text, ids, finish = "", None, ""
+    ev = Event(bool(msg.get("choices")), usage=msg.get("usage") or {}, timings=msg.get("timings") or {})
     for choice in msg.get("choices") or []:
-        text += choice.get("text") or (choice.get("delta") or {}).get("content") or ""
+        ev.text += choice.get("text") or (choice.get("delta") or {}).get("content") or ""
         if choice.get("token_ids") is not None:
-            ids = (ids or []) + list(choice["token_ids"])
-        finish = choice.get("finish_reason") or finish
-    return text, ids, msg.get("usage") or {}, finish
+            ev.token_ids = (ev.token_ids or []) + list(choice["token_ids"])
+        ev.finish_reason = choice.get("finish_reason") or ev.finish_reason
+    return ev
 
 
 async def stream_completion(client, url: str, body: dict[str, Any], record: RequestRecord, timeout_s: float,
@@ -74,15 +91,16 @@ async def stream_completion(client, url: str, body: dict[str, Any], record: Requ
                 data = line[5:].strip()
                 if data == "[DONE]":
                     break
-                text, ids, usage, finish = parse_event(data)
-                record.usage = usage or record.usage
-                record.finish_reason = finish or record.finish_reason
-                if text or ids:
-                    record.chunks.append(Chunk(now, text, ids))
+                ev = parse_event(data)
+                record.usage = ev.usage or record.usage
+                record.timings = ev.timings or record.timings
+                record.finish_reason = ev.finish_reason or record.finish_reason
+                if ev.choices:
+                    record.chunks.append(Chunk(now, ev.text, ev.token_ids))
         record.end_s = time.perf_counter() - t0
         record.ok = bool(record.chunks)
-        if not record.ok:  # e.g. tokens that are pieces of a UTF-8 character the server holds back
-            record.error = f"the stream carried no text (finish_reason {record.finish_reason or 'none'})"
+        if not record.ok:
+            record.error = f"the stream carried no chunk (finish_reason {record.finish_reason or 'none'})"
     except httpx.TimeoutException as e:
         record.error = f"timeout: no data for {timeout_s:g} s ({type(e).__name__})"
     except (httpx.HTTPError, RuntimeError, ValueError) as e:

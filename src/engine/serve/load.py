@@ -45,8 +45,16 @@ class LoadSpec:
             raise InputError("--duration and --warmup must not be negative")
 
 
-# (request index) -> (prompt index, request body)
+# (request index; warm-ups are -1, -2, ...) -> (prompt index, request body)
 BodyFor = Callable[[int], tuple[int, dict[str, Any]]]
+
+
+@dataclass
+class LevelRun:
+    records: list[RequestRecord]  # in send order
+    duration_s: float  # from the first send to the last completion
+    not_sent: int = 0  # requests of the level never sent: the server died or a request timed out
+    stopped: str = ""  # why sending stopped early
 
 
 async def _closed_loop(send, n_workers: int, more: Callable[[int], bool]) -> None:
@@ -77,7 +85,7 @@ async def _open_loop(send, rate: float, more: Callable[[int], bool], seed: int) 
 
 
 async def _run(url: str, level: Level, load: LoadSpec, body_for: BodyFor, headers: dict[str, str] | None,
-               alive: Callable[[], bool]) -> tuple[list[RequestRecord], float]:
+               alive: Callable[[], bool]) -> LevelRun:
     import httpx
 
     conc = int(level.value) if level.profile == "concurrency" else 0
@@ -92,11 +100,13 @@ async def _run(url: str, level: Level, load: LoadSpec, body_for: BodyFor, header
             await _closed_loop(lambda i: one(-1 - i, time.perf_counter()), max(conc, 1),
                                lambda i: i < load.warmup and alive())
         records: list[RequestRecord] = []
+        stopped: list[str] = []
         start = time.perf_counter()
 
         def more(i: int) -> bool:
             if not alive() or any(r.error.startswith("timeout") for r in records):
-                return False  # the server died or hangs: send nothing more
+                stopped[:] = ["the server died" if not alive() else "a request timed out"]
+                return False  # the server died or hangs: send nothing more, count the rest not_sent
             if load.duration_s:
                 return time.perf_counter() - start < load.duration_s
             return i < load.requests
@@ -109,11 +119,11 @@ async def _run(url: str, level: Level, load: LoadSpec, body_for: BodyFor, header
         else:
             await _open_loop(send, level.value, more, load.seed)
         duration = time.perf_counter() - start
-    return sorted(records, key=lambda r: r.index), duration
+    not_sent = 0 if load.duration_s else max(load.requests - len(records), 0)
+    return LevelRun(sorted(records, key=lambda r: r.index), duration, not_sent, stopped[0] if stopped else "")
 
 
 def run_level(url: str, level: Level, load: LoadSpec, body_for: BodyFor, headers: dict[str, str] | None = None,
-              alive: Callable[[], bool] = lambda: True) -> tuple[list[RequestRecord], float]:
-    """Drive one level; (per-request records in send order, wall seconds from the first send to
-    the last completion)."""
+              alive: Callable[[], bool] = lambda: True) -> LevelRun:
+    """Drive one level (after its warm-up requests, which are not recorded)."""
     return asyncio.run(_run(url, level, load, body_for, headers, alive))

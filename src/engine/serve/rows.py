@@ -22,7 +22,7 @@ class ServeResult(TypedRow):
     level_id: str = ""
     status: str = "ok"
     error: str = ""
-    flags: tuple[str, ...] = ()  # diverged, some_failed
+    flags: tuple[str, ...] = ()  # diverged, some_failed, short, not_sent, prefix_cached, slo_met, find_max
     # the server
     server: str = ""
     server_version: str = ""
@@ -43,8 +43,10 @@ class ServeResult(TypedRow):
     rate_rps: float = math.nan
     warmup_requests: int = 0
     # the level's outcome
+    metrics_definition: str = "vllm"  # vllm, guidellm, aiperf, mlperf (--metrics-as)
     requests_ok: int = 0
     requests_failed: int = 0
+    requests_not_sent: int = 0
     duration_s: float = math.nan
     request_throughput_rps: float = math.nan
     output_tps: float = math.nan
@@ -52,15 +54,22 @@ class ServeResult(TypedRow):
     output_tokens_total: int = 0
     output_tokens_mean: float = math.nan
     usage_completion_tokens_total: int = 0
+    output_tokens_client_total: int = 0
+    short_requests: int = 0
+    cached_prompt_tokens_total: int = -1
+    ttft_mean_s: float = math.nan
     ttft_p50_s: float = math.nan
     ttft_p90_s: float = math.nan
     ttft_p99_s: float = math.nan
+    tpot_mean_s: float = math.nan
     tpot_p50_s: float = math.nan
     tpot_p90_s: float = math.nan
     tpot_p99_s: float = math.nan
+    itl_mean_s: float = math.nan
     itl_p50_s: float = math.nan
     itl_p90_s: float = math.nan
     itl_p99_s: float = math.nan
+    e2el_mean_s: float = math.nan
     e2el_p50_s: float = math.nan
     e2el_p90_s: float = math.nan
     e2el_p99_s: float = math.nan

