@@ -10,14 +10,15 @@ import pandas as pd
 import pytest
 from scipy import stats
 
-from conftest import TESTS, bench
+from conftest import ROOT, TESTS, bench
 from engine.measure.decide import decide, passes, row_changes
 from engine.measure.stats import paired_ratio, welch_ratio
 from engine.results.rows import BenchmarkResult
 from engine.results.writers import ResultWriter, read_jsonl
 
+# this checkout's sources first (the PYTHONPATH given here replaces the one bench() sets)
 PACED_ENV = {"BENCH_BACKEND_MODULES": "paced_backend",
-             "PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")])}
+             "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), str(TESTS), os.environ.get("PYTHONPATH", "")])}
 
 
 def test_ratio_intervals_match_scipy_on_the_logs():
