@@ -105,6 +105,8 @@ def test_decision_is_written_onto_every_row_of_both_files_losing_nothing(tmp_pat
     assert [r["flags"] for r in jl if r["cell_id"] == "fast"] == [["best"]] * 3
     assert all(r["ratio_method"] == "paired" for r in jl if r["cell_id"] == "fast")
     assert [r["extra"] for r in jl] == [r["extra"] for r in before_j]
+    decide_file(w)  # decided again unchanged: the same verdict, not dropped
+    assert (pd.read_csv(w.csv_path).query("cell_id == 'fast'")["flags"] == "best").all()
     # decided again after a faster mode arrives: the old verdict and its ratio are replaced
     w.write(rows("faster", [200, 201, 200], precision="q4_1"))
     decide_file(w)
