@@ -10,14 +10,15 @@ import pandas as pd
 import pytest
 from scipy import stats
 
-from conftest import TESTS, bench
+from conftest import ROOT, TESTS, bench
 from engine.measure.decide import decide, passes, row_changes
 from engine.measure.stats import paired_ratio, welch_ratio
 from engine.results.rows import BenchmarkResult
 from engine.results.writers import ResultWriter, read_jsonl
 
+# this checkout's sources first (the PYTHONPATH given here replaces the one bench() sets)
 PACED_ENV = {"BENCH_BACKEND_MODULES": "paced_backend",
-             "PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")])}
+             "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), str(TESTS), os.environ.get("PYTHONPATH", "")])}
 
 
 def test_ratio_intervals_match_scipy_on_the_logs():
@@ -104,6 +105,8 @@ def test_decision_is_written_onto_every_row_of_both_files_losing_nothing(tmp_pat
     assert [r["flags"] for r in jl if r["cell_id"] == "fast"] == [["best"]] * 3
     assert all(r["ratio_method"] == "paired" for r in jl if r["cell_id"] == "fast")
     assert [r["extra"] for r in jl] == [r["extra"] for r in before_j]
+    decide_file(w)  # decided again unchanged: the same verdict, not dropped
+    assert (pd.read_csv(w.csv_path).query("cell_id == 'fast'")["flags"] == "best").all()
     # decided again after a faster mode arrives: the old verdict and its ratio are replaced
     w.write(rows("faster", [200, 201, 200], precision="q4_1"))
     decide_file(w)

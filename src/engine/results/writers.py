@@ -238,8 +238,8 @@ class ResultWriter:
 
         def updated(row: dict[str, Any], flags: list[str]) -> tuple[dict[str, Any], list[str]]:
             change = dict(changes.get(row.get("cell_id"), {}))
-            added = [f for f in change.pop("flags", ()) if f not in flags]
-            return {**reset, **change}, [f for f in flags if f not in drop] + added
+            kept = [f for f in flags if f not in drop]  # a verdict decided again replaces the old one
+            return {**reset, **change}, kept + [f for f in change.pop("flags", ()) if f not in kept]
 
         with open(self.csv_path, newline="") as f:
             rows = list(csv.DictReader(f))
