@@ -2,7 +2,7 @@
 
 Its behaviour comes from the cell option `fault`: raise, abort, hang, oom, spike (allocates and
 frees SPIKE_BYTES once, on the generation `fault_generation`, and otherwise runs healthy), noise
-(Gaussian noise on every logit: a mode that drifts from the reference), break_batch (sequence 1
+(Gaussian noise as large as the logits' spread on every logit: a mode that drifts from the reference), break_batch (sequence 1
 of a batch gets wrong logits), or none (it then wraps the numpy reference, so a healthy cell
 produces real rows). With `fault_prompt=N` the fault only hits prompts of N tokens, so one cell
 of a load group can fail while its neighbours succeed."""
@@ -60,7 +60,8 @@ class FaultyBackend(NumpyBackend):
 
     def perturbed(self, logits):
         if self.fault == "noise":
-            return logits + self.rng.normal(0, 1.0, logits.shape).astype(np.float32)
+            spread = logits.std(axis=-1, keepdims=True)  # noise on the scale of the logits themselves
+            return logits + (spread * self.rng.normal(0, 1.0, logits.shape)).astype(np.float32)
         if len(logits) > 1:
             logits[1] = logits[1][::-1].copy()
         return logits

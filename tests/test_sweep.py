@@ -9,7 +9,7 @@ import time
 import pandas as pd
 import pytest
 
-from conftest import FAULT_ENV, TESTS, bench
+from conftest import FAULT_ENV, ROOT, TESTS, bench
 from engine.measure.cell import Cell
 from engine.sweep.cells import expand, load_config
 from engine.errors import InputError
@@ -64,7 +64,8 @@ def test_sigkill_mid_sweep_then_resume_gives_every_cell_once(tiny_f32, tmp_path)
     args = [sys.executable, "-m", "engine", "run", "-f", "numpy", "-m", tiny_f32, "--prompt-tokens", "4",
             "-n", "2", "-n", "3", "-n", "4", "-n", "5", "-n", "6", "-n", "7", "-r", "3", "--warmup", "0",
             "--min-time", "0.5", "-O", str(csv)]
-    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}  # this checkout's sources, as bench() runs them
+    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True, env=env)
     deadline = time.time() + 120
     while time.time() < deadline:  # kill once some but not all cells are written
         if csv.exists() and 2 <= csv.read_text().count("\n") - 1:
