@@ -2,12 +2,13 @@
 
 import sys
 
+import numpy as np
 import pandas as pd
 import pexpect
 import pytest
 
 import backends
-from conftest import require_backend
+from conftest import rel_err, require_backend
 from engine.cli.chat import ChatSession
 
 
@@ -105,34 +106,39 @@ def test_ctrl_c_stops_a_reply_and_returns_to_the_prompt():
     assert c.exitstatus == 0
 
 
+class PrefillRecorder:
+    """The backend the engine drives, noting each prefill's length and logits (its own decode
+    steps, which may go through its prefill, are not seen)."""
+
+    def __init__(self, backend):
+        self.backend, self.prefills = backend, []
+
+    def __getattr__(self, name):
+        return getattr(self.backend, name)
+
+    def prefill_batch(self, prompts):
+        logits = self.backend.prefill_batch(prompts)
+        self.prefills.append((len(prompts[0]), np.array(logits[0])))
+        return logits
+
+
 @pytest.mark.parametrize("framework,precision", [("numpy", "auto"), ("torch", "f32")])
 def test_kv_reused_over_three_turns_equals_a_fresh_prefill(framework, precision):
     """Each turn prefills only what the cache lacks; its logits must equal a fresh prefill of the
     whole conversation, after a reply a stop token ended (turn 1) and one --max-tokens cut (turn 2)."""
     import io
 
-    import numpy as np
-
-    from conftest import rel_err
-
     require_backend(framework)
     max_tokens = 12
     session = ChatSession("default", framework, precision, "auto", context=256, max_tokens=max_tokens,
                           temperature=0.0, seed=0)
-    prefills, prefill_batch = [], session.backend.prefill_batch
-
-    def recording(prompts):  # what each turn fed, and the logits it got
-        logits = prefill_batch(prompts)
-        prefills.append((len(prompts[0]), np.array(logits[0])))
-        return logits
-
-    session.backend.prefill_batch = recording
+    recorder = session.engine.backend = PrefillRecorder(session.backend)
     turns = [session.reply(text, out=io.StringIO()) for text in
              ("What is the capital of France?", "Write a long poem about the sea.", "Thank you!")]
     assert len(turns[0].gen.tokens) < max_tokens, "turn 1 should end on a stop token"
     assert len(turns[1].gen.tokens) == max_tokens, "turn 2 should be cut by --max-tokens"
-    assert all(fed < t.prompt_tokens for (fed, _), t in zip(prefills[1:], turns[1:])), "the cache was not reused"
-    for (_, reused), turn in zip(prefills, turns):
+    assert [fed < t.prompt_tokens for (fed, _), t in zip(recorder.prefills, turns)] == [False, True, True], \
+        "turns 2 and 3 should reuse the cache"
+    for i, ((_, reused), turn) in enumerate(zip(recorder.prefills, turns), 1):
         session.backend.reset()
-        fresh = np.array(prefill_batch([turn.prompt_ids])[0])
-        assert rel_err(reused, fresh) < 1e-4, f"turn {turns.index(turn) + 1}"
+        assert rel_err(reused, session.backend.prefill(turn.prompt_ids)) < 1e-4, f"turn {i}"

@@ -146,9 +146,9 @@ def test_existing_rows_survive_a_later_failure(tiny_f32, tmp_path):
     out = tmp_path / "keep.csv"
     assert bench("run", "-f", "numpy", "-m", tiny_f32, "-n", "2", "-r", "1", "-O", str(out)).returncode == 0
     before = out.read_text()
-    r = bench("run", "-f", "numpy", "-m", tiny_f32, "--prompt-tokens", "999", "-O", str(out))
+    r = bench("run", "-f", "numpy", "-m", tiny_f32, "--prompt-tokens", "999", "-O", str(out), "--resume")
     assert r.returncode == 2 and out.read_text() == before
-    r = bench("run", "-f", "faulty", "-m", tiny_f32, "-o", "fault=raise", "-O", str(out),
+    r = bench("run", "-f", "faulty", "-m", tiny_f32, "-o", "fault=raise", "-O", str(out), "--resume",
               env=FAULT_ENV)
     assert r.returncode == 1 and out.read_text().startswith(before) and "injected failure" in out.read_text()
 

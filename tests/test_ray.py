@@ -148,7 +148,7 @@ def test_a_cell_no_node_can_run_is_unavailable_with_the_reason(cluster, tiny_f32
     row = pd.read_csv(csv).iloc[0]
     assert row.status == "unavailable" and "torch on cuda" in row.error and "a (" in row.error
 
-    r = cluster.sweep(config(tmp_path, tiny_f32, 'node = "nowhere"\ngen_tokens = 2'), csv)
+    r = cluster.sweep(config(tmp_path, tiny_f32, 'node = "nowhere"\ngen_tokens = 2'), csv, "--resume")
     assert r.returncode == 0, r.stderr
     row = pd.read_csv(csv).iloc[-1]
     assert row.status == "unavailable" and "no node named 'nowhere'" in row.error

@@ -177,7 +177,8 @@ def print_rows(rows: Sequence[BenchmarkResult], fmt: str, out: TextIO) -> None:
 
 class ResultWriter:
     """Appends rows to FILE.csv and FILE.jsonl beside it; each `write` is one flushed, fsynced
-    append per file, so a crash or a kill between writes loses nothing already written."""
+    append per file (an atomic rewrite when a resumed cell replaces its old rows), so a crash or
+    a kill between writes loses nothing already written."""
 
     def __init__(self, csv_path: str | os.PathLike, row_class: type = BenchmarkResult, *, continuing: bool = True):
         """`row_class`: the typed rows written (BenchmarkResult, or ServeResult for `bench serve`).
