@@ -142,8 +142,10 @@ def test_faults_become_rows_and_the_rest_continue(tmp_path, tiny_f32):
     assert "cannot load the model" in by["nostart", 1]["error"] and "SIGKILL" in by["dies", 1]["error"]
     # killed while streaming its third request: that level's row counts the failure and the request
     # never sent; the next level did not run, and says why
-    assert by["dies", 1]["requests_ok"] == 2 and by["dies", 1]["requests_failed"] == 1
-    assert by["dies", 1]["requests_not_sent"] == 1 and "not_sent" in by["dies", 1]["flags"]
+    # (the fourth is sent too when it starts before the harness sees the process gone)
+    dies = by["dies", 1]
+    assert dies["requests_ok"] == 2 and dies["requests_failed"] >= 1
+    assert dies["requests_failed"] + dies["requests_not_sent"] == 2
     assert by["dies", 2]["error"].startswith("not run: dies killed by SIGKILL")
     assert by["hangs", 1]["requests_failed"] == 1 and by["hangs", 1]["requests_not_sent"] == 3
     assert by["good", 2]["requests_ok"] == 4 and by["good", 2]["usage_completion_tokens_total"] == 4 * 8

@@ -12,7 +12,7 @@ METRICS = (("ttft_p50_s", "TTFT p50"), ("tpot_p50_s", "TPOT p50"), ("e2el_p50_s"
 
 def level_summary(df: pd.DataFrame) -> pd.DataFrame:
     """The ok levels; a --find-max result row repeats its best level, so it is left out."""
-    result = df.flags.astype(str).str.contains("find_max") if "flags" in df.columns else pd.Series(False, df.index)
+    result = df["flags"].astype(str).str.contains("find_max") if "flags" in df.columns else pd.Series(False, df.index)
     ok = df[(df.status == "ok") & ~result]
     cols = [*LEVEL, "requests_ok", "requests_failed", "requests_not_sent", "request_throughput_rps", "output_tps",
             "ttft_p50_s", "ttft_p99_s", "tpot_p50_s", "itl_p50_s", "e2el_p50_s", "goodput_rps", "match_tokens", "startup_s"]

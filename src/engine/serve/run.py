@@ -125,7 +125,7 @@ def run_serve(plan: ServePlan, run_id: str, on_row: Callable[[ServeResult], None
     spec = ModelSpec.open(plan.model)
     tok = Tokenizer.from_spec(spec)
     prompts = PromptSource(spec, tok, plan.prompt_tokens, plan.load.seed, plan.dataset)
-    reference = Reference(spec, plan.gen_tokens, prompts.max_tokens) if plan.check_prompts else None
+    reference = Reference(spec, plan.gen_tokens, _longest_checked(plan, prompts, tok)) if plan.check_prompts else None
     base = dict(run_id=run_id, model=spec.name, model_size=spec.size_label, gen_tokens=plan.gen_tokens,
                 warmup_requests=plan.load.warmup, **provenance())
     ctx = Context(plan, spec, tok, prompts, reference, base, on_status)
@@ -135,6 +135,14 @@ def run_serve(plan: ServePlan, run_id: str, on_row: Callable[[ServeResult], None
             rows.append(row)
             on_row(row)
     return rows
+
+
+def _longest_checked(plan: ServePlan, prompts: PromptSource, tok: Tokenizer) -> int:
+    """The longest prompt the reference may be asked for: a text prompt is checked as our tokenizer
+    reads the text back, which can be far longer than its seeded ids (16 levels cover a --find-max)."""
+    levels = range(max(len(plan.levels), 16))
+    texts = [len(tok.encode(prompts.get(lv, i).text)) for lv in levels for i in range(plan.check_prompts)]
+    return max([prompts.max_tokens, *texts])
 
 
 def _level_info(level: Level) -> dict[str, Any]:
@@ -175,7 +183,9 @@ def _start(ctx: Context, kind: ServerKind) -> tuple[Session | None, list[ServeRe
 
         weights = str(export_checkpoint(plan.model))
         ctx.on_status(f"{name}: checkpoint exported from {ctx.spec.name}: {weights}")
-    context = min(ctx.prompts.max_tokens + plan.gen_tokens + 64, ctx.spec.config.context_length)
+    # a server that tokenizes our text may read it as far more tokens than its ids: the model's whole context
+    context = min(ctx.prompts.max_tokens + plan.gen_tokens + 64, ctx.spec.config.context_length) if kind.token_ids \
+        else ctx.spec.config.context_length
     log = plan.log_dir / f"{ctx.base['run_id']}-{name}.log"
     managed = ManagedServer(name, kind.argv(weights, plan.threads, context, plan.slots), log, kind.health_path,
                             kind.env())
