@@ -45,14 +45,16 @@ SPM_PIECES = ("▁", *"abcdefghijklmnopqrstuvwxyz", "▁t", "he", "▁the", "in"
 # ids of (unknown, bos, eos)
 SPM_SPECIALS = {
     "llama": ((("<unk>", 2), ("<s>", 3), ("</s>", 3)), (0, 1, 2)),
+    # Phi-3's SentencePiece vocab has <|endoftext|> too (llama.cpp looks it up in files named phi3)
+    "phi3": ((("<unk>", 2), ("<s>", 3), ("</s>", 3), ("<|endoftext|>", 3)), (0, 1, 2)),
     "gemma": ((("<pad>", 3), ("<eos>", 3), ("<bos>", 3), ("<unk>", 2), ("<start_of_turn>", 3), ("<end_of_turn>", 3)),
               (3, 2, 1)),
 }
 # tokenizer name -> (ggml model, pre-tokenizer or SentencePiece flavour)
-TOKENIZERS = {"gpt2": ("gpt2", "default"), "qwen2": ("gpt2", "qwen2"), "llama": ("llama", "llama"),
+TOKENIZERS = {"gpt2": ("gpt2", "default"), "qwen2": ("gpt2", "qwen2"), "llama": ("llama", "llama"), "phi3": ("llama", "phi3"),
               "gemma": ("llama", "gemma")}
 ARCH_TOKENIZER = {"llama": "gpt2", "llama3": "gpt2", "mixtral": "llama", "qwen2": "qwen2", "qwen3": "qwen2",
-                  "qwen3moe": "qwen2", "phi3": "llama", "gemma2": "gemma", "gemma3": "gemma"}
+                  "qwen3moe": "qwen2", "phi3": "phi3", "gemma2": "gemma", "gemma3": "gemma"}
 
 
 def _spm_vocab(size: int, flavour: str = "llama") -> tuple[list[str], list[int], list[float]]:
