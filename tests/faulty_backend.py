@@ -2,9 +2,9 @@
 
 Its behaviour comes from the cell option `fault`: raise, abort, hang, oom, spike (allocates and
 frees SPIKE_BYTES once, on the generation `fault_generation`, and otherwise runs healthy), noise
-(Gaussian noise as large as the logits' spread on every logit: a mode that drifts from the reference), break_batch (sequence 1
-of a batch gets wrong logits), or none (it then wraps the numpy reference, so a healthy cell
-produces real rows). With `fault_prompt=N` the fault only hits prompts of N tokens, so one cell
+(Gaussian noise as large as the logits' spread on every logit: a mode that drifts from the
+reference), break_batch (sequence 1 of a batch gets wrong logits), or none (it then wraps the
+numpy reference, so a healthy cell produces real rows). With `fault_prompt=N` the fault only hits prompts of N tokens, so one cell
 of a load group can fail while its neighbours succeed."""
 
 import os
