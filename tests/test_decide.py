@@ -149,7 +149,8 @@ def test_modes_best_end_to_end_apart_tied_and_resumed(tiny_f32, tmp_path):
     r = _best_run(tied_out, "paced_tied", "-m", tiny_f32)
     df = pd.read_csv(tied_out)
     assert not df["flags"].fillna("").str.contains("best").any()
-    assert df["flags"].str.split(";").map(lambda f: "tied" in f).all() and df.tied_modes.nunique() == 1 and df.cell_id.nunique() == 2
+    assert df["flags"].str.split(";").map(lambda f: "tied" in f).all()  # beside `noisy`: the swing is the point
+    assert df.tied_modes.nunique() == 1 and df.cell_id.nunique() == 2
     top = df[df.runner_up.notna()]
     assert (top.ratio_ci95_low <= 1).all() and (top.ratio_ci95_high >= 1).all()
     assert "tied:" in r.stdout
