@@ -13,8 +13,8 @@ from engine.model.synth import write_synthetic
 ROOT = Path(__file__).resolve().parents[1]
 TESTS = Path(__file__).resolve().parent
 # the fault-injection backend (tests/faulty_backend.py) registered for a `bench` subprocess
-FAULT_ENV = {"BENCH_BACKEND_MODULES": "faulty_backend",
-             "PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")])}
+FAULT_ENV = {"BENCH_BACKEND_MODULES": "faulty_backend",  # this checkout's sources first, as `bench` puts them
+             "PYTHONPATH": os.pathsep.join([str(TESTS), str(ROOT / "src"), os.environ.get("PYTHONPATH", "")])}
 
 
 @pytest.fixture(scope="session")
