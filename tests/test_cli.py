@@ -217,8 +217,8 @@ def test_best_skips_a_fast_mode_that_fails_the_fidelity_bar():
     from engine.results.rows import BenchmarkResult
 
     def rows(cell, speeds, kl, top1):
-        return [BenchmarkResult(cell_id=cell, framework="x", repeat=i, decode_tps=s, kl_vs_reference=kl,
-                                top1_agreement=top1, prompt_ids=[1], schedule="interleaved")
+        return [BenchmarkResult(cell_id=cell, framework="x", repeat=i, decode_tps=s, kld_mean=kl, kld_p99=kl,
+                                same_top_p=top1, prompt_ids=[1], schedule="interleaved")
                 for i, s in enumerate(speeds)]
 
     d, = decide(rows("fast-broken", [90, 91, 90], 2.3, 0.2) + rows("fast-ok", [50, 52, 51], 0.01, 0.97)

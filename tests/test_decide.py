@@ -39,7 +39,7 @@ def rows(cell, speeds, *, framework="x", precision="f32", kl=0.0, top1=1.0, run=
          schedule="interleaved"):
     return [BenchmarkResult(cell_id=cell, run_id=run, repeat=i, framework=framework, precision=precision, model="m",
                             device="cpu", prompt_tokens=8, gen_tokens=8, prompt_ids=[1, 2], decode_tps=s,
-                            kl_vs_reference=kl, top1_agreement=top1, node=node, schedule=schedule,
+                            kld_mean=kl, kld_p99=kl, same_top_p=top1, node=node, schedule=schedule,
                             options=options or {}, iterations=len(speeds)) for i, s in enumerate(speeds)]
 
 
@@ -66,7 +66,8 @@ def test_overlapping_speeds_are_tied_naming_every_tied_mode():
 
 
 def test_nan_fidelity_is_unchecked_and_never_best():
-    assert passes(BenchmarkResult()) is None and passes(BenchmarkResult(kl_vs_reference=0.0, top1_agreement=1.0))
+    assert passes(BenchmarkResult()) is None and passes(BenchmarkResult(kld_mean=0.0, kld_p99=0.0, same_top_p=1.0))
+    assert not passes(BenchmarkResult(kld_mean=0.01, kld_p99=0.6, same_top_p=0.95))  # a heavy tail fails alone
     d = only(decide(rows("fast-unchecked", [90, 91, 90], kl=math.nan, top1=math.nan)
                     + rows("fast-broken", [80, 81, 80], kl=2.3, top1=0.2) + rows("ok", [20, 21, 20])))
     assert d.verdict == "best" and d.top.cell_id == "ok" and d.ratio is None  # the one passing mode
