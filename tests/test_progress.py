@@ -26,7 +26,8 @@ LANES = {"numpy": (0.5, 0.3, 0.0, 0.010, 0.4), "torch": (2.0, 40.0, 0.0, 0.002, 
 
 
 def _cells():
-    return [Cell(framework=f, model="m.gguf", prompt_tokens=8, gen_tokens=n, repeats=3)
+    # two lengths of one shape (264 positions) per framework: one load group each, as run_cells groups them
+    return [Cell(framework=f, model="m.gguf", prompt_tokens=264 - n, gen_tokens=n, repeats=3)
             for f in LANES for n in (64, 256)]
 
 
@@ -37,15 +38,16 @@ def simulate(interleave: bool, estimator=SweepEta):
     search or a compile, which no other group can predict), with the time it was read."""
     clock, cells = Clock(), _cells()
     eta = estimator(cells, clock)
-    lanes = [[c for c in cells if c.framework == f] for f in LANES]
-    state = {f: {"loaded": False, "warm": False, "done": 0} for f in LANES}
+    # lanes as run_cells forms them: one per load key (a framework's lengths are two shapes, two loads)
+    lanes = [[c for c in cells if c.load_key == key] for key in dict.fromkeys(c.load_key for c in cells)]
+    state = {lane[0].load_key: {"loaded": False, "warm": False, "done": 0} for lane in lanes}
     readings = []
     active, waiting = (lanes, []) if interleave else (lanes[:1], lanes[1:])
     while active:
         for lane in list(active):
             cell = lane[0]
             load, first_warm, later_warm, per_token, fidelity = LANES[cell.framework]
-            st = state[cell.framework]
+            st = state[cell.load_key]
             if not st["loaded"]:
                 clock.t += load
                 st["loaded"] = True
@@ -124,9 +126,11 @@ def test_progress_lines_on_a_redirected_stderr(tiny_f32, tmp_path):
     r = bench("run", "-f", "numpy", "-f", "torch", "-m", tiny_f32, "--prompt-tokens", "4", "--prompt-tokens", "8",
               "-n", "3", "-r", "2", "-O", str(out))
     assert r.returncode == 0, r.stderr
-    loaded = re.findall(r"^loaded (\w+) f32 in [\d.]+s \(group (\d)/2\)  ETA (\S+)$", r.stderr, re.M)
-    assert sorted(f for f, _, _ in loaded) == ["numpy", "torch"] and [g for _, g, _ in loaded] == ["1", "2"]
+    # a group per framework and shape (each prompt length is loaded for its own positions)
+    loaded = re.findall(r"^loaded (\w+) f32 in [\d.]+s \(group (\d)/4\)  ETA (\S+)$", r.stderr, re.M)
+    assert sorted(f for f, _, _ in loaded) == ["numpy", "numpy", "torch", "torch"]
+    assert [g for _, g, _ in loaded] == ["1", "2", "3", "4"]
     done = re.findall(r"^\[(\d)/4\] (\w+) f32 prompt (\d+) gen 3: .* elapsed \d+s, ETA (\d+)s$", r.stderr, re.M)
     assert [int(d[0]) for d in done] == [1, 2, 3, 4] and done[-1][3] == "0"
     assert sorted(d[1:3] for d in done) == [("numpy", "4"), ("numpy", "8"), ("torch", "4"), ("torch", "8")]
-    assert r.stderr.index("(group 2/2)") < r.stderr.index("[1/4]"), "interleaved: both groups load before a cell ends"
+    assert r.stderr.index("(group 4/4)") < r.stderr.index("[1/4]"), "interleaved: every group loads before a cell ends"
