@@ -24,7 +24,9 @@ def run_twice(model, args, cache, tmp_path):
     return rows
 
 
-@pytest.mark.parametrize("framework", sorted(MODES))
+# tinygrad's cold BEAM search takes minutes on two cores: in the slow set; torch's stays in the default run
+@pytest.mark.parametrize("framework", [pytest.param(f, marks=pytest.mark.slow) if f == "tinygrad" else f
+                                       for f in sorted(MODES)])
 def test_a_second_run_reads_the_compile_back_and_says_cached(framework, tiny_f32, tmp_path):
     cache = tmp_path / "cache"
     cold, warm = run_twice(tiny_f32, MODES[framework], cache, tmp_path)

@@ -23,12 +23,17 @@ if TYPE_CHECKING:
     from engine.model.spec import ModelSpec
 
 
-@cache
 def registry() -> dict[str, type[Backend]]:
+    """Every backend by name: this package's modules and those BENCH_BACKEND_MODULES names now."""
+    return _registry(os.environ.get("BENCH_BACKEND_MODULES", ""))
+
+
+@cache
+def _registry(extra_modules: str) -> dict[str, type[Backend]]:
     found: dict[str, type[Backend]] = {}
     modules = [f"{__name__}.{m.name}" for m in pkgutil.iter_modules(__path__)
                if m.name != "base" and not m.name.startswith("_")]
-    modules += [m.strip() for m in os.environ.get("BENCH_BACKEND_MODULES", "").split(",") if m.strip()]
+    modules += [m.strip() for m in extra_modules.split(",") if m.strip()]
     for name in modules:
         try:
             module = importlib.import_module(name)

@@ -120,6 +120,7 @@ class ManagedServer:
             proc.wait(timeout=10)
         except subprocess.TimeoutExpired:
             pass
+        _wait_group_gone(proc.pid, timeout_s=5.0)
 
     def log_tail(self, lines: int = LOG_TAIL_LINES) -> str:
         try:
@@ -128,6 +129,26 @@ class ManagedServer:
             return ""
         kept = [ln.strip() for ln in text.splitlines() if ln.strip()]
         return " | ".join(kept[-lines:])[-800:]
+
+
+def _wait_group_gone(pgid: int, timeout_s: float) -> None:
+    """A SIGKILLed grandchild is torn down by the kernel after the signal: return once no live
+    (non-zombie) process is left in the group, or the time is up, so `stop()` means nothing of the
+    server runs any more."""
+    import psutil
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline and any(_in_group(p, pgid) for p in psutil.process_iter()):
+        time.sleep(0.02)
+
+
+def _in_group(p, pgid: int) -> bool:
+    import psutil
+
+    try:
+        return os.getpgid(p.pid) == pgid and p.status() != psutil.STATUS_ZOMBIE
+    except (psutil.Error, OSError):
+        return False
 
 
 def _signal_group(pgid: int, sig: int) -> None:
