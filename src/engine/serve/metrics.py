@@ -21,7 +21,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from engine.measure.runner import leading_matches
+from engine.measure.reference import leading_matches
 from engine.serve.client import RequestRecord
 
 PERCENTILES = (50, 90, 99)
