@@ -19,19 +19,9 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from engine.errors import InputError, UnavailableError
+from engine.paths import llama_tools_dir
 
 SCRIPTS = Path(__file__).resolve().parents[3] / "scripts"
-LLAMA_CPP_VERSION = "0.3.36"  # the llama-cpp-python sdist whose vendored llama.cpp scripts/setup.sh builds
-
-
-def llama_tools_dir() -> Path | None:
-    """Where llama.cpp's own tools (llama-server, llama-quantize, llama-bench) are: $BENCH_LLAMA_TOOLS_DIR,
-    else the build scripts/setup.sh keeps per version and build flags in ~/.cache/llm-bench/llama-tools."""
-    if os.environ.get("BENCH_LLAMA_TOOLS_DIR"):
-        return Path(os.environ["BENCH_LLAMA_TOOLS_DIR"])
-    builds = sorted(glob.glob(str(Path.home() / ".cache" / "llm-bench" / "llama-tools" /
-                                  f"llama-cpp-{LLAMA_CPP_VERSION}-*" / "llama-server")))
-    return Path(builds[-1]).parent if builds else None
 
 
 def _missing(*modules: str) -> list[str]:
