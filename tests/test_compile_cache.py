@@ -9,6 +9,7 @@ from engine.measure.runner import compile_cache_state
 MODES = {  # a compiled mode of each framework that compiles, with its smallest real search
     "torch": ("-f", "torch", "-p", "f32", "--compile"),
     "tinygrad": ("-f", "tinygrad", "-o", "beam=1"),
+    "hybrid": ("-f", "hybrid"),  # its tinygrad segments' kernels, compiled without a search
 }
 
 

@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 
 from backends.base import ArrayLlamaBackend, LoadInfo, LoadOptions, float_load_info
-from backends.tinygrad_llama import TINYGRAD, ShapeJits, TinygradBackend, TinyOps
+from backends.tinygrad_llama import TINYGRAD, ShapeJits, TinygradBackend, TinyOps, cache_entries
 from backends.torch_llama import TORCH, TorchOps, enter_inference
 from engine.model.spec import LayerWeights
 from engine.model.forward import block, embed, head
@@ -59,6 +59,7 @@ class HybridBackend(ArrayLlamaBackend):
         from tinygrad import UOp
 
         enter_inference(opts.threads)
+        self._cache_rows_at_load = cache_entries()
         cfg = spec.config
         self.weights = spec.load_weights(lambda a: torch.from_numpy(a))  # the one copy
         self.torch_ops = TorchOps(cfg, opts.max_seq_len, opts.max_batch, torch.float32, "cpu")
@@ -84,6 +85,8 @@ class HybridBackend(ArrayLlamaBackend):
         self._start_var = UOp.variable("start", 1, opts.max_seq_len - 1)
         return float_load_info(spec, "f32", "cpu", fallback_blocks=len(self.fallbacks),
                                fallback_errors=list(self.fallbacks.values())[:3])
+
+    uncached_compiles = TinygradBackend.uncached_compiles  # its segments' kernels go to tinygrad's cache
 
     def threads_used(self) -> tuple[int, str]:
         import torch
