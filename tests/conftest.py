@@ -1,10 +1,18 @@
 import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
 import pytest
+
+# frameworks run inside the test process compile into a throw-away folder, never the user's caches
+# (set before any framework is imported: tinygrad reads CACHEDB at import; `bench` children are
+# pointed at BENCH_CACHE_DIR's compile folder by the harness itself)
+_COMPILE_DIR = tempfile.mkdtemp(prefix="bench-test-compile-")
+os.environ.setdefault("CACHEDB", os.path.join(_COMPILE_DIR, "tinygrad.db"))
+os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", os.path.join(_COMPILE_DIR, "torchinductor"))
 
 import backends
 from engine.model.spec import ModelSpec, default_model_path
