@@ -1,4 +1,5 @@
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -114,6 +115,10 @@ def pytest_make_collect_report(collector):
 def pytest_configure(config):
     if CI:  # a module failed that way must not stop the rest of the suite from running
         config.option.continue_on_collection_errors = True
+
+
+def pytest_unconfigure(config):
+    shutil.rmtree(_COMPILE_DIR, ignore_errors=True)
 
 
 def rel_err(a, b):
