@@ -70,20 +70,20 @@ def torch_matrix(weight, cols):
 
 
 def test_torch_int4_kernel_holds_the_files_values(kquant_files):
-    """Q4_K as one int4 matrix, Q5_K and Q8_0 as an int4 pair: the kernel's products give back the
-    file's values to the bf16 rounding of scales, zeros and outputs (a wrong nibble order, sign or
-    zero point is off by the weights' own size)."""
-    from backends.torch_quant import Int4Pair, Int4Weight, native_matrix
+    """Q4_K matrices as int4 weights: the kernel's products give back the file's values to the bf16
+    rounding of scales, zeros and outputs (a wrong nibble order, sign or zero point is off by the
+    weights' own size); Q6_K under rest=bf16 as bf16 weights."""
+    from backends.torch_quant import Bf16Weight, Int4Weight, native_matrix
 
     require_backend("torch")
-    for path, types in ((kquant_files["q4_k_m"], ("q4_k", "q8_0")), (kquant_files["q5_k_m"], ("q5_k",))):
-        spec = ModelSpec.open(path)
-        assert matrices(spec, types)
-        for name in matrices(spec, types)[:3]:
-            w = native_matrix(spec, name, "int4x2")
-            assert isinstance(w, Int4Weight if AFFINE_BITS[spec.tensor_type(name)] == 4 else Int4Pair)
-            want = spec.hf_tensor(name)
-            assert np.abs(torch_matrix(w, want.shape[1]) - want).max() < 1e-2 * np.abs(want).max(), name
+    spec = ModelSpec.open(kquant_files["q4_k_m"])
+    assert matrices(spec, ("q4_k",)) and matrices(spec, ("q6_k",))
+    for name in matrices(spec, ("q4_k",))[:4]:
+        w = native_matrix(spec, name, "bf16")
+        want = spec.hf_tensor(name)
+        assert isinstance(w, Int4Weight)
+        assert np.abs(torch_matrix(w, want.shape[1]) - want).max() < 1e-2 * np.abs(want).max(), name
+    assert all(isinstance(native_matrix(spec, n, "bf16"), Bf16Weight) for n in matrices(spec, ("q6_k",)))
 
 
 def test_mlx_quantized_matrices_hold_the_files_values_exactly(kquant_files):
@@ -124,16 +124,16 @@ def test_k_quant_modes_are_offered_and_labelled(kquant_files):
     spec = ModelSpec.open(kquant_files["q4_k_m"])
     labels = {n: [mode_label(m.precision, "", dict(m.options)) for m in backends.get(n).modes(spec, "cpu")]
               for n in ("torch", "mlx")}
-    assert {"q4_k_m rest=f32", "q4_k_m rest=bf16", "q4_k_m rest=int4x2"} <= set(labels["torch"])
+    assert {"q4_k_m rest=f32", "q4_k_m rest=bf16"} <= set(labels["torch"])
     assert {"q4_k_m rest=f32", "q4_k_m rest=q8"} <= set(labels["mlx"])
 
 
 def test_torch_k_quant_load_runs_int4_and_counts_its_matrices(kquant_files):
     require_backend("torch")
     spec = ModelSpec.open(kquant_files["q4_k_m"])
-    opened = backends.open_backend("torch", spec, "q4_k_m", options={"rest": "int4x2"})
+    opened = backends.open_backend("torch", spec, "q4_k_m", options={"rest": "bf16"})
     details = opened.info.details
-    assert details["rest"] == "int4x2" and details["int4_matrices"] > 0 and details["int4_pair_matrices"] > 0
+    assert details["rest"] == "bf16" and details["int4_matrices"] > 0 and details["bf16_matrices"] > 0
     assert opened.info.weight_bytes < 0.5 * sum(int(np.prod(spec.raw_tensor(n).shape)) * 4 for n in spec.tensor_names)
     with pytest.raises(UnavailableError, match="option rest applies"):
         backends.open_backend("torch", spec, "f32", options={"rest": "bf16"})

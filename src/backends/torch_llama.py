@@ -215,7 +215,7 @@ class TorchBased(ArrayLlamaBackend):
 class TorchBackend(TorchBased):
     name = "torch"
     description = "compact PyTorch Llama (static KV cache, SDPA, optional torch.compile)"
-    options = (BackendOption("rest", str, "the file's own quantization: how matrices that are not 4-bit run",
+    options = (BackendOption("rest", str, "K-quant files: how matrices that are not 4-bit run (f32 or bf16)",
                              choices=RESTS),)
 
     @classmethod
