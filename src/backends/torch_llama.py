@@ -9,8 +9,8 @@ import numpy as np
 
 from backends.base import (FLOAT_PRECISIONS, ArrayLlamaBackend, BackendOption, LoadInfo, LoadOptions, Mode,
                            Requirement, float_load_info, pip_extra)
-from backends.torch_quant import (INT4_TYPES, KQUANT_FILES, RESTS, PackedWeight, held_bytes, load_native_weights,
-                                  native_counts)
+from backends.torch_quant import (INT4_TYPES, KQUANT_FILES, RESTS, FileRows, PackedWeight, held_bytes,
+                                  load_native_weights, native_counts)
 from engine.errors import UnavailableError
 from engine.model.forward import FusedProjections, forward, layer_rope_tables
 
@@ -78,7 +78,7 @@ class TorchOps(FusedProjections):
         self.end: int | None = None  # eager calls attend over [0, end); compiled ones over the whole cache
 
     def embed(self, table, tokens):
-        return table[tokens]
+        return table.lookup(tokens) if isinstance(table, FileRows) else table[tokens]
 
     def rms_norm(self, x, weight):
         import torch.nn.functional as F

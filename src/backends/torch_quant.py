@@ -12,8 +12,9 @@ The other matrices of a file (Q5_0/Q6_K/Q8_0 in a Q4_K_M file) run as the `rest`
 here (2 threads): a GEMV of Gemma 3's 262144x640 head takes 113 ms in f32, 32 ms in bf16, 15 ms
 in int4 and 32 ms through `_weight_int8pack_mm` (per-row scales, so a re-quantization), and
 splitting an 8-bit group into two int4 matrices (u = 16 hi + lo) would cost 2 x 15 ms: no faster
-than bf16, so neither is offered. The embedding table stays f32 for its lookups; under rest=f32
-a tied output head shares it, under bf16 the head is converted as its type says, a copy.
+than bf16, so neither is offered. Under rest=f32 a tied output head and the embedding share one
+f32 table; otherwise the embedding stays in the file's blocks (`FileRows`: a lookup dequantizes
+the rows it reads, the values the reference uses) and the head is converted as its type says.
 """
 
 from __future__ import annotations
@@ -70,6 +71,23 @@ class Bf16Weight(PackedWeight):
         return torch.nn.functional.linear(x.to(torch.bfloat16), self.weight).float()
 
 
+@dataclass
+class FileRows:
+    """An embedding table left in the file (its mmap): a lookup dequantizes only the rows it reads,
+    with the gguf package's own routine, so it holds no copy of the table."""
+
+    raw: Any  # the tensor's blocks, one row of the table per row
+    kind: Any  # its gguf.GGMLQuantizationType
+
+    def lookup(self, tokens):
+        import gguf
+        import torch
+
+        ids = tokens.reshape(-1).cpu().numpy()
+        rows = np.asarray(gguf.quants.dequantize(self.raw[ids], self.kind), dtype=np.float32)
+        return torch.from_numpy(rows).reshape(*tokens.shape, -1)
+
+
 def int4_parts(g: AffineGroups) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """A 4-bit group's (nibbles, scale, zero) in the kernel's (n - 8) * scale + zero form."""
     assert g.bits == 4, g.bits
@@ -110,19 +128,30 @@ def native_matrix(spec, name: str, rest: str):
 
 def load_native_weights(spec, rest: str = "f32"):
     """The model's weights as `native_matrix` holds each (Q/K rows in the rotate-half order the
-    shared forward uses); the embedding f32, a tied head its own copy unless rest is f32."""
+    shared forward uses): a tied head shares the f32 table under rest=f32, else is its own and the
+    embedding FileRows."""
     import torch
 
+    shared = spec.tied_embeddings and rest == "f32"
+
     def read(name: str):
-        return torch.from_numpy(spec.hf_tensor(name)) if name == "token_embd.weight" else native_matrix(spec, name, rest)
+        if name != "token_embd.weight":
+            return native_matrix(spec, name, rest)
+        if shared:
+            return torch.from_numpy(spec.hf_tensor(name))
+        t = spec.raw_tensor(name)
+        return FileRows(t.data, t.tensor_type)
 
     weights = spec.load_weights(lambda w: w, tensor=read)
-    if spec.tied_embeddings and rest != "f32":
+    if spec.tied_embeddings and not shared:
         weights.output = native_matrix(spec, "token_embd.weight", rest)
     return weights
 
 
 def held_bytes(w) -> int:
+    """Bytes a weight holds in memory (FileRows: none, its rows are read from the file's pages)."""
+    if isinstance(w, FileRows):
+        return 0
     return w.nbytes if isinstance(w, PackedWeight) else w.numel() * w.element_size()
 
 
