@@ -130,10 +130,17 @@ def test_k_quant_modes_are_offered_and_labelled(kquant_files):
 
 def test_torch_k_quant_load_runs_int4_and_counts_its_matrices(kquant_files):
     require_backend("torch")
+    import torch
+    from backends.torch_quant import FileRows
+
     spec = ModelSpec.open(kquant_files["q4_k_m"])
     opened = backends.open_backend("torch", spec, "q4_k_m", options={"rest": "bf16"})
     details = opened.info.details
     assert details["rest"] == "bf16" and details["int4_matrices"] > 0 and details["bf16_matrices"] > 0
+    table = opened.backend.weights.tok_embd  # the head has its own bf16 copy: lookups read the file's rows
+    assert isinstance(table, FileRows)
+    ids = torch.tensor([[3, 511, 3], [0, 7, 100]])
+    np.testing.assert_array_equal(table.lookup(ids).numpy(), spec.tensor("token_embd.weight")[ids.numpy()])
     assert opened.info.weight_bytes < 0.5 * sum(int(np.prod(spec.raw_tensor(n).shape)) * 4 for n in spec.tensor_names)
     with pytest.raises(UnavailableError, match="option rest applies"):
         backends.open_backend("torch", spec, "f32", options={"rest": "bf16"})
