@@ -101,18 +101,18 @@ def test_mlx_quantized_matrices_hold_the_files_values_exactly(kquant_files):
 
 
 def kquant_cases():
-    """(framework, file, rest) for every K-quant mode torch and MLX declare."""
+    """(framework, file, options) for every K-quant mode torch and MLX declare."""
     file = type("File", (), {"file_type": "q4_k_m"})
-    return [(name, q, dict(m.options)["rest"]) for name in ("torch", "mlx") for q in ("q4_k_m", "q5_k_m")
+    return [(name, q, dict(m.options)) for name in ("torch", "mlx") for q in ("q4_k_m", "q5_k_m")
             for m in backends.get(name).modes(file, "cpu") if m.precision == "q4_k_m"]
 
 
-@pytest.mark.parametrize("name,qtype,rest", kquant_cases())
-def test_k_quant_modes_match_reference_on_the_same_file(kquant_files, name, qtype, rest):
+@pytest.mark.parametrize("name,qtype,options", kquant_cases())
+def test_k_quant_modes_match_reference_on_the_same_file(kquant_files, name, qtype, options):
     require_backend(name)
     path = kquant_files[qtype]
     ref = reference_logits(path, PROMPT, STEPS)
-    b = load_backend(name, path, qtype, options={"rest": rest})
+    b = load_backend(name, path, qtype, options=options)
     got = [b.prefill(PROMPT)] + [b.decode(int(np.argmax(r))) for r in ref[:-1]]
     for i, (g, r) in enumerate(zip(got, ref)):
         assert rel_err(g, r) < NATIVE_TOLERANCE, f"step {i}: rel err {rel_err(g, r):.2e}"
@@ -125,7 +125,7 @@ def test_k_quant_modes_are_offered_and_labelled(kquant_files):
     labels = {n: [mode_label(m.precision, "", dict(m.options)) for m in backends.get(n).modes(spec, "cpu")]
               for n in ("torch", "mlx")}
     assert {"q4_k_m rest=f32", "q4_k_m rest=bf16"} <= set(labels["torch"])
-    assert {"q4_k_m rest=f32", "q4_k_m rest=q8"} <= set(labels["mlx"])
+    assert {"q4_k_m q6_k=f32", "q4_k_m q6_k=q8"} <= set(labels["mlx"])
 
 
 def test_torch_k_quant_load_runs_int4_and_counts_its_matrices(kquant_files):

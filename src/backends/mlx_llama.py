@@ -5,7 +5,7 @@ as MLX quantized matrices (packed values, scales, biases) and run with `mx.quant
 very blocks llama.cpp runs, not a re-quantized copy. K-quant files (Q4_K_M, ...) load through
 backends.kquant: every group-32 block type (Q4_K, Q5_K, Q5_0, Q8_0, ...) becomes a 4-, 5- or 8-bit
 matrix of scales d*sc and biases -dmin*m, exact; Q6_K (scales per 16, finer than MLX's groups of
-32 at least) runs as the `rest` option says: f32 (exact) or q8 (re-quantized to 8-bit groups). MLX is lazy: `step` evaluates everything
+32 at least) runs as the `q6_k` option says: f32 (exact) or q8 (re-quantized to 8-bit groups). MLX is lazy: `step` evaluates everything
 before the host reads logits, so nothing unevaluated is timed as done.
 """
 
@@ -25,7 +25,7 @@ from engine.model.forward import SeparateProjections, forward, rope_frequencies
 MLX = Requirement("mlx", "mlx", pip_extra("mlx"))
 NATIVE_QUANT = {"q4_0": 4, "q4_1": 4, "q8_0": 8}  # GGUF types MLX loads as quantized matrices
 KQUANT_FILES = ("q4_k_m", "q4_k_s", "q5_k_m", "q5_k_s")  # file types backends.kquant loads
-RESTS = ("f32", "q8")
+Q6K_MODES = ("f32", "q8")
 PACK_ROWS = 4096  # rows packed at a time (the packing's uint64 temporaries are 8 bytes a value)
 GROUP_SIZE = 32
 GELU_C = (2.0 / np.pi) ** 0.5
@@ -126,8 +126,8 @@ class MlxBackend(ArrayLlamaBackend):
     description = "MLX Llama: float, or the GGUF's own blocks (Q4_0/Q4_1/Q8_0, K-quants) run natively"
     requires = (MLX,)
     devices = ("gpu", "cpu")
-    options = (BackendOption("rest", str, "K-quant files: how Q6_K matrices run (f32, or q8: 8-bit groups of 32)",
-                             choices=RESTS),)
+    options = (BackendOption("q6_k", str, "K-quant files: how Q6_K matrices (any type without groups of 32) "
+                             "run: f32, or q8 (re-quantized to 8-bit groups of 32)", choices=Q6K_MODES),)
 
     @classmethod
     def precisions(cls, spec):
@@ -137,7 +137,7 @@ class MlxBackend(ArrayLlamaBackend):
     @classmethod
     def modes(cls, spec, device):
         native = [Mode(spec.file_type)] if spec.file_type in NATIVE_QUANT else []
-        native += [Mode(spec.file_type, options=(("rest", r),)) for r in RESTS if spec.file_type in KQUANT_FILES]
+        native += [Mode(spec.file_type, options=(("q6_k", r),)) for r in Q6K_MODES if spec.file_type in KQUANT_FILES]
         return [Mode("f32")] + native
 
     @classmethod
@@ -154,13 +154,13 @@ class MlxBackend(ArrayLlamaBackend):
         mx.set_default_device(mx.gpu if opts.device == "gpu" else mx.cpu)
         self.mx = mx
         native = opts.precision in NATIVE_QUANT or opts.precision in KQUANT_FILES
-        if "rest" in opts.options and opts.precision not in KQUANT_FILES:
-            raise UnavailableError(f"option rest applies to K-quant files' own quantization only, not to {opts.precision}")
+        if "q6_k" in opts.options and opts.precision not in KQUANT_FILES:
+            raise UnavailableError(f"option q6_k applies to K-quant files' own quantization only, not to {opts.precision}")
         if native:
             if spec.config.arch.fused:
                 raise UnavailableError(f"mlx cannot split {spec.config.arch.name}'s fused attn_qkv/ffn_up blocks natively; use f32")
             self.weights = (self._load_native(spec) if opts.precision in NATIVE_QUANT
-                            else self._load_affine(spec, opts.options.get("rest", "f32")))
+                            else self._load_affine(spec, opts.options.get("q6_k", "f32")))
             dtype = mx.float32
         else:
             dtype = {"f32": mx.float32, "bf16": mx.bfloat16, "f16": mx.float16}[opts.precision]
@@ -197,9 +197,9 @@ class MlxBackend(ArrayLlamaBackend):
 
         return spec.load_weights(lambda a: a, tensor=tensor)
 
-    def _load_affine(self, spec, rest: str):
+    def _load_affine(self, spec, q6_k: str):
         """Every group-32 block matrix as an exact MLX quantized matrix; the others float, or (Q6_K
-        under rest=q8) re-quantized by mx.quantize to 8 bits per value in groups of 32."""
+        under q6_k=q8) re-quantized by mx.quantize to 8 bits per value in groups of 32."""
         mx = self.mx
 
         def tensor(name: str):
@@ -212,7 +212,7 @@ class MlxBackend(ArrayLlamaBackend):
                 u, scale, bias = (spec.hf_rows(name, a) for a in (g.u, g.scale, g.bias))
                 return QuantizedMatrix(mx.array(pack_bits(u, g.bits)), mx.array(scale), mx.array(bias), g.bits)
             values = mx.array(spec.hf_tensor(name))
-            if rest == "q8":
+            if q6_k == "q8":
                 return QuantizedMatrix(*mx.quantize(values, group_size=GROUP_SIZE, bits=8), 8)
             return values
 
@@ -262,7 +262,7 @@ def pack_bits(u: np.ndarray, bits: int) -> np.ndarray:
 
 
 def _counts(w, options) -> dict:
-    """How many layer matrices run quantized and how many float (K-quant files: with `rest`)."""
+    """How many layer matrices run quantized and how many float (K-quant files: with `q6_k`)."""
     layers = [x for layer in w.layers for x in layer.tensors().values()]
     quantized = sum(isinstance(x, QuantizedMatrix) for x in layers)
     floats = sum(not isinstance(x, QuantizedMatrix) and x.ndim == 2 for x in layers)
