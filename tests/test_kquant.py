@@ -144,3 +144,17 @@ def test_torch_k_quant_load_runs_int4_and_counts_its_matrices(kquant_files):
     assert opened.info.weight_bytes < 0.5 * sum(int(np.prod(spec.raw_tensor(n).shape)) * 4 for n in spec.tensor_names)
     with pytest.raises(UnavailableError, match="option rest applies"):
         backends.open_backend("torch", spec, "f32", options={"rest": "bf16"})
+
+
+def test_best_modes_of_torch_and_mlx_on_a_k_quant_file_make_their_cells(kquant_files):
+    """`--modes best -f torch -f mlx`: every K-quant mode becomes a cell whose options its own
+    framework accepts (the sweep types each cell's options against every framework of the run)."""
+    from engine.measure.cell import Cell
+    from engine.model.spec import open_spec
+    from engine.sweep.best import with_modes
+    from engine.sweep.cells import apply_options
+
+    path = kquant_files["q4_k_m"]
+    cells = apply_options(with_modes([Cell("torch", path), Cell("mlx", path)], open_spec), backends.parse_options)
+    modes = {(c.framework, mode_label(c.precision, "", dict(c.options))) for c in cells}
+    assert {("torch", "q4_k_m rest=bf16"), ("torch", "q4_k_m rest=f32"), ("mlx", "q4_k_m q6_k=q8")} <= modes
