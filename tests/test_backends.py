@@ -77,13 +77,14 @@ def test_the_files_own_quantization_matches_reference(tiny_models, name, qtype):
 def test_torch_int4_unpacks_gguf_blocks_exactly(tiny_models):
     """The nibbles, scales and zeros taken from Q4_0/Q4_1 blocks rebuild the gguf package's own
     dequantization: the int4 path runs the file's weights, not a re-quantization."""
-    from backends.torch_quant import unpack_blocks
+    from backends.kquant import affine_groups
+    from backends.torch_quant import int4_parts
 
     for qtype in ("q4_0", "q4_1"):
         spec = ModelSpec.open(tiny_models[qtype])
         name = "blk.0.ffn_up.weight"
         cols, rows = spec.raw_tensor(name).shape
-        q, scale, zero = unpack_blocks(spec.raw_tensor(name).data, qtype, int(rows), int(cols))
+        q, scale, zero = int4_parts(affine_groups(spec.raw_tensor(name).data, qtype, int(rows), int(cols)))
         rebuilt = (q.astype(np.float32) - 8) * np.repeat(scale, 32, axis=1) + np.repeat(zero, 32, axis=1)
         np.testing.assert_allclose(rebuilt, spec.tensor(name), rtol=0, atol=1e-6)
 

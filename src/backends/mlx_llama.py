@@ -2,7 +2,10 @@
 
 At the file's own quantization (Q4_0, Q4_1, Q8_0) the weights load through `mx.load` on the .gguf
 as MLX quantized matrices (packed values, scales, biases) and run with `mx.quantized_matmul`: the
-very blocks llama.cpp runs, not a re-quantized copy. MLX is lazy: `step` evaluates everything
+very blocks llama.cpp runs, not a re-quantized copy. K-quant files (Q4_K_M, ...) load through
+backends.kquant: every group-32 block type (Q4_K, Q5_K, Q5_0, Q8_0, ...) becomes a 4-, 5- or 8-bit
+matrix of scales d*sc and biases -dmin*m, exact; Q6_K (scales per 16, finer than MLX's groups of
+32 at least) runs as the `q6_k` option says: f32 (exact) or q8 (re-quantized to 8-bit groups). MLX is lazy: `step` evaluates everything
 before the host reads logits, so nothing unevaluated is timed as done.
 """
 
@@ -13,13 +16,17 @@ from typing import Any
 
 import numpy as np
 
-from backends.base import (FLOAT_PRECISIONS, ArrayLlamaBackend, LoadInfo, LoadOptions, Mode, Requirement,
-                           float_load_info, pip_extra)
+from backends.base import (FLOAT_PRECISIONS, ArrayLlamaBackend, BackendOption, LoadInfo, LoadOptions, Mode,
+                           Requirement, float_load_info, pip_extra)
+from backends.kquant import AFFINE_BITS, affine_groups
 from engine.errors import UnavailableError
 from engine.model.forward import SeparateProjections, forward, rope_frequencies
 
 MLX = Requirement("mlx", "mlx", pip_extra("mlx"))
 NATIVE_QUANT = {"q4_0": 4, "q4_1": 4, "q8_0": 8}  # GGUF types MLX loads as quantized matrices
+KQUANT_FILES = ("q4_k_m", "q4_k_s", "q5_k_m", "q5_k_s")  # file types backends.kquant loads
+Q6K_MODES = ("f32", "q8")
+PACK_ROWS = 4096  # rows packed at a time (the packing's uint64 temporaries are 8 bytes a value)
 GROUP_SIZE = 32
 GELU_C = (2.0 / np.pi) ** 0.5
 
@@ -116,18 +123,22 @@ class MlxOps(SeparateProjections):
 
 class MlxBackend(ArrayLlamaBackend):
     name = "mlx"
-    description = "MLX Llama: float, or the GGUF's Q4_0/Q4_1/Q8_0 blocks run natively"
+    description = "MLX Llama: float, or the GGUF's own blocks (Q4_0/Q4_1/Q8_0, K-quants) run natively"
     requires = (MLX,)
     devices = ("gpu", "cpu")
+    options = (BackendOption("q6_k", str, "K-quant files: how Q6_K matrices (any type without groups of 32) "
+                             "run: f32, or q8 (re-quantized to 8-bit groups of 32)", choices=Q6K_MODES),)
 
     @classmethod
     def precisions(cls, spec):
-        native = (spec.file_type,) if spec.file_type in NATIVE_QUANT else ()
+        native = (spec.file_type,) if spec.file_type in NATIVE_QUANT or spec.file_type in KQUANT_FILES else ()
         return FLOAT_PRECISIONS + native
 
     @classmethod
     def modes(cls, spec, device):
-        return [Mode("f32")] + ([Mode(spec.file_type)] if spec.file_type in NATIVE_QUANT else [])
+        native = [Mode(spec.file_type)] if spec.file_type in NATIVE_QUANT else []
+        native += [Mode(spec.file_type, options=(("q6_k", r),)) for r in Q6K_MODES if spec.file_type in KQUANT_FILES]
+        return [Mode("f32")] + native
 
     @classmethod
     def device_missing(cls, device: str) -> str:
@@ -142,18 +153,28 @@ class MlxBackend(ArrayLlamaBackend):
             raise UnavailableError("mlx has no mixture-of-experts op here yet (numpy, torch and llamacpp run it)")
         mx.set_default_device(mx.gpu if opts.device == "gpu" else mx.cpu)
         self.mx = mx
-        if opts.precision in NATIVE_QUANT:
-            self.weights, dtype = self._load_native(spec), mx.float32
+        native = opts.precision in NATIVE_QUANT or opts.precision in KQUANT_FILES
+        if "q6_k" in opts.options and opts.precision not in KQUANT_FILES:
+            raise UnavailableError(f"option q6_k applies to K-quant files' own quantization only, not to {opts.precision}")
+        if native:
+            if spec.config.arch.fused:
+                raise UnavailableError(f"mlx cannot split {spec.config.arch.name}'s fused attn_qkv/ffn_up blocks natively; use f32")
+            self.weights = (self._load_native(spec) if opts.precision in NATIVE_QUANT
+                            else self._load_affine(spec, opts.options.get("q6_k", "f32")))
+            dtype = mx.float32
         else:
             dtype = {"f32": mx.float32, "bf16": mx.bfloat16, "f16": mx.float16}[opts.precision]
             self.weights = spec.load_weights(lambda a: mx.array(a).astype(dtype))
         mx.eval(_arrays(self.weights))
         self.ops = MlxOps(spec.config, opts.max_seq_len, opts.max_batch, dtype)
-        if opts.precision in NATIVE_QUANT:  # the file's own blocks: sizes as stored in the GGUF
+        if native:  # the file's own blocks: sizes as MLX holds them
+            held = dict(spec.weight_items(self.weights))
+            size = lambda n: held[n].nbytes if n in held else spec.file_bytes(n)  # noqa: E731
             info = LoadInfo(precision=opts.precision, device=opts.device,
                             weight_bytes=sum(x.nbytes for x in _weights(self.weights)),
-                            decode_bytes=spec.decode_read_bytes(spec.file_bytes),
-                            kv_bytes_per_token=spec.config.kv_bytes_per_token(4), details={"native_gguf": True})
+                            decode_bytes=spec.decode_read_bytes(size),
+                            kv_bytes_per_token=spec.config.kv_bytes_per_token(4),
+                            details={"native_gguf": True, **_counts(self.weights, opts.options)})
         else:
             info = float_load_info(spec, opts.precision, opts.device)
         mx.reset_peak_memory()
@@ -162,8 +183,6 @@ class MlxBackend(ArrayLlamaBackend):
     def _load_native(self, spec):
         """Quantized tensors as MLX loads them from the GGUF; Q/K rows moved to rotate-half order."""
         mx = self.mx
-        if spec.config.arch.fused:
-            raise UnavailableError(f"mlx cannot split {spec.config.arch.name}'s fused attn_qkv/ffn_up blocks natively; use f32")
         arrays = mx.load(spec.path)
 
         def tensor(name: str):
@@ -175,6 +194,27 @@ class MlxBackend(ArrayLlamaBackend):
             if bits is None:
                 raise UnavailableError(f"mlx cannot run tensor {name} of type {spec.tensor_type(name)} natively")
             return QuantizedMatrix(fix(arrays[name]), fix(arrays[f"{base}.scales"]), fix(arrays[f"{base}.biases"]), bits)
+
+        return spec.load_weights(lambda a: a, tensor=tensor)
+
+    def _load_affine(self, spec, q6_k: str):
+        """Every group-32 block matrix as an exact MLX quantized matrix; the others float, or (Q6_K
+        under q6_k=q8) re-quantized by mx.quantize to 8 bits per value in groups of 32."""
+        mx = self.mx
+
+        def tensor(name: str):
+            qtype, shape = spec.tensor_type(name), spec.raw_tensor(name).shape
+            if len(shape) != 2:
+                return mx.array(spec.hf_tensor(name))
+            cols, rows = (int(n) for n in shape)
+            if qtype in AFFINE_BITS:
+                g = affine_groups(spec.raw_tensor(name).data, qtype, rows, cols)
+                u, scale, bias = (spec.hf_rows(name, a) for a in (g.u, g.scale, g.bias))
+                return QuantizedMatrix(mx.array(pack_bits(u, g.bits)), mx.array(scale), mx.array(bias), g.bits)
+            values = mx.array(spec.hf_tensor(name))
+            if q6_k == "q8":
+                return QuantizedMatrix(*mx.quantize(values, group_size=GROUP_SIZE, bits=8), 8)
+            return values
 
         return spec.load_weights(lambda a: a, tensor=tensor)
 
@@ -206,6 +246,27 @@ def _weights(w) -> list:
     for layer in w.layers:
         out += list(layer.tensors().values())
     return out
+
+
+def pack_bits(u: np.ndarray, bits: int) -> np.ndarray:
+    """(rows, cols) values below 2**bits -> MLX's packing: one little-endian bit stream per row
+    (value j at bit j * bits), as uint32 words. Eight values make `bits` whole bytes."""
+    rows, cols = u.shape
+    out = np.empty((rows, cols * bits // 8), dtype=np.uint8)
+    shifts = np.arange(8, dtype=np.uint64) * np.uint64(bits)
+    for r in range(0, rows, PACK_ROWS):
+        eights = u[r:r + PACK_ROWS].reshape(-1, cols // 8, 8).astype(np.uint64) << shifts
+        word = np.bitwise_or.reduce(eights, axis=-1)  # (rows, cols / 8) of bits * 8 bits each
+        out[r:r + PACK_ROWS] = word.view(np.uint8).reshape(-1, cols // 8, 8)[..., :bits].reshape(-1, cols * bits // 8)
+    return out.view(np.uint32)
+
+
+def _counts(w, options) -> dict:
+    """How many layer matrices run quantized and how many float (K-quant files: with `q6_k`)."""
+    layers = [x for layer in w.layers for x in layer.tensors().values()]
+    quantized = sum(isinstance(x, QuantizedMatrix) for x in layers)
+    floats = sum(not isinstance(x, QuantizedMatrix) and x.ndim == 2 for x in layers)
+    return {"quantized_matrices": quantized, "float_matrices": floats, **dict(options)}
 
 
 def _arrays(w) -> list:

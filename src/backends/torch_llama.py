@@ -7,9 +7,10 @@ import time
 
 import numpy as np
 
-from backends.base import (FLOAT_PRECISIONS, ArrayLlamaBackend, LoadInfo, LoadOptions, Mode, Requirement,
-                           float_load_info, pip_extra)
-from backends.torch_quant import INT4_TYPES, Int4Weight, int4_counts, int4_linear, load_int4_weights
+from backends.base import (FLOAT_PRECISIONS, ArrayLlamaBackend, BackendOption, LoadInfo, LoadOptions, Mode,
+                           Requirement, float_load_info, pip_extra)
+from backends.torch_quant import (INT4_TYPES, KQUANT_FILES, RESTS, FileRows, PackedWeight, held_bytes,
+                                  load_native_weights, native_counts)
 from engine.errors import UnavailableError
 from engine.model.forward import FusedProjections, forward, layer_rope_tables
 
@@ -77,7 +78,7 @@ class TorchOps(FusedProjections):
         self.end: int | None = None  # eager calls attend over [0, end); compiled ones over the whole cache
 
     def embed(self, table, tokens):
-        return table[tokens]
+        return table.lookup(tokens) if isinstance(table, FileRows) else table[tokens]
 
     def rms_norm(self, x, weight):
         import torch.nn.functional as F
@@ -88,8 +89,8 @@ class TorchOps(FusedProjections):
         import torch
         import torch.nn.functional as F
 
-        if isinstance(weight, Int4Weight):
-            return int4_linear(x, weight)
+        if isinstance(weight, PackedWeight):
+            return weight.matmul(x)
         if self.use_mv and x.numel() == x.shape[-1]:  # one token of one sequence
             return torch.mv(weight, x.reshape(-1)).reshape(*x.shape[:-1], -1)
         return F.linear(x, weight)  # one GEMM over every sequence's tokens
@@ -214,10 +215,12 @@ class TorchBased(ArrayLlamaBackend):
 class TorchBackend(TorchBased):
     name = "torch"
     description = "compact PyTorch Llama (static KV cache, SDPA, optional torch.compile)"
+    options = (BackendOption("rest", str, "K-quant files: how matrices that are not 4-bit run (f32 or bf16)",
+                             choices=RESTS),)
 
     @classmethod
     def precisions(cls, spec):
-        return FLOAT_PRECISIONS + ((spec.file_type,) if spec.file_type in INT4_TYPES else ())
+        return FLOAT_PRECISIONS + ((spec.file_type,) if spec.file_type in INT4_TYPES + KQUANT_FILES else ())
 
     @classmethod
     def compiles_on_first_call(cls, compile, options):
@@ -226,15 +229,19 @@ class TorchBackend(TorchBased):
     @classmethod
     def modes(cls, spec, device):
         floats = ("f32", "bf16") if device == "cpu" else ("f32", "bf16", "f16")
-        native = [Mode(spec.file_type)] if spec.file_type in INT4_TYPES and device == "cpu" else []
-        return [Mode(p, compile=c) for c in (False, True) for p in floats] + native
+        native = [Mode(spec.file_type)] if spec.file_type in INT4_TYPES else []
+        native += [Mode(spec.file_type, options=(("rest", r),)) for r in RESTS if spec.file_type in KQUANT_FILES]
+        return [Mode(p, compile=c) for c in (False, True) for p in floats] + (native if device == "cpu" else [])
 
     def build(self, spec, opts: LoadOptions) -> LoadInfo:
         import torch
 
         self.prepare_torch(opts)
-        if opts.precision in INT4_TYPES:
+        if opts.precision in INT4_TYPES + KQUANT_FILES:
             return self._build_int4(spec, opts)
+        if "rest" in opts.options:
+            raise UnavailableError("option rest applies to the file's own quantization only (precision "
+                                   f"{spec.file_type}), not to {opts.precision}")
         dtype = getattr(torch, TORCH_DTYPES[opts.precision])
         if opts.precision == "f16" and self.device == "cpu" and not _cpu_half_works():
             raise UnavailableError("torch f16 matmul is not supported on this CPU build; use bf16 or f32")
@@ -268,19 +275,22 @@ class TorchBackend(TorchBased):
         if spec.config.arch.fused or spec.config.n_experts:
             raise UnavailableError(f"torch int4 runs neither fused attn_qkv/ffn_up blocks nor stacked experts "
                                    f"({spec.config.arch.name}); use f32 or bf16")
-        self.weights = load_int4_weights(spec, lambda a: torch.from_numpy(a))
+        rest = opts.options.get("rest", "f32")
+        self.weights = load_native_weights(spec, rest)
         self.ops = TorchOps(spec.config, opts.max_seq_len, opts.max_batch, torch.float32, self.device)
         self._decode = None
         held = dict(spec.weight_items(self.weights))
-        def size(name: str) -> int:  # bytes as held: packed int4 with its scales, or f32
-            w = held.get(name)
-            return spec.file_bytes(name) if w is None else w.nbytes if isinstance(w, Int4Weight) else w.numel() * 4
+        head = self.weights.output if spec.tied_embeddings else None  # tied: the embedding, or a copy of its own
+        def size(name: str) -> int:  # bytes as held (of a tied table, the head's: a lookup reads one row)
+            w = head if name == "token_embd.weight" and head is not None else held.get(name)
+            return spec.file_bytes(name) if w is None else held_bytes(w)
 
-        return LoadInfo(precision=opts.precision, device=self.device, weight_bytes=sum(map(size, held)),
+        copies = list(held.values()) + ([head] if head is not None and head is not self.weights.tok_embd else [])
+        return LoadInfo(precision=opts.precision, device=self.device, weight_bytes=sum(map(held_bytes, copies)),
                         decode_bytes=spec.decode_read_bytes(size),
                         kv_bytes_per_token=spec.config.kv_bytes_per_token(4),
-                        details={"kernel": "_weight_int4pack_mm_for_cpu", "activations": "bf16",
-                                 **int4_counts(self.weights)})
+                        details={"kernel": "_weight_int4pack_mm_for_cpu", "activations": "bf16", "rest": rest,
+                                 **native_counts(self.weights)})
 
     def uncached_compiles(self) -> int | None:
         from torch._inductor import config

@@ -1,13 +1,20 @@
-"""torch on the GGUF's own 4-bit blocks: Q4_0 and Q4_1 matrices run through torch's weight-only
-int4 kernel (`_weight_int4pack_mm_for_cpu`), converted once at load, the nibbles never re-quantized.
+"""torch on the GGUF's own blocks: 4-bit matrices (Q4_0, Q4_1, Q4_K) run through torch's weight-only
+int4 kernel (`_weight_int4pack_mm_for_cpu`), converted once at load, the values never re-quantized.
 
-The kernel computes with w = (q - 8) * scale + zero per group of 32 along a row, which holds both
-GGUF block types: Q4_0 is d * (q - 8) (scale d, zero 0) and Q4_1 is d * q + m (scale d, zero
-m + 8d). Its f32 path is a scalar loop (930 us for a 1536x576 GEMV here, against 69 us for an f32
-GEMV) while its bf16 path is vectorised (28 us), so activations, scales and zeros go in as bf16:
-the loss that costs shows in the row's `kld_mean`. Other block types (Q8_0 has per-block
-scales, which torch's int8 kernel lacks) and the embedding table stay f32; a tied output head
-shares the embedding's one float copy.
+The kernel computes with w = (n - 8) * scale + zero per group of 32 along a row, n a nibble, which
+holds every 4-bit affine group (backends.kquant: w = s * u + b) with scale s and zero b + 8s.
+Its f32 path is a scalar loop (930 us for a 1536x576 GEMV here, against 69 us for an f32 GEMV)
+while its bf16 path is vectorised (28 us), so activations, scales and zeros go in as bf16: the
+loss that costs shows in the row's `kld_mean`.
+
+The other matrices of a file (Q5_0/Q6_K/Q8_0 in a Q4_K_M file) run as the `rest` option says:
+`f32` (the dequantized values, exact) or `bf16` (rounded to bf16, with bf16 activations). Measured
+here (2 threads): a GEMV of Gemma 3's 262144x640 head takes 113 ms in f32, 32 ms in bf16, 15 ms
+in int4 and 32 ms through `_weight_int8pack_mm` (per-row scales, so a re-quantization), and
+splitting an 8-bit group into two int4 matrices (u = 16 hi + lo) would cost 2 x 15 ms: no faster
+than bf16, so neither is offered. Under rest=f32 a tied output head and the embedding share one
+f32 table; otherwise the embedding stays in the file's blocks (`FileRows`: a lookup dequantizes
+the rows it reads, the values the reference uses) and the head is converted as its type says.
 """
 
 from __future__ import annotations
@@ -17,13 +24,20 @@ from typing import Any
 
 import numpy as np
 
-GROUP = 32
-INT4_TYPES = ("q4_0", "q4_1")
-_BLOCK_BYTES = {"q4_0": 18, "q4_1": 20}  # f16 d (+ f16 m), then 16 bytes of 32 nibbles
+from backends.kquant import AFFINE_BITS, GROUP, AffineGroups, affine_groups
+
+INT4_TYPES = ("q4_0", "q4_1")  # file types whose native mode predates `rest` (it is f32 there)
+KQUANT_FILES = ("q4_k_m", "q4_k_s", "q5_k_m", "q5_k_s")  # file types mostly of K-quant blocks
+RESTS = ("f32", "bf16")
+
+
+class PackedWeight:
+    """A matrix torch holds in a form other than one float tensor: `matmul(x)` is x @ w.T, and
+    `nbytes` what it holds."""
 
 
 @dataclass
-class Int4Weight:
+class Int4Weight(PackedWeight):
     packed: Any  # torch uint8, the kernel's packed layout of (rows, cols) nibbles
     scales_zeros: Any  # torch bfloat16 (cols / 32, rows, 2)
     rows: int
@@ -33,18 +47,51 @@ class Int4Weight:
     def nbytes(self) -> int:
         return self.packed.numel() * self.packed.element_size() + self.scales_zeros.numel() * 2
 
+    def matmul(self, x):
+        return int4_linear(x, self)
 
-def unpack_blocks(raw: np.ndarray, qtype: str, rows: int, cols: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """GGUF Q4_0/Q4_1 blocks -> (nibbles uint8 (rows, cols), scale f32, zero f32 (rows, cols/32))."""
-    blocks = np.ascontiguousarray(raw).reshape(rows, cols // GROUP, _BLOCK_BYTES[qtype])
-    d = blocks[..., 0:2].copy().view(np.float16)[..., 0].astype(np.float32)
-    if qtype == "q4_1":
-        m = blocks[..., 2:4].copy().view(np.float16)[..., 0].astype(np.float32)
-        qs, zero = blocks[..., 4:], m + 8 * d
-    else:
-        qs, zero = blocks[..., 2:], np.zeros_like(d)
-    nibbles = np.concatenate([qs & 0x0F, qs >> 4], axis=-1)  # element j in the low nibble, j + 16 in the high
-    return nibbles.reshape(rows, cols), d, zero
+
+@dataclass
+class Bf16Weight(PackedWeight):
+    """A bf16 matrix in an f32 model: activations are rounded to bf16 for its product."""
+
+    weight: Any
+
+    @property
+    def rows(self) -> int:
+        return self.weight.shape[0]
+
+    @property
+    def nbytes(self) -> int:
+        return self.weight.numel() * 2
+
+    def matmul(self, x):
+        import torch
+
+        return torch.nn.functional.linear(x.to(torch.bfloat16), self.weight).float()
+
+
+@dataclass
+class FileRows:
+    """An embedding table left in the file (its mmap): a lookup dequantizes only the rows it reads,
+    with the gguf package's own routine, so it holds no copy of the table."""
+
+    raw: Any  # the tensor's blocks, one row of the table per row
+    kind: Any  # its gguf.GGMLQuantizationType
+
+    def lookup(self, tokens):
+        import gguf
+        import torch
+
+        ids = tokens.reshape(-1).cpu().numpy()
+        rows = np.asarray(gguf.quants.dequantize(self.raw[ids], self.kind), dtype=np.float32)
+        return torch.from_numpy(rows).reshape(*tokens.shape, -1)
+
+
+def int4_parts(g: AffineGroups) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """A 4-bit group's (nibbles, scale, zero) in the kernel's (n - 8) * scale + zero form."""
+    assert g.bits == 4, g.bits
+    return g.u, g.scale, g.bias + 8 * g.scale
 
 
 def int4_weight(nibbles: np.ndarray, scale: np.ndarray, zero: np.ndarray) -> Int4Weight:
@@ -66,22 +113,51 @@ def int4_linear(x, w: Int4Weight):
     return y.float().reshape(*x.shape[:-1], w.rows)
 
 
-def load_int4_weights(spec, to_float):
-    """The model's weights with every Q4_0/Q4_1 matrix as an Int4Weight (Q/K rows moved to the
-    rotate-half order the shared forward uses) and everything else through `to_float`."""
+def native_matrix(spec, name: str, rest: str):
+    """Tensor `name` as the native mode holds it: a PackedWeight, or an f32 torch tensor."""
+    import torch
+
+    qtype, shape = spec.tensor_type(name), spec.raw_tensor(name).shape
+    if len(shape) == 2 and AFFINE_BITS.get(qtype) == 4:
+        cols, rows = (int(n) for n in shape)  # GGUF lists the row length first
+        g = affine_groups(spec.raw_tensor(name).data, qtype, rows, cols)
+        return int4_weight(*(spec.hf_rows(name, a) for a in int4_parts(g)))
+    values = torch.from_numpy(spec.hf_tensor(name))
+    return Bf16Weight(values.to(torch.bfloat16)) if len(shape) == 2 and rest != "f32" else values
+
+
+def load_native_weights(spec, rest: str = "f32"):
+    """The model's weights as `native_matrix` holds each (Q/K rows in the rotate-half order the
+    shared forward uses): a tied head shares the f32 table under rest=f32, else is its own and the
+    embedding FileRows."""
+    import torch
+
+    shared = spec.tied_embeddings and rest == "f32"
 
     def read(name: str):
-        qtype = spec.tensor_type(name)
-        if qtype not in INT4_TYPES or name == "token_embd.weight":
-            return to_float(spec.hf_tensor(name))
-        cols, rows = (int(n) for n in spec.raw_tensor(name).shape)  # GGUF lists the row length first
-        parts = unpack_blocks(spec.raw_tensor(name).data, qtype, rows, cols)
-        return int4_weight(*(spec.hf_rows(name, p) for p in parts))
+        if name != "token_embd.weight":
+            return native_matrix(spec, name, rest)
+        if shared:
+            return torch.from_numpy(spec.hf_tensor(name))
+        t = spec.raw_tensor(name)
+        return FileRows(t.data, t.tensor_type)
 
-    return spec.load_weights(lambda w: w, tensor=read)
+    weights = spec.load_weights(lambda w: w, tensor=read)
+    if spec.tied_embeddings and not shared:
+        weights.output = native_matrix(spec, "token_embd.weight", rest)
+    return weights
 
 
-def int4_counts(weights) -> dict[str, int]:
+def held_bytes(w) -> int:
+    """Bytes a weight holds in memory (FileRows: none, its rows are read from the file's pages)."""
+    if isinstance(w, FileRows):
+        return 0
+    return w.nbytes if isinstance(w, PackedWeight) else w.numel() * w.element_size()
+
+
+def native_counts(weights) -> dict[str, int]:
+    """How many layer matrices each form holds (int4, bf16, f32)."""
     layers = [w for layer in weights.layers for w in vars(layer).values() if w is not None]  # None: absent in this arch
-    return {"int4_matrices": sum(isinstance(w, Int4Weight) for w in layers),
-            "float_matrices": sum(not isinstance(w, Int4Weight) and w.dim() == 2 for w in layers)}
+    count = lambda kind: sum(isinstance(w, kind) for w in layers)  # noqa: E731
+    return {"int4_matrices": count(Int4Weight), "bf16_matrices": count(Bf16Weight),
+            "float_matrices": sum(not isinstance(w, PackedWeight) and w.dim() == 2 for w in layers)}
