@@ -10,10 +10,12 @@ import sys
 import numpy as np
 
 from backends.base import ArrayLlamaBackend, Availability, LoadInfo, LoadOptions, Requirement, pip_extra
+from engine.model.footprint import MemoryNeed
 
 LLAMA_CPP = Requirement("llama_cpp", "llama-cpp-python", pip_extra("llamacpp"))
 KV_BYTES = 2  # llama.cpp's default KV cache type is f16
 CELL_PAD = 256  # llama.cpp rounds each sequence's KV cells up to a multiple of this
+LLAMA_RUNTIME = 40 * 2**20  # libllama and the bindings beside the model (measured)
 
 
 def _gpu_offload() -> bool:
@@ -69,6 +71,19 @@ class LlamaCppBackend(ArrayLlamaBackend):
     description = "llama.cpp native kernels (llama-cpp-python), the file's own quantization"
     requires = (LLAMA_CPP,)
     devices = ("metal", "cuda", "cpu")
+    runtime_bytes = LLAMA_RUNTIME
+
+    @classmethod
+    def estimate_bytes(cls, spec, opts):
+        """The file's tensors memory-mapped (resident as they are read), f16 KV cells for every
+        sequence's padded positions, and compute buffers for one micro-batch: its activations, the
+        attention scores over the context and the logits of each sequence."""
+        p, c = cls._context_params(opts), spec.config
+        n_ubatch = int(p.n_ubatch)
+        compute = 4 * n_ubatch * (6 * c.dim + 3 * c.ffn_dim + int(p.n_ctx) // opts.max_batch * c.n_heads)
+        return MemoryNeed(weights=sum(spec.file_bytes(n) for n in spec.tensor_names),
+                          kv=int(p.n_ctx) * c.kv_bytes_per_token(KV_BYTES), transient=0,
+                          runtime=cls.runtime_bytes + compute + 4 * opts.max_batch * c.vocab_size)
 
     @classmethod
     def build_info(cls) -> str:

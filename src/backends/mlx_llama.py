@@ -16,11 +16,15 @@ import numpy as np
 from backends.base import (FLOAT_PRECISIONS, ArrayLlamaBackend, LoadInfo, LoadOptions, Mode, Requirement,
                            float_load_info, pip_extra)
 from engine.errors import UnavailableError
+from engine.model.footprint import MemoryNeed, elements, float_need, kv_bytes, weight_bytes
 from engine.model.forward import SeparateProjections, forward, rope_frequencies
 
 MLX = Requirement("mlx", "mlx", pip_extra("mlx"))
 NATIVE_QUANT = {"q4_0": 4, "q4_1": 4, "q8_0": 8}  # GGUF types MLX loads as quantized matrices
 GROUP_SIZE = 32
+MLX_RUNTIME = 60 * 2**20  # MLX's library and allocator beside the model (measured)
+# bytes MLX holds per byte of the GGUF's blocks: 4- or 8-bit values, an f16 scale and bias per 32
+NATIVE_BYTES = {"q4_0": 20 / 18, "q4_1": 1.0, "q8_0": 36 / 34}
 GELU_C = (2.0 / np.pi) ** 0.5
 
 
@@ -126,6 +130,22 @@ class MlxBackend(ArrayLlamaBackend):
         return FLOAT_PRECISIONS + native
 
     @classmethod
+    def estimate_bytes(cls, spec, opts):
+        """Floats: an MLX array copies the numpy one, a cast to bf16/f16 is one more f32 array
+        meanwhile. Native: `mx.load` reads every tensor of the file at once; the Q/K matrices are
+        copied twice more while their rows are moved."""
+        if opts.precision not in NATIVE_QUANT:
+            return float_need(spec, opts.precision, opts.max_seq_len, opts.max_batch, cls.runtime_bytes,
+                              copies=1 if opts.precision == "f32" else 2)
+        def held(name: str) -> int:
+            native = NATIVE_BYTES.get(spec.tensor_type(name))
+            return int(spec.file_bytes(name) * native) if native else elements(spec, name) * 4
+
+        return MemoryNeed(weights=weight_bytes(spec, held), kv=kv_bytes(spec, opts.max_seq_len, opts.max_batch, 4),
+                          transient=sum(2 * held(n) for n in spec.load_order() if spec.permuted_heads(n)),
+                          runtime=cls.runtime_bytes)
+
+    @classmethod
     def modes(cls, spec, device):
         return [Mode("f32")] + ([Mode(spec.file_type)] if spec.file_type in NATIVE_QUANT else [])
 
@@ -146,7 +166,7 @@ class MlxBackend(ArrayLlamaBackend):
             self.weights, dtype = self._load_native(spec), mx.float32
         else:
             dtype = {"f32": mx.float32, "bf16": mx.bfloat16, "f16": mx.float16}[opts.precision]
-            self.weights = spec.load_weights(lambda a: mx.array(a).astype(dtype))
+            self.weights = spec.load_weights(lambda a: _evaluated(mx, mx.array(a).astype(dtype)))
         mx.eval(_arrays(self.weights))
         self.ops = MlxOps(spec.config, opts.max_seq_len, opts.max_batch, dtype)
         if opts.precision in NATIVE_QUANT:  # the file's own blocks: sizes as stored in the GGUF
@@ -198,6 +218,12 @@ class MlxBackend(ArrayLlamaBackend):
 
     def memory(self) -> dict[str, int]:
         return {"active_bytes": self.mx.get_active_memory(), "peak_bytes": self.mx.get_peak_memory()}
+
+
+def _evaluated(mx, array):
+    """Computed now: lazily, every f32 source of a cast would stay alive until the end of the load."""
+    mx.eval(array)
+    return array
 
 
 def _weights(w) -> list:

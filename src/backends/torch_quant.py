@@ -85,3 +85,22 @@ def int4_counts(weights) -> dict[str, int]:
     layers = [w for layer in weights.layers for w in vars(layer).values() if w is not None]  # None: absent in this arch
     return {"int4_matrices": sum(isinstance(w, Int4Weight) for w in layers),
             "float_matrices": sum(not isinstance(w, Int4Weight) and w.dim() == 2 for w in layers)}
+
+
+def int4_need(spec, positions: int, sequences: int, runtime: int):
+    """What `load_int4_weights` holds: Q4 matrices packed (half a byte an element, with a bf16 scale
+    and zero per group), the rest f32 (wrapping the dequantized array); a matrix being packed holds
+    its nibbles as uint8 and int32 beside the unpacked blocks (about 7 bytes an element)."""
+    from engine.model.footprint import MemoryNeed, conversion_peak, dequantized_bytes, elements, kv_bytes
+
+    def packed(name: str) -> bool:
+        return spec.tensor_type(name) in INT4_TYPES and name != "token_embd.weight"
+
+    def held(name: str) -> int:
+        n = elements(spec, name)
+        return n // 2 + n // GROUP * 4 if packed(name) else n * 4
+
+    floats = dequantized_bytes(spec, copies=0)
+    staged = lambda name: 7 * elements(spec, name) if packed(name) else floats(name)  # noqa: E731
+    return MemoryNeed(weights=sum(held(n) for n in spec.load_order()), kv=kv_bytes(spec, positions, sequences, 4),
+                      transient=conversion_peak(spec, held, staged), runtime=runtime)
