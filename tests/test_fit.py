@@ -162,3 +162,28 @@ def test_a_streamed_reference_scores_a_window_in_one_pass_as_step_by_step(deep_q
     stepped = next(fidelity.teacher_forced(whole, [window])).astype(np.float32)
     assert one_pass.shape == stepped.shape == (corpus.SCORED_PER_WINDOW, spec.config.vocab_size)
     assert np.abs(one_pass - stepped).max() < 2e-2  # float16 log-probabilities, sums in another order
+
+
+def test_a_fidelity_pass_without_room_beside_the_cell_releases_it_first(tiny_f32, tmp_path, monkeypatch):
+    """The pass loads the mode again for the corpus windows when the cell's load is shorter; where
+    the two would not fit together, the cell's is released (the next cell loads afresh)."""
+    from engine.measure import corpus, fidelity_pass, fit
+    from engine.measure.cell import Cell
+    from engine.measure.runner import LoadedModel
+
+    monkeypatch.setenv("BENCH_CACHE_DIR", str(tmp_path))
+    cell = Cell(framework="numpy", model=tiny_f32, gen_tokens=4)
+    loaded = LoadedModel(cell, ModelSpec.open(tiny_f32), max_seq_len=8)  # shorter than a corpus window
+    refusals = []
+    real = fit.admit
+
+    def admit_once_released(cls, spec, opts, limit_mb=0):
+        if not loaded.released:
+            refusals.append(opts.max_seq_len)
+            raise fit.MemoryShortfall("no room beside the cell's load", 2, 1)
+        return real(cls, spec, opts, limit_mb)
+
+    monkeypatch.setattr(fidelity_pass, "admit", admit_once_released)
+    checked = fidelity_pass.run_pass(cell, loaded)
+    assert len(refusals) == 1 and refusals[0] >= corpus.WINDOW and loaded.released and loaded.backend is None
+    assert checked.fidelity.kld_mean == 0 and checked.match_tokens == 4, "the pass ran on its own load"

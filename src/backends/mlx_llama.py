@@ -123,6 +123,7 @@ class MlxBackend(ArrayLlamaBackend):
     description = "MLX Llama: float, or the GGUF's Q4_0/Q4_1/Q8_0 blocks run natively"
     requires = (MLX,)
     devices = ("gpu", "cpu")
+    runtime_bytes = MLX_RUNTIME
 
     @classmethod
     def precisions(cls, spec):

@@ -5,6 +5,7 @@ Called inside the isolated child (engine.sweep.worker); tests call it directly t
 
 from __future__ import annotations
 
+import gc
 import math
 import time
 from datetime import datetime, timezone
@@ -15,7 +16,7 @@ import backends
 from engine.measure.cell import Cell
 from engine.generate.engine import Generation, GenerationConfig, InferenceEngine
 from engine.errors import InputError
-from engine.model.spec import ModelSpec
+from engine.model.spec import ModelSpec, release_freed_memory
 from engine.measure.fidelity_pass import PassResult, run_pass
 from engine.measure.fit import Fit, admit
 from engine.measure.reference import leading_matches, save_greedy
@@ -65,9 +66,13 @@ class LoadedModel:
         return self.load["sequences"], self.load["positions"]
 
     def release(self) -> None:
+        """Close the backend and drop it, its memory handed back (the caller holds no other reference)."""
         if not self.released:
             self.released = True
             self.backend.close()
+            self.backend = None
+            gc.collect()
+            release_freed_memory()
 
     def close(self) -> None:
         self.release()
@@ -153,7 +158,8 @@ class CellRun:
                 save_greedy(self.cell.model, prompt, self.cell.gen_tokens, tokens)
         rows = build_rows(self.cell, loaded, self.prompts, runs, sum(warm), compile_s, load_s, device_mem,
                           self.host_gbps, self.run_id, self.peak_rss_bytes)
-        checked = run_pass(self.cell, loaded)  # outside the timed runs, cached per mode; may release `loaded`
+        self.engine = None  # the pass may release the loaded backend to make room for its own
+        checked = run_pass(self.cell, loaded)  # outside the timed runs, cached per mode
         return [with_fidelity(replace(r, measured_at=at, peak_rss_scope=self.peak.scope, load=loaded.load,
                                       compile_cache=self.compile_cache), checked)
                 for r, at in zip(rows, self.measured_at)]
