@@ -123,8 +123,10 @@ class NumpyBackend(ArrayLlamaBackend):
         self.streamed = plan is not None
         self.weights = plan.load(spec) if plan else spec.load_weights(lambda a: a)
         self.ops = NumpyOps(spec.config, opts.max_seq_len, opts.max_batch)
-        streamed = {"resident_layers": plan.resident, "streamed_layers": spec.config.n_layers - plan.resident}
-        return float_load_info(spec, "f32", "cpu", **(streamed if plan else {}))
+        if plan is None:
+            return float_load_info(spec, "f32", "cpu")
+        return float_load_info(spec, "f32", "cpu", resident_layers=plan.resident,
+                               streamed_layers=spec.config.n_layers - plan.resident)
 
     def threads_used(self) -> tuple[int, str]:
         from threadpoolctl import threadpool_info
