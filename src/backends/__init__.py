@@ -14,7 +14,7 @@ import pkgutil
 import time
 from dataclasses import dataclass
 from functools import cache
-from typing import TYPE_CHECKING, Any, Mapping
+from typing import TYPE_CHECKING, Any, Callable, Mapping
 
 from engine.errors import InputError, UnavailableError
 from engine.generate.backend import Backend, LoadInfo, LoadOptions
@@ -94,20 +94,32 @@ class Opened:
     opts: LoadOptions  # what it was loaded with (resolved precision and device, capacity)
 
 
-def open_backend(name: str, spec: "ModelSpec", precision: str = "auto", device: str = "auto", *,
+def load_options(name: str, spec: "ModelSpec", precision: str = "auto", device: str = "auto", *,
                  threads: int | None = None, max_seq_len: int = 512, max_batch: int = 1, compile: bool = False,
-                 options: Mapping[str, Any] | None = None) -> Opened:
-    """Check availability, resolve precision and device, load, time the load: the one sequence
-    every caller (measurement, chat, tests, scripts) uses."""
+                 options: Mapping[str, Any] | None = None,
+                 memory_budget_bytes: int = 0) -> tuple[type[Backend], LoadOptions, str]:
+    """The framework's class, what it would be loaded with (precision and device resolved, options
+    typed) and its version; UnavailableError when it cannot run here."""
     cls = get(name)
     avail = cls.availability()
     if not avail.ok:
         raise UnavailableError(f"framework {name} is unavailable: {avail.reason}")
-    precision = cls.resolve_precision(spec, precision)
-    opts = LoadOptions(precision=precision, device=cls.resolve_device(device), threads=threads or None,
-                       max_seq_len=max_seq_len, max_batch=max_batch, compile=compile,
-                       options=cls.parse_options(options or {}))
+    opts = LoadOptions(precision=cls.resolve_precision(spec, precision), device=cls.resolve_device(device),
+                       threads=threads or None, max_seq_len=max_seq_len, max_batch=max_batch, compile=compile,
+                       options=cls.parse_options(options or {}), memory_budget_bytes=memory_budget_bytes)
+    return cls, opts, avail.version
+
+
+def open_backend(name: str, spec: "ModelSpec", precision: str = "auto", device: str = "auto",
+                 admit: Callable[[type[Backend], LoadOptions], LoadOptions] | None = None, **load: Any) -> Opened:
+    """Check availability, resolve precision and device, load, time the load: the one sequence
+    every caller (measurement, chat, tests, scripts) uses. `load`: load_options' keywords; `admit`
+    sees the class and options before the load and returns the options to load with, or raises
+    (the harness's memory check)."""
+    cls, opts, version = load_options(name, spec, precision, device, **load)
+    if admit is not None:
+        opts = admit(cls, opts)
     backend = cls()
     t = time.perf_counter()
     info = backend.load(spec, opts)
-    return Opened(backend, info, precision, avail.version, time.perf_counter() - t, opts)
+    return Opened(backend, info, opts.precision, version, time.perf_counter() - t, opts)

@@ -11,12 +11,11 @@ import numpy as np
 
 from engine.generate.backend import (FLOAT_PRECISIONS, Availability, Backend, BackendOption, LoadInfo,  # noqa: F401
                                      LoadOptions, Mode, Requirement, pip_extra)
+from engine.model.footprint import BYTES_PER_ELEMENT, float_bytes
 from engine.model.forward import check_batch
 
 if TYPE_CHECKING:
     from engine.model.spec import ModelSpec
-
-BYTES_PER_ELEMENT = {"f32": 4, "bf16": 2, "f16": 2}
 
 
 class ArrayLlamaBackend(Backend):
@@ -65,13 +64,11 @@ class ArrayLlamaBackend(Backend):
 
 def float_load_info(spec: "ModelSpec", precision: str, device: str, **details: Any) -> LoadInfo:
     """LoadInfo for a backend holding every weight as floats of `precision`."""
-    per = BYTES_PER_ELEMENT[precision]
-    elements = lambda name: int(np.prod(spec.raw_tensor(name).shape))  # noqa: E731
-    tensors = spec.tensor_names
+    held = float_bytes(spec, precision)
     return LoadInfo(
         precision=precision, device=device,
-        weight_bytes=sum(elements(n) for n in tensors) * per,
-        decode_bytes=spec.decode_read_bytes(lambda n: elements(n) * per),
-        kv_bytes_per_token=spec.config.kv_bytes_per_token(per),
+        weight_bytes=sum(held(n) for n in spec.tensor_names),
+        decode_bytes=spec.decode_read_bytes(held),
+        kv_bytes_per_token=spec.config.kv_bytes_per_token(BYTES_PER_ELEMENT[precision]),
         details=dict(details),
     )

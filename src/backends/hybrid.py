@@ -9,14 +9,15 @@ many did.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
 
 from backends.base import ArrayLlamaBackend, LoadInfo, LoadOptions, float_load_info
-from backends.tinygrad_llama import TINYGRAD, ShapeJits, TinygradBackend, TinyOps, cache_entries
-from backends.torch_llama import TORCH, TorchOps, enter_inference
+from backends.tinygrad_llama import TINYGRAD, TINYGRAD_RUNTIME, ShapeJits, TinygradBackend, TinyOps, cache_entries
+from backends.torch_llama import TORCH, TORCH_RUNTIME, TorchOps, enter_inference
+from engine.model.footprint import float_bytes, fused_rows_bytes, kv_bytes
 from engine.model.spec import LayerWeights
 from engine.model.forward import block, embed, head
 
@@ -45,6 +46,14 @@ class HybridBackend(ArrayLlamaBackend):
     requires = (TORCH, TINYGRAD)
     devices = ("cpu",)
     compile_caches = TinygradBackend.compile_caches  # its blocks' kernels
+    runtime_bytes = TORCH_RUNTIME + TINYGRAD_RUNTIME
+
+    @classmethod
+    def estimate_bytes(cls, spec, opts):
+        """torch's f32 weights (one copy, fused after the load) and a KV cache in each framework."""
+        need = super().estimate_bytes(spec, opts)
+        return replace(need, kv=2 * kv_bytes(spec, opts.max_seq_len, opts.max_batch, 4),
+                       transient=max(need.transient, fused_rows_bytes(spec, float_bytes(spec, "f32"))))
 
     @classmethod
     def precisions(cls, spec):

@@ -10,10 +10,15 @@ import sys
 import numpy as np
 
 from backends.base import ArrayLlamaBackend, Availability, LoadInfo, LoadOptions, Requirement, pip_extra
+from engine.model.footprint import MemoryNeed
 
 LLAMA_CPP = Requirement("llama_cpp", "llama-cpp-python", pip_extra("llamacpp"))
 KV_BYTES = 2  # llama.cpp's default KV cache type is f16
 CELL_PAD = 256  # llama.cpp rounds each sequence's KV cells up to a multiple of this
+LLAMA_RUNTIME = 40 * 2**20  # libllama and the bindings beside the model (measured)
+# block types ggml's CPU backend repacks into its interleaved layout at load: a second copy beside
+# the mapped file (3B Q4_K_M: 3423 MB peak = 1918 MB of file + 1299 MB of Q4_K matrices + runtime)
+CPU_REPACKED = ("q4_0", "q4_k", "iq4_nl")
 
 
 def _gpu_offload() -> bool:
@@ -69,6 +74,21 @@ class LlamaCppBackend(ArrayLlamaBackend):
     description = "llama.cpp native kernels (llama-cpp-python), the file's own quantization"
     requires = (LLAMA_CPP,)
     devices = ("metal", "cuda", "cpu")
+    runtime_bytes = LLAMA_RUNTIME
+
+    @classmethod
+    def estimate_bytes(cls, spec, opts):
+        """The file's tensors memory-mapped (resident as they are read) with, on the CPU, a repacked
+        copy of its Q4 matrices; f16 KV cells for every sequence's padded positions; compute buffers
+        for one micro-batch: activations, attention scores over the context, each sequence's logits."""
+        p, c = cls._context_params(opts), spec.config
+        n_ubatch = int(p.n_ubatch)
+        compute = 4 * n_ubatch * (6 * c.dim + 3 * c.ffn_dim + int(p.n_ctx) // opts.max_batch * c.n_heads)
+        repacked = sum(spec.file_bytes(n) for n in spec.tensor_names
+                       if n.startswith("blk.") and spec.tensor_type(n) in CPU_REPACKED) if opts.device == "cpu" else 0
+        return MemoryNeed(weights=sum(spec.file_bytes(n) for n in spec.tensor_names) + repacked,
+                          kv=int(p.n_ctx) * c.kv_bytes_per_token(KV_BYTES), transient=0,
+                          runtime=cls.runtime_bytes + compute + 4 * opts.max_batch * c.vocab_size)
 
     @classmethod
     def build_info(cls) -> str:

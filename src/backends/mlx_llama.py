@@ -20,6 +20,7 @@ from backends.base import (FLOAT_PRECISIONS, ArrayLlamaBackend, BackendOption, L
                            Requirement, float_load_info, pip_extra)
 from backends.kquant import AFFINE_BITS, affine_groups
 from engine.errors import UnavailableError
+from engine.model.footprint import MemoryNeed, conversion_peak, elements, float_need, kv_bytes, weight_bytes
 from engine.model.forward import SeparateProjections, forward, rope_frequencies
 
 MLX = Requirement("mlx", "mlx", pip_extra("mlx"))
@@ -28,6 +29,9 @@ KQUANT_FILES = ("q4_k_m", "q4_k_s", "q5_k_m", "q5_k_s")  # file types backends.k
 Q6K_MODES = ("f32", "q8")
 PACK_ROWS = 4096  # rows packed at a time (the packing's uint64 temporaries are 8 bytes a value)
 GROUP_SIZE = 32
+MLX_RUNTIME = 60 * 2**20  # MLX's library and allocator beside the model (measured)
+# bytes MLX holds per byte of the GGUF's blocks: 4- or 8-bit values, an f16 scale and bias per 32
+NATIVE_BYTES = {"q4_0": 20 / 18, "q4_1": 1.0, "q8_0": 36 / 34}
 GELU_C = (2.0 / np.pi) ** 0.5
 
 
@@ -128,11 +132,32 @@ class MlxBackend(ArrayLlamaBackend):
     devices = ("gpu", "cpu")
     options = (BackendOption("q6_k", str, "K-quant files: how Q6_K matrices (any type without groups of 32) "
                              "run: f32, or q8 (re-quantized to 8-bit groups of 32)", choices=Q6K_MODES),)
+    runtime_bytes = MLX_RUNTIME
 
     @classmethod
     def precisions(cls, spec):
         native = (spec.file_type,) if spec.file_type in NATIVE_QUANT or spec.file_type in KQUANT_FILES else ()
         return FLOAT_PRECISIONS + native
+
+    @classmethod
+    def estimate_bytes(cls, spec, opts):
+        """Floats: an MLX array copies the numpy one, a cast to bf16/f16 is one more f32 array
+        meanwhile. Native: `mx.load` reads every tensor of the file at once; the Q/K matrices are
+        copied twice more while their rows are moved."""
+        if opts.precision in KQUANT_FILES:
+            return _affine_need(spec, opts.options.get("q6_k", "f32"), opts.max_seq_len, opts.max_batch,
+                                cls.runtime_bytes)
+        if opts.precision not in NATIVE_QUANT:
+            return float_need(spec, opts.precision, opts.max_seq_len, opts.max_batch, cls.runtime_bytes,
+                              copies=1 if opts.precision == "f32" else 2)
+
+        def held(name: str) -> int:
+            native = NATIVE_BYTES.get(spec.tensor_type(name))
+            return int(spec.file_bytes(name) * native) if native else elements(spec, name) * 4
+
+        return MemoryNeed(weights=weight_bytes(spec, held), kv=kv_bytes(spec, opts.max_seq_len, opts.max_batch, 4),
+                          transient=sum(2 * held(n) for n in spec.load_order() if spec.permuted_heads(n)),
+                          runtime=cls.runtime_bytes)
 
     @classmethod
     def modes(cls, spec, device):
@@ -164,7 +189,7 @@ class MlxBackend(ArrayLlamaBackend):
             dtype = mx.float32
         else:
             dtype = {"f32": mx.float32, "bf16": mx.bfloat16, "f16": mx.float16}[opts.precision]
-            self.weights = spec.load_weights(lambda a: mx.array(a).astype(dtype))
+            self.weights = spec.load_weights(lambda a: _evaluated(mx, mx.array(a).astype(dtype)))
         mx.eval(_arrays(self.weights))
         self.ops = MlxOps(spec.config, opts.max_seq_len, opts.max_batch, dtype)
         if native:  # the file's own blocks: sizes as MLX holds them
@@ -238,6 +263,31 @@ class MlxBackend(ArrayLlamaBackend):
 
     def memory(self) -> dict[str, int]:
         return {"active_bytes": self.mx.get_active_memory(), "peak_bytes": self.mx.get_peak_memory()}
+
+
+def _affine_need(spec, q6_k: str, positions: int, sequences: int, runtime: int) -> MemoryNeed:
+    """What `_load_affine` holds: group-32 blocks as packed `bits`-bit values with an f32 scale and
+    bias per group, the other matrices f32 or (q6_k=q8) 8-bit groups, vectors f32; a matrix being
+    converted holds its unpacked values (a byte each) or its f32 dequantization meanwhile."""
+    def held(name: str) -> int:
+        n, shape = elements(spec, name), spec.raw_tensor(name).shape
+        bits = AFFINE_BITS.get(spec.tensor_type(name)) if len(shape) == 2 else None
+        if bits is None and len(shape) == 2 and q6_k == "q8":
+            bits = 8
+        return n * 4 if bits is None else n * bits // 8 + n // GROUP_SIZE * 8
+
+    def staged(name: str) -> int:
+        n = elements(spec, name)
+        return 2 * n if AFFINE_BITS.get(spec.tensor_type(name)) else 4 * n
+
+    return MemoryNeed(weights=weight_bytes(spec, held), kv=kv_bytes(spec, positions, sequences, 4),
+                      transient=conversion_peak(spec, held, staged), runtime=runtime)
+
+
+def _evaluated(mx, array):
+    """Computed now: lazily, every f32 source of a cast would stay alive until the end of the load."""
+    mx.eval(array)
+    return array
 
 
 def _weights(w) -> list:

@@ -1,11 +1,23 @@
-"""The reference: an f32 Llama-family model (llama, qwen2, qwen3, gemma2, gemma3) in plain numpy. It defines correct output for every other backend."""
+"""The reference: an f32 Llama-family model (llama, qwen2, qwen3, gemma2, gemma3) in plain numpy. It defines correct output for every other backend.
+
+It runs any model whose file fits: when the f32 copy of every weight would not fit the load's
+memory budget, the output head and as many leading layers as fit are held in f32 and the other
+layers are dequantized from the file's memory-mapped blocks each time a step reaches them (and
+dropped after), the embedding read row by row from its blocks. The arithmetic is the same, so are
+the logits, bit for bit; only slower (the reference runs outside the timed runs).
+"""
 
 from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import Any, Sequence
 
 import numpy as np
 
 from backends.base import ArrayLlamaBackend, LoadInfo, LoadOptions, float_load_info
-from engine.model.forward import SeparateProjections, forward, layer_rope_tables
+from engine.model.footprint import MemoryNeed, elements, float_need
+from engine.model.forward import SeparateProjections, check_batch, forward, layer_rope_tables
+from engine.model.spec import LlamaWeights
 
 
 GELU_C = float(np.sqrt(2.0 / np.pi))
@@ -100,10 +112,21 @@ class NumpyBackend(ArrayLlamaBackend):
     def precisions(cls, spec):
         return ("f32",)
 
+    @classmethod
+    def estimate_bytes(cls, spec, opts: LoadOptions) -> MemoryNeed:
+        """Every weight in f32, or (beyond the budget) what the streamed plan holds."""
+        plan = Streaming.plan(spec, opts)
+        return plan.need if plan else float_need(spec, "f32", opts.max_seq_len, opts.max_batch, cls.runtime_bytes)
+
     def build(self, spec, opts: LoadOptions) -> LoadInfo:
-        self.weights = spec.load_weights(lambda a: a)
+        plan = Streaming.plan(spec, opts)
+        self.streamed = plan is not None
+        self.weights = plan.load(spec) if plan else spec.load_weights(lambda a: a)
         self.ops = NumpyOps(spec.config, opts.max_seq_len, opts.max_batch)
-        return float_load_info(spec, "f32", "cpu")
+        if plan is None:
+            return float_load_info(spec, "f32", "cpu")
+        return float_load_info(spec, "f32", "cpu", resident_layers=plan.resident,
+                               streamed_layers=spec.config.n_layers - plan.resident)
 
     def threads_used(self) -> tuple[int, str]:
         from threadpoolctl import threadpool_info
@@ -111,6 +134,82 @@ class NumpyBackend(ArrayLlamaBackend):
         blas = [p["num_threads"] for p in threadpool_info() if p.get("user_api") == "blas"]
         return (max(blas), "") if blas else (1, "numpy found no BLAS library: its matmuls run on one thread")
 
+    def every_position_logits(self, tokens):
+        """Offered when streaming: one pass over the dequantized layers per window of the fidelity
+        pass instead of one per position (a GEMM's sums, not a GEMV's: equal to rounding)."""
+        if not getattr(self, "streamed", False):
+            return None
+        check_batch([tokens], 0, 1, self.max_batch, self.max_seq, self.config.vocab_size)
+        self.pos, self.batch = 0, 1
+        logits = forward(self.ops, self.weights, self.config, np.asarray([tokens]), 0, 1, len(tokens), every_position=True)
+        self.pos = len(tokens)
+        return np.asarray(logits[0], dtype=np.float32)
+
     def step(self, tokens: list[list[int]], start: int) -> np.ndarray:
         logits = forward(self.ops, self.weights, self.config, np.asarray(tokens), start, len(tokens), len(tokens[0]))
         return np.asarray(logits, dtype=np.float32)
+
+
+@dataclass(frozen=True)
+class Streaming:
+    """The reference's plan when its f32 weights would not fit `opts.memory_budget_bytes`: the head
+    and the first `resident` layers held, the rest dequantized per step. `need` is what it holds."""
+
+    resident: int
+    need: MemoryNeed
+
+    @classmethod
+    def plan(cls, spec, opts: LoadOptions) -> "Streaming | None":
+        """None when everything fits in f32 (or no budget was given)."""
+        full = float_need(spec, "f32", opts.max_seq_len, opts.max_batch, NumpyBackend.runtime_bytes)
+        budget = opts.memory_budget_bytes
+        if not budget or full.total <= budget:
+            return None
+        c = spec.config
+        layer = [sum(elements(spec, f"blk.{i}.{s}") * 4 for s in spec.layer_tensors) for i in range(c.n_layers)]
+        head = ["output_norm.weight"] + (["token_embd.weight"] if spec.tied_embeddings else ["output.weight"])
+        # a streamed layer is built while the previous one is still referenced: two at most, with
+        # the dequantizer's temporaries (the full plan's transient covers those)
+        fixed = replace(full, weights=sum(elements(spec, n) * 4 for n in head),
+                        transient=full.transient + 2 * max(layer))
+        resident, held = 0, 0
+        while resident < c.n_layers and fixed.total + held + layer[resident] <= budget:
+            held += layer[resident]
+            resident += 1
+        return cls(resident, replace(fixed, weights=fixed.weights + held))
+
+    def load(self, spec) -> LlamaWeights:
+        keep = lambda a: a  # noqa: E731  (the reference holds the dequantized arrays themselves)
+        output = spec.tensor("output.weight") if not spec.tied_embeddings else spec.tensor("token_embd.weight")
+        embedding = output if spec.tied_embeddings else EmbeddingRows(spec)
+        return LlamaWeights(tok_embd=embedding, output_norm=spec.tensor("output_norm.weight"), output=output,
+                            layers=StreamedLayers(spec, [spec.layer_weights(i, keep) for i in range(self.resident)]))
+
+
+class StreamedLayers(Sequence):
+    """The layers of a streamed reference: the held ones, then each other layer's weights
+    dequantized from the file whenever it is read (the forward reads each once per step)."""
+
+    def __init__(self, spec, held: list):
+        self.spec, self.held = spec, held
+
+    def __len__(self) -> int:
+        return self.spec.config.n_layers
+
+    def __getitem__(self, i: Any):
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(len(self)))]
+        if not -len(self) <= i < len(self):
+            raise IndexError(i)
+        i %= len(self)
+        return self.held[i] if i < len(self.held) else self.spec.layer_weights(i, lambda a: a)
+
+
+class EmbeddingRows:
+    """The embedding table looked up on the file's blocks: the rows of the tokens asked for."""
+
+    def __init__(self, spec):
+        self.spec = spec
+
+    def __getitem__(self, tokens: np.ndarray) -> np.ndarray:
+        return self.spec.rows("token_embd.weight", tokens)

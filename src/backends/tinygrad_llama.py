@@ -15,9 +15,11 @@ import numpy as np
 from backends.base import (ArrayLlamaBackend, BackendOption, LoadInfo, LoadOptions, Mode, Requirement, float_load_info,
                            pip_extra)
 from engine.errors import UnavailableError
+from engine.model.footprint import float_need
 from engine.model.forward import SeparateProjections, forward, layer_rope_tables
 
 TINYGRAD = Requirement("tinygrad", "tinygrad", pip_extra("tinygrad"))
+TINYGRAD_RUNTIME = 120 * 2**20  # tinygrad's modules, compiled kernels and JIT buffers (measured)
 MOE_UNAVAILABLE = "tinygrad has no mixture-of-experts op here yet (numpy, torch and llamacpp run it)"
 
 
@@ -133,6 +135,13 @@ class TinygradBackend(ArrayLlamaBackend):
     devices = ("cuda", "metal", "amd", "gpu", "cpu")
     compile_caches = {"CACHEDB": "tinygrad/cache.db"}  # compiled kernels and BEAM choices (sqlite)
     options = (BackendOption("beam", int, "BEAM kernel-search width: 0 off, 2 typical", choices=tuple(range(0, 9))),)
+    runtime_bytes = TINYGRAD_RUNTIME
+
+    @classmethod
+    def estimate_bytes(cls, spec, opts):
+        """Its buffers are copies of the dequantized array (and of its f16 cast at f16)."""
+        return float_need(spec, opts.precision, opts.max_seq_len, opts.max_batch, cls.runtime_bytes,
+                          copies=1.5 if opts.precision == "f16" else 1)
 
     @classmethod
     def precisions(cls, spec):

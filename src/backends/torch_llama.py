@@ -4,18 +4,21 @@ attention, optional `torch.compile` of the decode step. CPU, CUDA and MPS."""
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 
 import numpy as np
 
 from backends.base import (FLOAT_PRECISIONS, ArrayLlamaBackend, BackendOption, LoadInfo, LoadOptions, Mode,
                            Requirement, float_load_info, pip_extra)
 from backends.torch_quant import (INT4_TYPES, KQUANT_FILES, RESTS, FileRows, PackedWeight, held_bytes,
-                                  load_native_weights, native_counts)
+                                  load_native_weights, native_counts, native_need)
 from engine.errors import UnavailableError
+from engine.model.footprint import float_bytes, fused_rows_bytes
 from engine.model.forward import FusedProjections, forward, layer_rope_tables
 
 TORCH = Requirement("torch", "torch", pip_extra("torch"))
 TORCH_DTYPES = {"f32": "float32", "bf16": "bfloat16", "f16": "float16"}
+TORCH_RUNTIME = 330 * 2**20  # torch's libraries and allocator beside the model (measured: import and first steps)
 MOE_GATHER_TOKENS = 8  # up to this many tokens a step gathers each one's experts instead of looping over experts
 
 
@@ -192,6 +195,7 @@ class TorchBased(ArrayLlamaBackend):
     """What every backend running on torch shares: devices, threads, inference mode, memory."""
 
     requires = (TORCH,)
+    runtime_bytes = TORCH_RUNTIME
     devices = ("cuda", "mps", "cpu")
     compile_caches = {"TORCHINDUCTOR_CACHE_DIR": "torchinductor"}  # FX graphs, AOTAutograd, kernels
 
@@ -225,6 +229,16 @@ class TorchBackend(TorchBased):
     @classmethod
     def compiles_on_first_call(cls, compile, options):
         return compile  # torch.compile traces and compiles on the first calls
+
+    @classmethod
+    def estimate_bytes(cls, spec, opts):
+        """Floats of the precision with Q/K/V and gate/up fused after the load (a layer's worth held
+        twice for a moment), or the file's own blocks (packed 4-bit groups, the rest as `rest` says)."""
+        if opts.precision in INT4_TYPES + KQUANT_FILES:
+            return native_need(spec, opts.options.get("rest", "f32"), opts.max_seq_len, opts.max_batch,
+                               cls.runtime_bytes)
+        need = super().estimate_bytes(spec, opts)
+        return replace(need, transient=max(need.transient, fused_rows_bytes(spec, float_bytes(spec, opts.precision))))
 
     @classmethod
     def modes(cls, spec, device):

@@ -161,3 +161,32 @@ def native_counts(weights) -> dict[str, int]:
     count = lambda kind: sum(isinstance(w, kind) for w in layers)  # noqa: E731
     return {"int4_matrices": count(Int4Weight), "bf16_matrices": count(Bf16Weight),
             "float_matrices": sum(not isinstance(w, PackedWeight) and w.dim() == 2 for w in layers)}
+
+
+def native_need(spec, rest: str, positions: int, sequences: int, runtime: int):
+    """What `load_native_weights` holds: 4-bit matrices packed (half a byte an element, a bf16 scale
+    and zero per group), the rest f32 or bf16 as `rest` says, an embedding that is not shared with
+    the head left in the file (FileRows; a tied head is then its own copy); a matrix being packed
+    holds its nibbles as uint8 and int32 beside the unpacked groups (about 7 bytes an element)."""
+    from engine.model.footprint import MemoryNeed, conversion_peak, dequantized_bytes, elements, kv_bytes
+
+    in_file = not (spec.tied_embeddings and rest == "f32")
+
+    def packed(name: str) -> bool:
+        return AFFINE_BITS.get(spec.tensor_type(name)) == 4 and len(spec.raw_tensor(name).shape) == 2
+
+    def converted(name: str) -> int:
+        n = elements(spec, name)
+        if packed(name):
+            return n // 2 + n // GROUP * 4
+        return n * (2 if rest == "bf16" and len(spec.raw_tensor(name).shape) == 2 else 4)
+
+    def held(name: str) -> int:
+        return 0 if name == "token_embd.weight" and in_file else converted(name)
+
+    floats = dequantized_bytes(spec, copies=0)
+    staged = lambda name: 7 * elements(spec, name) if packed(name) else floats(name)  # noqa: E731
+    tied_head = converted("token_embd.weight") if spec.tied_embeddings and in_file else 0
+    return MemoryNeed(weights=sum(held(n) for n in spec.load_order()) + tied_head,
+                      kv=kv_bytes(spec, positions, sequences, 4),
+                      transient=conversion_peak(spec, held, staged), runtime=runtime)

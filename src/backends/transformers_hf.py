@@ -8,7 +8,7 @@ import numpy as np
 
 from backends.base import LoadInfo, LoadOptions, Mode, Requirement, float_load_info, pip_extra
 from engine.errors import UnavailableError
-from backends.torch_llama import TORCH, TORCH_DTYPES, TorchBased, synchronize
+from backends.torch_llama import TORCH, TORCH_DTYPES, TORCH_RUNTIME, TorchBased, synchronize
 from engine.model.forward import rope_frequencies
 
 TRANSFORMERS = Requirement("transformers", "transformers", pip_extra("transformers"))
@@ -142,6 +142,7 @@ class TransformersBackend(TorchBased):
     name = "transformers"
     description = "Hugging Face's model class for the architecture, stepped through its own KV cache"
     requires = (TRANSFORMERS, TORCH)
+    runtime_bytes = TORCH_RUNTIME + 150 * 2**20  # transformers' modules beside torch's (measured)
 
     @classmethod
     def modes(cls, spec, device):

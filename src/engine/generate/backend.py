@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Mapping, Sequence
 import numpy as np
 
 from engine.errors import InputError, UnavailableError
+from engine.model.footprint import MemoryNeed, float_need
 
 if TYPE_CHECKING:
     from engine.model.spec import ModelSpec
@@ -96,6 +97,9 @@ class LoadOptions:
     max_batch: int = 1  # sequences decoded together at most (KV caches to hold)
     compile: bool = False
     options: Mapping[str, Any] = field(default_factory=dict)
+    # the most the load may hold (0: not said); a backend that can trade speed for memory (the
+    # reference's layers dequantized on demand) sizes itself to it
+    memory_budget_bytes: int = 0
 
 
 @dataclass
@@ -124,6 +128,7 @@ class Backend(ABC):
     # where the framework keeps compiled code between processes: environment variable -> a path
     # under the project's cache directory (the harness sets them in the measuring child)
     compile_caches: ClassVar[Mapping[str, str]] = {}
+    runtime_bytes: ClassVar[int] = 0  # the framework's resident footprint beside the model (measured)
 
     @classmethod
     def availability(cls) -> Availability:
@@ -155,6 +160,15 @@ class Backend(ABC):
                 f"(supported: {', '.join(supported)})"
             )
         return precision
+
+    @classmethod
+    def estimate_bytes(cls, spec: "ModelSpec", opts: LoadOptions) -> MemoryNeed:
+        """The memory a load with `opts` will hold at its peak, known before loading: the harness
+        writes an `oom` row for a mode that would not fit, never starts it. By default: every
+        weight as floats of the precision (f32 for any other), KV caches alike, one tensor converted
+        at a time (engine.model.footprint has the arithmetic)."""
+        precision = opts.precision if opts.precision in FLOAT_PRECISIONS else "f32"
+        return float_need(spec, precision, opts.max_seq_len, opts.max_batch, cls.runtime_bytes)
 
     @classmethod
     def device_missing(cls, device: str) -> str:
@@ -220,6 +234,12 @@ class Backend(ABC):
     def check_batch_size(cls, n: int) -> None:
         if n != 1 and not cls.batched:
             raise UnavailableError(f"framework {cls.name} cannot decode a batch of {n} sequences in one step")
+
+    def every_position_logits(self, tokens: Sequence[int]) -> np.ndarray | None:
+        """Logits (T, vocab) of every position of `tokens` prefilled from position 0, in one pass,
+        where that saves work (the fidelity pass teacher-forces windows): the reference streaming
+        its layers reads the weights once per window, not once per position. None: not offered."""
+        return None
 
     def memory(self) -> dict[str, int]:
         """What the framework's own allocator reports, in bytes (empty when it has none)."""

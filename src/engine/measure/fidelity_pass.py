@@ -22,6 +22,7 @@ import backends
 from engine.generate.backend import Backend
 from engine.measure import corpus, fidelity, reference
 from engine.measure.fidelity import NOT_COMPARED, Fidelity
+from engine.measure.fit import MemoryShortfall, admit
 
 if TYPE_CHECKING:
     from engine.measure.cell import Cell
@@ -86,15 +87,23 @@ def corpus_fidelity(model: str, backend: Backend, windows: Sequence[Sequence[int
 @contextmanager
 def pass_backend(cell: "Cell", loaded: "LoadedModel", positions: int) -> Iterator:
     """A getter of the backend to run the pass on: the cell's loaded one when it holds `positions`,
-    else (opened on first use, closed after) the same mode loaded for one sequence of that length."""
+    else (opened on first use, closed after) the same mode loaded for one sequence of that length;
+    where the two would not fit together, the cell's is released first (the next cell reloads)."""
     opened: list[Backend] = []
+
+    def room(cls, opts):
+        try:
+            return admit(cls, loaded.spec, opts, cell.memory_limit_mb).opts
+        except MemoryShortfall:
+            loaded.release()
+            return admit(cls, loaded.spec, opts, cell.memory_limit_mb).opts
 
     def get() -> Backend:
         if loaded.max_seq_len >= positions:
             return loaded.backend
         if not opened:
             opened.append(backends.open_backend(
-                cell.framework, loaded.spec, cell.precision, cell.device, threads=cell.resolved_threads,
+                cell.framework, loaded.spec, cell.precision, cell.device, room, threads=cell.resolved_threads,
                 max_seq_len=positions, compile=cell.compile, options=dict(cell.options)).backend)
         return opened[0]
 
@@ -103,4 +112,3 @@ def pass_backend(cell: "Cell", loaded: "LoadedModel", positions: int) -> Iterato
     finally:
         for b in opened:
             b.close()
-

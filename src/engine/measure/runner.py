@@ -5,6 +5,7 @@ Called inside the isolated child (engine.sweep.worker); tests call it directly t
 
 from __future__ import annotations
 
+import gc
 import math
 import time
 from datetime import datetime, timezone
@@ -15,8 +16,9 @@ import backends
 from engine.measure.cell import Cell
 from engine.generate.engine import Generation, GenerationConfig, InferenceEngine
 from engine.errors import InputError
-from engine.model.spec import ModelSpec
+from engine.model.spec import ModelSpec, release_freed_memory
 from engine.measure.fidelity_pass import PassResult, run_pass
+from engine.measure.fit import Fit, admit
 from engine.measure.reference import leading_matches, save_greedy
 from engine.measure.memory import PeakRss
 from engine.results.rows import BenchmarkResult, provenance
@@ -33,9 +35,15 @@ class LoadedModel:
 
     def __init__(self, cell: Cell, spec: ModelSpec, max_seq_len: int, max_batch: int = 1):
         self.spec, self.max_seq_len = spec, max_seq_len
-        opened = backends.open_backend(cell.framework, spec, cell.precision, cell.device, threads=cell.resolved_threads,
-                                       max_seq_len=max_seq_len, max_batch=max_batch, compile=cell.compile,
-                                       options=dict(cell.options))
+        self.fit: Fit | None = None  # the memory check the load passed (engine.measure.fit)
+
+        def admitted(cls, opts):
+            self.fit = admit(cls, spec, opts, cell.memory_limit_mb)
+            return self.fit.opts
+
+        opened = backends.open_backend(cell.framework, spec, cell.precision, cell.device, admitted,
+                                       threads=cell.resolved_threads, max_seq_len=max_seq_len, max_batch=max_batch,
+                                       compile=cell.compile, options=dict(cell.options))
         self.backend, self.info, self.precision = opened.backend, opened.info, opened.precision
         self.version, self.load_s = opened.version, opened.load_s
         opts = opened.opts
@@ -43,6 +51,7 @@ class LoadedModel:
                          device=opts.device, threads=opts.threads, compile=opts.compile, options=dict(opts.options))
         self.used = False
         self.compiles_marked = False
+        self.released = False  # closed early to make room (the fidelity pass's own load): reload to reuse
 
     def compile_mark(self) -> int | None:
         """The backend's uncached compiles so far; 0 for the first cell, which owns the load's too."""
@@ -56,8 +65,17 @@ class LoadedModel:
     def load_shape(self) -> tuple[int, int]:
         return self.load["sequences"], self.load["positions"]
 
+    def release(self) -> None:
+        """Close the backend and drop it, its memory handed back (the caller holds no other reference)."""
+        if not self.released:
+            self.released = True
+            self.backend.close()
+            self.backend = None
+            gc.collect()
+            release_freed_memory()
+
     def close(self) -> None:
-        self.backend.close()
+        self.release()
 
 
 def cell_prompts(spec: ModelSpec, cell: Cell) -> list[list[int]]:
@@ -138,9 +156,10 @@ class CellRun:
         if backends.get(self.cell.framework).is_reference:  # what the sweep checks every mode's runs against
             for prompt, tokens in zip(self.prompts, runs[0].sequences):
                 save_greedy(self.cell.model, prompt, self.cell.gen_tokens, tokens)
-        checked = run_pass(self.cell, loaded)  # outside the timed runs; cached per mode
         rows = build_rows(self.cell, loaded, self.prompts, runs, sum(warm), compile_s, load_s, device_mem,
                           self.host_gbps, self.run_id, self.peak_rss_bytes)
+        self.engine = None  # the pass may release the loaded backend to make room for its own
+        checked = run_pass(self.cell, loaded)  # outside the timed runs, cached per mode
         return [with_fidelity(replace(r, measured_at=at, peak_rss_scope=self.peak.scope, load=loaded.load,
                                       compile_cache=self.compile_cache), checked)
                 for r, at in zip(rows, self.measured_at)]
@@ -199,6 +218,8 @@ def build_rows(cell: Cell, loaded: LoadedModel, prompts: list[list[int]], runs: 
         decode_tps_mean=cell_stats.mean, decode_tps_std=cell_stats.std, decode_tps_ci95_low=cell_stats.ci95_low,
         decode_tps_ci95_high=cell_stats.ci95_high, decode_tps_cov=cell_stats.cov,
         peak_rss_bytes=peak_rss_bytes, device_memory_bytes=max(device_mem.values(), default=0),
+        memory_needed_bytes=loaded.fit.needed_bytes if loaded.fit else 0,
+        memory_limit_bytes=loaded.fit.limit_bytes if loaded.fit else 0,
         model_bytes=info.weight_bytes, bytes_per_token=bytes_per_token, host_gbps=host_gbps,
         framework_version=loaded.version, extra={**info.details, **{f"memory_{k}": v for k, v in device_mem.items()},
                **({"threads_note": threads_note} if threads_note else {})},

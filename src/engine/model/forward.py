@@ -118,10 +118,10 @@ def block(ops: LlamaOps, i: int, layer: Any, cfg: LlamaConfig, x: Array, start: 
     return ops.residual(x, ops.rms_norm(f, layer.post_ffn_norm) if arch.post_norms else f)
 
 
-def head(ops: LlamaOps, w: LlamaWeights, cfg: LlamaConfig, x: Array) -> Array:
-    """Logits of each sequence's last position, shape (B, vocab), soft-capped where the
-    architecture caps them."""
-    logits = ops.linear(ops.rms_norm(x[:, -1], w.output_norm), w.output)
+def head(ops: LlamaOps, w: LlamaWeights, cfg: LlamaConfig, x: Array, every_position: bool = False) -> Array:
+    """Logits of each sequence's last position, shape (B, vocab) (of every position, (B, T, vocab),
+    with `every_position`), soft-capped where the architecture caps them."""
+    logits = ops.linear(ops.rms_norm(x if every_position else x[:, -1], w.output_norm), w.output)
     return ops.softcap(logits, cfg.final_softcap) if cfg.final_softcap else logits
 
 
@@ -131,12 +131,13 @@ def embed(ops: LlamaOps, w: LlamaWeights, cfg: LlamaConfig, tokens: Array) -> Ar
 
 
 def forward(ops: LlamaOps, w: LlamaWeights, cfg: LlamaConfig, tokens: Array, start: Any, batch: int,
-            n_tokens: int) -> Array:
-    """Logits (B, vocab) of each sequence's last position, for `tokens` (B, T) placed at `start`."""
+            n_tokens: int, every_position: bool = False) -> Array:
+    """Logits (B, vocab) of each sequence's last position, for `tokens` (B, T) placed at `start`
+    (of every position, (B, T, vocab), with `every_position`)."""
     x = embed(ops, w, cfg, tokens)
     for i, layer in enumerate(w.layers):
         x = block(ops, i, layer, cfg, x, start, batch, n_tokens)
-    return head(ops, w, cfg, x)
+    return head(ops, w, cfg, x, every_position)
 
 
 def rope_frequencies(cfg: LlamaConfig, layer: int) -> np.ndarray:

@@ -17,6 +17,7 @@ from typing import Any, Callable, Generic, Iterator, TypeVar
 import numpy as np
 
 from engine.errors import ModelError
+from engine.model import dequant
 from engine.model.arch import (LAYER_TENSORS, SUPPORTED_ARCHITECTURES, LlamaConfig,  # noqa: F401 (re-exported)
                                layer_tensors, read_config)
 
@@ -211,19 +212,18 @@ class ModelSpec:
 
     # ---- weights --------------------------------------------------------------------------------
     def tensor(self, name: str) -> np.ndarray:
-        """Dequantized float32 tensor in numpy (row-major, torch Linear) layout, as stored."""
-        import gguf
-
+        """Dequantized float32 tensor in numpy (row-major, torch Linear) layout, as stored; a chunk
+        of rows at a time, the file's pages of it then out of the resident set (engine.model.dequant)."""
         t = self._tensors[name]
-        try:
-            arr = gguf.quants.dequantize(t.data, t.tensor_type)
-        except NotImplementedError as e:
-            raise ModelError(f"{self.path}: tensor type {t.tensor_type.name} cannot be dequantized") from e
-        arr = np.ascontiguousarray(arr, dtype=np.float32)
-        arr = arr if arr.flags.writeable else arr.copy()  # F32 tensors come straight from the read-only mmap
+        arr = dequant.dequantize(t, self.path)
+        dequant.drop_pages(self._reader.data, t)
         if arr.nbytes >= TRIM_BYTES:
             release_freed_memory()
         return arr
+
+    def rows(self, name: str, index: np.ndarray) -> np.ndarray:
+        """Rows `index` of a 2D tensor, dequantized alone (an embedding lookup on the file's blocks)."""
+        return dequant.dequantize_rows(self._tensors[name], self.path, index)
 
     def raw_tensor(self, name: str) -> Any:
         """The gguf ReaderTensor (quantized blocks, type, shape) for backends that run them natively."""
@@ -254,14 +254,25 @@ class ModelSpec:
         output = tok_embd if self.tied_embeddings else convert(read("output.weight"))
         weights = LlamaWeights(tok_embd=tok_embd, output_norm=convert(read("output_norm.weight")), output=output)
         for i in range(self.config.n_layers):
-            fields = {}
-            for suffix, f in self.layer_tensors.items():
-                value = read(f"blk.{i}.{suffix}")
-                parts = self.split_fused(f"blk.{i}.{suffix}", value, f) if isinstance(f, tuple) else {f: value}
-                fields.update({name: convert(part) for name, part in parts.items()})
-            weights.layers.append(LayerWeights(**fields))
+            weights.layers.append(self.layer_weights(i, convert, read))
         release_freed_memory()
         return weights
+
+    def layer_weights(self, i: int, convert: Callable[[np.ndarray], T],
+                      tensor: Callable[[str], np.ndarray] | None = None) -> LayerWeights[T]:
+        """Layer i's weights through `convert`, one tensor at a time (a fused tensor split first)."""
+        read = tensor or self.hf_tensor
+        fields = {}
+        for suffix, f in self.layer_tensors.items():
+            value = read(f"blk.{i}.{suffix}")
+            parts = self.split_fused(f"blk.{i}.{suffix}", value, f) if isinstance(f, tuple) else {f: value}
+            fields.update({name: convert(part) for name, part in parts.items()})
+        return LayerWeights(**fields)
+
+    def load_order(self) -> list[str]:
+        """The tensors `load_weights` reads, in the order it reads them."""
+        head = ["token_embd.weight"] + ([] if self.tied_embeddings else ["output.weight"]) + ["output_norm.weight"]
+        return head + [f"blk.{i}.{suffix}" for i in range(self.config.n_layers) for suffix in self.layer_tensors]
 
     def split_fused(self, name: str, rows: np.ndarray, fields: tuple[str, ...]) -> dict[str, np.ndarray]:
         """A fused tensor's row blocks (Phi-3's Q/K/V and gate/up) by field, each contiguous."""

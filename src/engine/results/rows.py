@@ -121,6 +121,8 @@ class BenchmarkResult(TypedRow):
     sampled_rss_peak_bytes: int = 0
     sampled_uss_peak_bytes: int = 0
     device_memory_bytes: int = 0
+    memory_needed_bytes: int = 0  # the load's estimated peak (of the process), checked before loading
+    memory_limit_bytes: int = 0  # what it was checked against: --memory-limit-mb or the host's available memory
     peak_memory_gb: float = field(default=math.nan, init=False)  # peak_rss_bytes / 1e9
     model_bytes: int = 0
     model_memory_gb: float = field(default=math.nan, init=False)  # model_bytes / 1e9

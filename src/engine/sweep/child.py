@@ -59,6 +59,7 @@ class Reply:
     error: str = ""
     repeat_s: float = 0.0  # the measured generation of this request (step, done)
     warmup_s: float = 0.0  # the warm-up it ran (a cell's first request)
+    fields: dict[str, Any] = field(default_factory=dict)  # row columns a failure fills (a refused load's memory)
 
 
 class GroupChild:
@@ -104,7 +105,7 @@ class GroupChild:
                     on_loaded(msg["load_s"], msg.get("precision", ""))
                 continue
             if msg["event"] == "failed":
-                return Reply("failed", status=msg["status"], error=msg["error"])
+                return Reply("failed", status=msg["status"], error=msg["error"], fields=msg.get("fields", {}))
             return Reply(msg["event"], rows=msg.get("rows", []), repeat_s=msg.get("repeat_s", 0.0),
                          warmup_s=msg.get("warmup_s", 0.0))
 

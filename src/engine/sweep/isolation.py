@@ -133,7 +133,7 @@ def _advance(lane: Lane, host_gbps: float, run_id: str, debug: bool, on_start: C
 def _rows(cell: Cell, reply: Reply, lane: Lane, run_id: str) -> list[BenchmarkResult]:
     if reply.kind != "done":
         status = "timeout" if reply.kind == "timeout" else reply.status
-        return [failure_row(cell, status, reply.error, run_id)]
+        return [failure_row(cell, status, reply.error, run_id, **reply.fields)]
     host, memory = lane.monitor.state(), lane.child.memory
     return [replace(BenchmarkResult.from_dict(r), sampled_rss_peak_bytes=memory.rss_peak,
                     sampled_uss_peak_bytes=memory.uss_peak, cpu_governor=host.cpu_governor,

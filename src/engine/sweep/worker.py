@@ -14,18 +14,11 @@ from __future__ import annotations
 
 import json
 import os
-import resource
 import sys
 import traceback
 from typing import Any, Callable
 
 Emit = Callable[..., None]
-
-
-def _limit_memory(mb: int) -> None:
-    if mb:
-        limit = mb * 2**20
-        resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
 
 
 def _emitter(fd: int) -> Emit:
@@ -90,7 +83,7 @@ class Measuring:
         except Exception as e:
             self.running.pop(cell_id, None)
             status, error = failure(e, self.job.get("debug", False))
-            self.emit("failed", cell_id, status=status, error=error)
+            self.emit("failed", cell_id, status=status, error=error, fields=getattr(e, "fields", {}))
         return True
 
     def _start(self, cell):
@@ -115,7 +108,8 @@ class Measuring:
         """A model loaded for exactly this cell's sequences and positions (reused when it is)."""
         from engine.measure.runner import LoadedModel
 
-        if self.loaded is not None and self.loaded.load_shape == (cell.batch_size, positions):
+        loaded = self.loaded
+        if loaded is not None and not loaded.released and loaded.load_shape == (cell.batch_size, positions):
             return
         self.close()
         self.loaded = LoadedModel(cell, self.spec, positions, cell.batch_size)
@@ -130,8 +124,8 @@ class Measuring:
 def main(argv: list[str]) -> int:
     emit = _emitter(int(argv[1]))
     job = json.loads(sys.stdin.readline())
-    _limit_memory(job["cells"][0]["cell"].get("memory_limit_mb", 0))
-    # imported after the limit is set, so framework imports count against it
+    # the cell's memory limit is set once its first load is admitted (engine.measure.fit), before
+    # the load: framework imports count against it
     import scipy.special  # noqa: F401  (statistics after the timed runs: loaded first, the same for every framework)
 
     measuring = Measuring(job, emit)
