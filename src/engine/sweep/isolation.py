@@ -6,8 +6,8 @@ lane: one child loads the model once and measures the lane's cells in order, one
 (its memory mark is reset per cell). With several lanes and `interleave`, every lane's child
 stays loaded and the repeats are taken round-robin, one measuring at a time (A B C A B C ...):
 the children start together and import their frameworks side by side before the first request,
-and exit together after the last; otherwise lanes run one after another. A child that dies costs the cell it was in (a `crash`, `oom` or `timeout` row);
-the lane goes on in a fresh child.
+and exit together after the last; otherwise lanes run one after another. A child that dies costs
+the cell it was in (a `crash`, `oom` or `timeout` row); the lane goes on in a fresh child.
 """
 
 from __future__ import annotations
@@ -48,9 +48,9 @@ def run_cells(cells: list[Cell], host_gbps: float, run_id: str, debug: bool = Fa
     schedule, note = plan(lanes, interleave)
     interleaved = schedule == "interleaved"
     active, waiting = (lanes, []) if interleaved else (lanes[:1], lanes[1:])
-    if interleaved:
-        start_children(lanes, host_gbps, run_id, debug)
     try:
+        if interleaved:
+            start_children(lanes, host_gbps, run_id, debug)
         while active:
             for lane in list(active):
                 done = _advance(lane, host_gbps, run_id, debug, on_start, on_progress)
@@ -70,7 +70,7 @@ def run_cells(cells: list[Cell], host_gbps: float, run_id: str, debug: bool = Fa
 
 def start_children(lanes: list[Lane], host_gbps: float, run_id: str, debug: bool) -> None:
     """Start every lane's child at once and wait until each has imported its framework: the
-    imports run side by side (minutes of a sweep's start-up on a few cores) and all of them end
+    imports run side by side (tens of seconds of the main job's start-up) and all of them end
     before the first request, so nothing is measured while another child is busy."""
     for lane in lanes:
         lane.child = GroupChild(lane.pending, host_gbps, run_id, debug)
