@@ -100,8 +100,8 @@ def measure_options(fn: Callable) -> Callable:
 AXES = {"framework": "framework", "precision": "precision", "device": "device", "prompt_tokens": "prompt_tokens",
         "gen_tokens": "gen_tokens", "batch_size": "batch_size", "threads": "threads", "node": "node"}
 FIXED = {"repeats": "repeats", "max_repeats": "max_repeats", "max_time": "max_time_s", "ci_target": "ci_target",
-         "warmup": "warmup", "min_time": "min_time_s", "seed": "seed", "timeout": "timeout_s", "memory_limit_mb": "memory_limit_mb",
-         "prompt": "prompt_text"}
+         "warmup": "warmup", "min_time": "min_time_s", "seed": "seed", "timeout": "timeout_s",
+         "memory_limit_mb": "memory_limit_mb", "prompt": "prompt_text"}
 
 
 def cells_from_options(o: dict[str, Any], config: str | None = None) -> list:
