@@ -18,25 +18,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from engine.model.catalog import resolve_model  # noqa: E402
 from engine.model.spec import ModelSpec  # noqa: E402
-from engine.serve.agreement import Workload, alternate, medians, table, vllm_python  # noqa: E402
+from engine.serve.agreement import Workload, alternate, medians, start_server, table, vllm_python  # noqa: E402
 from engine.serve.export import export_checkpoint  # noqa: E402
-from engine.serve.process import ManagedServer  # noqa: E402
-from engine.serve.servers import server_kind  # noqa: E402
-
-
-def start(name: str, model: str, top: int, w: Workload, log_dir: Path) -> tuple[ManagedServer, str]:
-    kind = server_kind(name)
-    reason = kind.availability()
-    if reason:
-        sys.exit(f"{name}: {reason}")
-    kind.prepare()
-    weights = str(export_checkpoint(model)) if kind.checkpoint else model
-    context = w.prompt_tokens + w.gen_tokens + 64  # both clients' prompts, with room for re-tokenized text
-    server = ManagedServer(name, kind.argv(weights, 0, context, top), log_dir / f"{name}.log", kind.health_path,
-                           kind.env())
-    print(f"{name}: starting {' '.join(server.argv)}", file=sys.stderr)
-    server.start(900)
-    return server, kind.model_name(weights)
 
 
 def main() -> int:
@@ -57,8 +40,7 @@ def main() -> int:
     concurrencies = a.concurrency or [1, 4]
     rows = []
     for name in a.server:
-        server, served = start(name, model, max(concurrencies), Workload(prompt_tokens=a.prompt_tokens,
-                                                                          gen_tokens=a.gen_tokens), out)
+        server, served = start_server(name, model, max(concurrencies), a.prompt_tokens + a.gen_tokens, out)
         try:
             for c in concurrencies:
                 w = Workload(c, a.requests, a.prompt_tokens, a.gen_tokens, seed=1000 * c)

@@ -82,15 +82,18 @@ class Handler(BaseHTTPRequestHandler):
         chunks = ["".join(words[i:i + args.chunk_tokens]) for i in range(0, n, args.chunk_tokens)]
         prompt = body.get("prompt")
         prompt_n = len(prompt) if isinstance(prompt, list) else len(str(prompt).split())
+        events = []  # made before the first deadline: nothing but the writes runs on the schedule
         for i, text in enumerate(chunks):
-            sleep_until(arrived + (args.ttft + i * args.itl) * load)
-            if args.mode == "die-after" and nth > args.after and i == 1:
-                os.kill(os.getpid(), signal.SIGKILL)
             last = i == len(chunks) - 1
             msg = {"choices": [{"index": 0, "text": text, "finish_reason": "length" if last else None}]}
             if last and args.cache_n >= 0:
                 msg["timings"] = {"cache_n": args.cache_n, "prompt_n": prompt_n - args.cache_n, "predicted_n": n}
-            self.send_event(json.dumps(msg))
+            events.append(json.dumps(msg))
+        for i, event in enumerate(events):
+            sleep_until(arrived + (args.ttft + i * args.itl) * load)
+            if args.mode == "die-after" and nth > args.after and i == 1:
+                os.kill(os.getpid(), signal.SIGKILL)
+            self.send_event(event)
         self.done()
         if not args.no_usage:
             usage = {"prompt_tokens": prompt_n, "completion_tokens": n, "total_tokens": n + prompt_n}
@@ -115,6 +118,7 @@ def main():
     p.add_argument("--after", type=int, default=2)
     p.add_argument("--child", action="store_true")
     args = p.parse_args()
+    sys.setswitchinterval(1e-4)  # a thread due to write waits at most this long for the GIL (default 5 ms)
     if args.mode == "exit":
         print("fake server: cannot load the model (test fault)", file=sys.stderr)
         sys.exit(3)

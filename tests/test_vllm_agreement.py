@@ -31,3 +31,34 @@ def test_bench_serve_agrees_with_vllm_bench_serve(tiny_f32, tmp_path, concurrenc
     assert theirs["completed"] == row["requests_ok"] == 16
     assert theirs["total_output_tokens"] == row["output_tokens_total"] == 16 * 16
     assert {k: v[1] for k, v in table.items()} == pytest.approx({k: v[0] for k, v in table.items()}, rel=0.02)
+
+
+@pytest.mark.slow
+def test_three_alternations_on_llama_server_agree_within_ten_percent(default_model, tmp_path):
+    """The issue's real-server check: one llama-server, `vllm bench serve` and `bench serve --url`
+    back to back three times (who goes first alternating), 64-token prompts, 32 forced tokens,
+    16 requests at c=1 and c=4: the medians agree within 10%."""
+    import psutil
+
+    from engine.serve.agreement import Workload, alternate, medians, start_server, table
+    from engine.serve.export import export_checkpoint
+    from test_serve import listening, llama_server_or_skip
+
+    llama_server_or_skip()
+    python, tokenizer = vllm_python(), str(export_checkpoint(default_model))
+    server, served = start_server("llama-server", default_model, 4, 64 + 32, tmp_path)
+    try:
+        meds = {c: medians(alternate(server.url, served, default_model, tokenizer, python,
+                                     Workload(c, 16, 64, 32, seed=1000 * c), 3, tmp_path)) for c in (1, 4)}
+    finally:
+        server.stop()
+    print(table([("llama-server", c, m) for c, m in meds.items()]), file=sys.stderr)
+    assert not listening(server.port) and not [p for p in psutil.process_iter(["name"]) if p.info["name"] == "llama-server"]
+    for c, med in meds.items():
+        central = {k: v for k, v in med.items() if k in CHECKED}
+        assert {k: v[1] for k, v in central.items()} == pytest.approx({k: v[0] for k, v in central.items()}, rel=0.10), c
+
+
+# the real-server check's metrics: output throughput, TTFT mean/p50/p99, TPOT and ITL mean/p50
+CHECKED = ("output_throughput", "mean_ttft_ms", "median_ttft_ms", "p99_ttft_ms", "mean_tpot_ms", "median_tpot_ms",
+           "mean_itl_ms", "median_itl_ms")

@@ -12,7 +12,7 @@ import os
 import statistics
 import subprocess
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +43,27 @@ def vllm_python() -> str:
     kind = VllmServer()
     kind.prepare()
     return kind.python
+
+
+def start_server(name: str, model: str, parallel: int, tokens: int, log_dir: Path):
+    """A server kind started on the model (llama-server with `parallel` slots of `tokens` + 64
+    each: room for prompts the server re-tokenizes); (the ManagedServer, the model name to send)."""
+    from engine.errors import UnavailableError
+    from engine.serve.export import export_checkpoint
+    from engine.serve.process import ManagedServer
+    from engine.serve.servers import server_kind
+
+    kind = server_kind(name)
+    reason = kind.availability()
+    if reason:
+        raise UnavailableError(f"{name}: {reason}")
+    kind.prepare()
+    weights = str(export_checkpoint(model)) if kind.checkpoint else model
+    server = ManagedServer(name, kind.argv(weights, 0, tokens + 64, parallel), log_dir / f"{name}.log",
+                           kind.health_path, kind.env())
+    print(f"{name}: starting {' '.join(server.template)}", file=sys.stderr)
+    server.start(900)
+    return server, kind.model_name(weights)
 
 
 def run_vllm_client(python: str, url: str, served: str, tokenizer: str, w: Workload, out_dir: Path) -> dict[str, Any]:
@@ -85,13 +106,11 @@ def alternate(url: str, served: str, model: str, tokenizer: str, python: str, w:
     with prompts of its own (a seed no other run used)."""
     results = []
     for r in range(rounds):
-        run = Workload(w.concurrency, w.requests, w.prompt_tokens, w.gen_tokens, seed=w.seed + 2 * r)
-        mine = Workload(**{**run.__dict__, "seed": run.seed + 1})
-        if r % 2 == 0:
-            theirs, row = run_vllm_client(python, url, served, tokenizer, run, out_dir), run_our_client(url, model, mine, out_dir)
-        else:
-            row, theirs = run_our_client(url, model, mine, out_dir), run_vllm_client(python, url, served, tokenizer, run, out_dir)
-        results.append(shared_metrics(theirs, row))
+        theirs, mine = replace(w, seed=w.seed + 2 * r), replace(w, seed=w.seed + 2 * r + 1)
+        clients = [lambda: run_vllm_client(python, url, served, tokenizer, theirs, out_dir),
+                   lambda: run_our_client(url, model, mine, out_dir)]
+        done = {i: clients[i]() for i in ((0, 1) if r % 2 == 0 else (1, 0))}
+        results.append(shared_metrics(done[0], done[1]))
     return results
 
 
