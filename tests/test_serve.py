@@ -121,7 +121,7 @@ def test_open_loop_times_requests_from_their_scheduled_send(tmp_path):
         server.stop()
     recs = run.records
     lags = [r.lag_s for r in recs]
-    assert all(r.ok for r in recs) and lags[0] < 0.1 < 0.2 < lags[-1]  # the backlog grows
+    assert all(r.ok for r in recs) and lags[-1] - lags[0] > 0.1  # the backlog grows
     for r in recs:
         assert r.lag_s + 0.1 <= r.chunks[0].t_s < r.lag_s + 0.1 + 0.1
     f = level_fields([request_sample(r, lambda t: len(t.split()), " ".join, None) for r in recs], run.duration_s,

@@ -9,7 +9,6 @@ A chunk is every `data:` message with a non-empty `choices` list, text or not, a
 
 from __future__ import annotations
 
-import asyncio
 import json
 import time
 from dataclasses import dataclass, field
@@ -74,49 +73,40 @@ def parse_event(data: str) -> Event:
     return ev
 
 
-async def stream_completion(session, url: str, body: dict[str, Any], record: RequestRecord, timeout_s: float,
+async def stream_completion(client, url: str, body: dict[str, Any], record: RequestRecord, timeout_s: float,
                             headers: dict[str, str] | None = None, due: float | None = None) -> RequestRecord:
-    """POST `body` with stream=True to url/v1/completions on an aiohttp session and fill `record`,
-    its times counted from `due` (a perf_counter time: an open loop's scheduled send), else from
-    the send. A chunk's time is that of the socket read that completed it."""
-    import aiohttp
+    """POST `body` with stream=True to url/v1/completions and fill `record`, its times counted
+    from `due` (a perf_counter time: an open loop's scheduled send), else from the send."""
+    import httpx
 
     sent = time.perf_counter()
     t0 = sent if due is None else min(due, sent)
     record.lag_s = sent - t0
-    timeout = aiohttp.ClientTimeout(total=None, sock_connect=10.0, sock_read=timeout_s)
     try:
-        async with session.post(url + "/v1/completions", json=body, headers=headers, timeout=timeout) as response:
-            if response.status != 200:
-                detail = (await response.read()).decode("utf-8", "replace")
-                raise RuntimeError(f"HTTP {response.status}: {detail.strip()[:200]}")
-            await _read_events(response, record, t0)
+        async with client.stream("POST", url + "/v1/completions", json=body, headers=headers,
+                                 timeout=httpx.Timeout(timeout_s, connect=10.0)) as response:
+            if response.status_code != 200:
+                detail = (await response.aread()).decode("utf-8", "replace")
+                raise RuntimeError(f"HTTP {response.status_code}: {detail.strip()[:200]}")
+            async for line in response.aiter_lines():
+                now = time.perf_counter() - t0
+                if not line.startswith("data:"):
+                    continue
+                data = line[5:].strip()
+                if data == "[DONE]":
+                    break
+                ev = parse_event(data)
+                record.usage = ev.usage or record.usage
+                record.timings = ev.timings or record.timings
+                record.finish_reason = ev.finish_reason or record.finish_reason
+                if ev.choices:
+                    record.chunks.append(Chunk(now, ev.text, ev.token_ids))
         record.end_s = time.perf_counter() - t0
         record.ok = bool(record.chunks)
         if not record.ok:
             record.error = f"the stream carried no chunk (finish_reason {record.finish_reason or 'none'})"
-    except (asyncio.TimeoutError, aiohttp.ServerTimeoutError) as e:
+    except httpx.TimeoutException as e:
         record.error = f"timeout: no data for {timeout_s:g} s ({type(e).__name__})"
-    except (aiohttp.ClientError, RuntimeError, ValueError) as e:
+    except (httpx.HTTPError, RuntimeError, ValueError) as e:
         record.error = f"{type(e).__name__}: {str(e)[:200]}"
     return record
-
-
-async def _read_events(response, record: RequestRecord, t0: float) -> None:
-    """The `data:` lines of the stream, as each socket read brings them, until [DONE] or its end."""
-    pending = b""
-    async for data in response.content.iter_any():
-        now = time.perf_counter() - t0
-        *lines, pending = (pending + data).split(b"\n")
-        for line in lines:
-            if not line.startswith(b"data:"):
-                continue
-            payload = line[5:].strip()
-            if payload == b"[DONE]":
-                return
-            ev = parse_event(payload.decode("utf-8"))
-            record.usage = ev.usage or record.usage
-            record.timings = ev.timings or record.timings
-            record.finish_reason = ev.finish_reason or record.finish_reason
-            if ev.choices:
-                record.chunks.append(Chunk(now, ev.text, ev.token_ids))
