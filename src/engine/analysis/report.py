@@ -96,8 +96,9 @@ def write_report(paths: list[str], out: Path) -> Path:
         md.append("## Correctness against the reference\n\n" + _markdown_table(correctness_table(summary)) + "\n")
         sizes = size_scaling(summary)
         if not sizes.empty:
-            md.append("## Decode against model size\n\nEach framework's fastest mode, one sequence; MB per token "
-                      "counts the weights a step reads (routed experts only) and the KV cache.\n\n"
+            md.append("## Decode against model size\n\nEach framework's fastest mode, one sequence, against the "
+                      "model's MB per decoded token (the fewest any framework reads: weights routed to, "
+                      "KV cache; roofline_frac uses each framework's own bytes).\n\n"
                       + _markdown_table(sizes.round(4)) + "\n")
     flagged = df[(df.status != "ok") | df["flags"].fillna("").astype(bool)].drop_duplicates("cell_id")
     flagged = flagged.assign(mode=[row_mode(r) for r in flagged.itertuples()])

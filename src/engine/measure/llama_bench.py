@@ -64,9 +64,12 @@ def bench_decode_tps(model: str, threads: int, prompt_tokens: int, gen_tokens: i
         cmd = [sys.executable, "-m", "engine", "run", "-f", "llamacpp", "-m", model, "--threads", str(threads),
                "--prompt-tokens", str(prompt_tokens), "-n", str(gen_tokens), "-r", str(repeats), "--warmup", "1",
                "--no-check", "-O", str(out), "--format", "csv"]
-        done = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ})
+        src = str(Path(__file__).resolve().parents[2])  # this checkout's engine and backends, first
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (src, os.environ.get("PYTHONPATH")) if p)}
+        done = subprocess.run(cmd, capture_output=True, text=True, env=env)
         if done.returncode != 0:
-            raise BenchError(f"bench run -f llamacpp on {model} failed: {done.stderr.strip().splitlines()[-1:]}")
+            tail = done.stderr.strip().splitlines()[-1:] or ["no output"]
+            raise BenchError(f"bench run -f llamacpp on {model} failed: {tail[0]}")
         df = pd.read_csv(out)
     return float(df.decode_tps.mean())
 
