@@ -17,7 +17,7 @@ import numpy as np
 from engine.errors import InputError
 from engine.model.arch import ARCHITECTURES, LlamaConfig
 from engine.model.quantize import QUANT_TYPES, llama_quantize
-from engine.model.synth import ARCH_TOKENIZER, FastMaker, Llama3Rope, _tensor_plan, write_gguf
+from engine.model.synth import ARCH_TOKENIZER, FastMaker, Llama3Rope, tensor_plan, write_gguf
 
 
 @dataclass(frozen=True)
@@ -28,7 +28,7 @@ class RealShape:
 
     def params(self) -> int:
         """Weights the file holds, as the model card counts them (rope_freqs is not a weight)."""
-        return sum(int(np.prod(shape)) for name, shape, _, _ in _tensor_plan(self.config, FastMaker(None), self.tied)
+        return sum(int(np.prod(shape)) for name, shape, _, _ in tensor_plan(self.config, FastMaker(None), self.tied)
                    if name != "rope_freqs.weight")
 
 

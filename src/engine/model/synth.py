@@ -223,7 +223,7 @@ def _write_tensors(w, s: LlamaConfig, qtype: str, make: "_Maker", tied: bool) ->
     """Every tensor of `s`'s architecture, matrices in `qtype`, norms, biases and RoPE factors in
     f32, streamed: the tensor table first, then each tensor made, written and dropped in turn, so
     an 8B file never sits in memory whole."""
-    plan = list(_tensor_plan(s, make, tied))
+    plan = list(tensor_plan(s, make, tied))
     for name, shape, _, quantize in plan:
         raw = _raw_type(qtype if quantize else "f32")
         w.add_tensor_info(name, shape, np.float32, _stored_bytes(shape, raw), raw_dtype=raw)
@@ -257,7 +257,7 @@ def _stored(arr: np.ndarray, qtype: str) -> np.ndarray:
     return gguf.quants.quantize(arr, _raw_type(qtype))
 
 
-def _tensor_plan(s: LlamaConfig, make: "_Maker", tied: bool):
+def tensor_plan(s: LlamaConfig, make: "_Maker", tied: bool):
     """(name, shape, maker, quantized) of every tensor, in file order."""
     yield "token_embd.weight", (s.vocab_size, s.dim), lambda: make.matrix(s.vocab_size, s.dim, 1.0), True
     yield "output_norm.weight", (s.dim,), lambda: np.ones(s.dim, np.float32), False
