@@ -74,7 +74,7 @@ def test_llama_cpp_runs_the_q4_k_m_file_as_the_reference(mini_cache):
     assert int(np.argmax(c)) == int(np.argmax(r))
 
 
-# writes a 167M-weight F16 file (334 MB) and prints the peak RSS gained while writing it
+# writes a 159M-weight F16 file (318 MB) and prints the peak RSS gained while writing it
 STREAM_SCRIPT = """
 import resource, sys
 from dataclasses import replace
@@ -94,7 +94,7 @@ def test_writing_streams_tensor_by_tensor(tmp_path):
                           text=True, env={"PYTHONPATH": str(ROOT / "src")})
     assert done.returncode == 0, done.stderr
     gained, size = map(int, done.stdout.split())
-    assert size > 330e6 and gained < 0.4 * size  # the largest tensor is 65 MB in f16
+    assert size > 300e6 and gained < 0.4 * size, gained  # the largest tensor is 65 MB in f16
 
 
 def test_real_shape_names_refuse_what_they_cannot_be(tmp_path):
