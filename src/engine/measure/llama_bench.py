@@ -85,9 +85,9 @@ def side_by_side(model: str, threads: int, prompt_tokens: int, gen_tokens: int, 
 
 
 def markdown(results: list[SideBySide]) -> str:
-    lines = ["| model | threads | prompt | gen | llama-bench tg tok/s | bench llamacpp decode tok/s | ratio |",
-             "|---|---|---|---|---|---|---|"]
+    lines = ["| model | threads | prompt | gen | llama-bench flash attn | llama-bench tg tok/s | "
+             "bench llamacpp decode tok/s | ratio |", "|---|---|---|---|---|---|---|---|"]
     for r in results:
         lines.append(f"| {Path(r.model).name} | {r.threads} | {r.prompt_tokens} | {r.gen_tokens} | "
-                     f"{_median(r.llama_bench_tps):.2f} | {_median(r.bench_tps):.2f} | {r.ratio:.3f} |")
+                     f"{r.flash_attn} | {_median(r.llama_bench_tps):.2f} | {_median(r.bench_tps):.2f} | {r.ratio:.3f} |")
     return "\n".join(lines)
