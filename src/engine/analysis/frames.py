@@ -77,7 +77,7 @@ def cell_summary(df: pd.DataFrame, latencies: pd.DataFrame | None = None) -> pd.
                 prefill_tps=("prefill_tps", "mean"), peak_rss_mb=("peak_rss_bytes", lambda s: s.max() / 1e6),
                 roofline_frac=("roofline_frac", "mean"), match_tokens=("match_tokens", "min"),
                 kl_vs_reference=("kl_vs_reference", "mean"), top1_agreement=("top1_agreement", "mean"),
-                **{c: (c, "mean") for c in FIDELITY if c in ok.columns},  # files from before the corpus lack them
+                **{c: (c, "mean") for c in (*FIDELITY, "bytes_per_token") if c in ok.columns},  # files from before the corpus lack them
                 flags=("flags", lambda s: ";".join(sorted({f for v in s.dropna() for f in str(v).split(";") if f}))),
                 repeats=("repeat", "count"),
                 _sample_keys=("_sample_key", lambda s: tuple(sorted(set(s))))).reset_index()
@@ -188,8 +188,46 @@ def fig_batch(summary: pd.DataFrame):
     return fig
 
 
+def size_scaling(summary: pd.DataFrame) -> pd.DataFrame:
+    """Per model and framework, its fastest mode's single-sequence decode tok/s and roofline
+    fraction, against the model's bytes per decoded token: the fewest any of its rows reads (the
+    file's own encoding where a framework runs it natively; routed experts only, KV cache
+    included), so every framework's point of one model sits at one x. Empty for one model."""
+    if "bytes_per_token" not in summary:  # files from before the column
+        return pd.DataFrame()
+    s = summary[summary.batch_size == 1].dropna(subset=["bytes_per_token"])
+    if s.model.nunique() < 2:
+        return pd.DataFrame()
+    x = s.groupby("model").bytes_per_token.min() / 1e6
+    best = s.sort_values("decode_tps", ascending=False).drop_duplicates(["model", "framework"])
+    best = best.assign(mb_per_token=best.model.map(x), model=[Path(str(m)).stem for m in best.model])
+    cols = ["model", "mb_per_token", "framework", "mode", "decode_tps", "roofline_frac", "peak_rss_mb"]
+    return best[cols].sort_values(["mb_per_token", "framework"]).reset_index(drop=True)
+
+
+def fig_size_scaling(summary: pd.DataFrame):
+    """Decode tok/s and roofline fraction against model bytes per token, one line per framework;
+    None when the results hold one model."""
+    import matplotlib.pyplot as plt
+
+    t = size_scaling(summary)
+    if t.empty:
+        return None
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4))
+    for framework, grp in t.groupby("framework"):
+        a1.plot(grp.mb_per_token, grp.decode_tps, marker="o", label=framework)
+        a2.plot(grp.mb_per_token, grp.roofline_frac, marker="o", label=framework)
+    a1.set(xlabel="MB read per decoded token", ylabel="decode tokens/s", title="Decode speed against model size",
+           xscale="log", yscale="log")
+    a2.set(xlabel="MB read per decoded token", ylabel="fraction of the bandwidth roofline",
+           title="Roofline fraction against model size", xscale="log")
+    a1.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
 FIGURES = {"decode_tps": fig_decode, "prefill_ttft": fig_prefill, "memory_vs_throughput": fig_memory,
-           "roofline": fig_roofline, "batch_scaling": fig_batch}
+           "roofline": fig_roofline, "batch_scaling": fig_batch, "size_scaling": fig_size_scaling}
 
 
 def correctness_table(summary: pd.DataFrame) -> pd.DataFrame:

@@ -50,7 +50,8 @@ def write_report(paths: list[str], out: Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from engine.analysis.frames import FIGURES, cell_summary, correctness_table, fig_itl_cdf, load_latencies, load_results
+    from engine.analysis.frames import (FIGURES, cell_summary, correctness_table, fig_itl_cdf, load_latencies,
+                                        load_results, size_scaling)
 
     missing = [p for p in paths if not Path(p).exists()]
     if missing:
@@ -93,6 +94,12 @@ def write_report(paths: list[str], out: Path) -> Path:
         md.append("## Winner per workload (decode tokens/s)\n\n" + WINNER_RULE + "\n\n"
                   + _markdown_table(winners(df)) + "\n")
         md.append("## Correctness against the reference\n\n" + _markdown_table(correctness_table(summary)) + "\n")
+        sizes = size_scaling(summary)
+        if not sizes.empty:
+            md.append("## Decode against model size\n\nEach framework's fastest mode, one sequence, against the "
+                      "model's MB per decoded token (the fewest any framework reads: weights routed to, "
+                      "KV cache; roofline_frac uses each framework's own bytes).\n\n"
+                      + _markdown_table(sizes.round(4)) + "\n")
     flagged = df[(df.status != "ok") | df["flags"].fillna("").astype(bool)].drop_duplicates("cell_id")
     flagged = flagged.assign(mode=[row_mode(r) for r in flagged.itertuples()])
     md.append("## Flagged cells\n")

@@ -1,5 +1,6 @@
 """Model names a user can give: a path, a named model (`default` is the shipped SmolLM2,
-`gemma3-270m` Gemma 3 270M), or `synth:SHAPE[:QTYPE[:ARCH]]`."""
+`gemma3-270m` Gemma 3 270M), or `synth:SHAPE[:QTYPE[:ARCH]]` (SHAPE a test size, or a shipped model's shape such as
+`synth:llama-3.1-8b:q4_k_m`: engine.model.shapes)."""
 
 from __future__ import annotations
 
@@ -71,6 +72,12 @@ def _synthetic(name: str) -> str:
     if len(parts) not in (2, 3, 4):
         raise InputError(f"synthetic model names look like synth:SHAPE[:QTYPE[:ARCH]], got {name!r}")
     shape = parts[1]
+    from engine.model.shapes import DEFAULT_REAL_QTYPE, REAL_SHAPES, real_synthetic
+
+    if shape in REAL_SHAPES:  # a shipped model's shape: its own architecture, F16 or llama-quantize's types
+        if len(parts) == 4:
+            raise InputError(f"{name!r}: synth:{shape} has its own architecture ({REAL_SHAPES[shape].architecture})")
+        return str(real_synthetic(shape, parts[2] if len(parts) > 2 else DEFAULT_REAL_QTYPE, cache_dir() / "synth"))
     qtype = parts[2] if len(parts) > 2 else "f32"
     arch = parts[3] if len(parts) > 3 else "llama"
     from engine.model.synth import SYNTH_ARCHITECTURES

@@ -157,21 +157,24 @@ FILE_TYPES = {"f32": 0, "f16": 1, "bf16": 32, "q8_0": 7, "q4_0": 2, "q4_1": 3}
 
 def write_synthetic(path: str | os.PathLike, shape: LlamaConfig | str = "tiny", qtype: str = "f32", seed: int = 0,
                     tied: bool = True, architecture: str = "llama", tokenizer: str | None = None) -> Path:
+    shape, tokenizer = _checked(shape, qtype, architecture, tokenizer)
+    s = arch_shape(shape, architecture)
+    return write_gguf(path, s, qtype, _Maker(np.random.default_rng(seed)), tied, architecture, tokenizer)
+
+
+def write_gguf(path: str | os.PathLike, s: LlamaConfig, qtype: str, make: "_Maker", tied: bool, architecture: str,
+               tokenizer: str) -> Path:
+    """`s` exactly as given (its architecture's features already set), weights from `make`."""
     import gguf
 
-    shape, tokenizer = _checked(shape, qtype, architecture, tokenizer)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    s = arch_shape(shape, architecture)
     w = gguf.GGUFWriter(str(path), gguf_architecture(architecture))
     w.add_name(f"synthetic-{architecture}-{s.n_layers}x{s.dim}")
     _write_hparams(w, s)
     w.add_file_type(FILE_TYPES[qtype])
     _write_tokenizer(w, tokenizer, s.vocab_size)
-    _write_tensors(w, s, qtype, np.random.default_rng(seed), tied)
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
+    _write_tensors(w, s, qtype, make, tied)
     w.close()
     return path
 
@@ -216,31 +219,60 @@ def _write_hparams(w, s: LlamaConfig) -> None:
     w.add_vocab_size(s.vocab_size)
 
 
-def _write_tensors(w, s: LlamaConfig, qtype: str, rng: np.random.Generator, tied: bool) -> None:
-    """Every tensor of `s`'s architecture: matrices in `qtype`, norms, biases and RoPE factors in f32."""
+def _write_tensors(w, s: LlamaConfig, qtype: str, make: "_Maker", tied: bool) -> None:
+    """Every tensor of `s`'s architecture, matrices in `qtype`, norms, biases and RoPE factors in
+    f32, streamed: the tensor table first, then each tensor made, written and dropped in turn, so
+    an 8B file never sits in memory whole."""
+    plan = list(tensor_plan(s, make, tied))
+    for name, shape, _, quantize in plan:
+        raw = _raw_type(qtype if quantize else "f32")
+        w.add_tensor_info(name, shape, np.float32, _stored_bytes(shape, raw), raw_dtype=raw)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_ti_data_to_file()
+    for _, _, produce, quantize in plan:
+        w.write_tensor_data(_stored(produce(), qtype if quantize else "f32"))
+
+
+def _raw_type(qtype: str):
     import gguf
 
-    def add(name: str, arr: np.ndarray, quantize: bool = True) -> None:
-        if not quantize or qtype == "f32":
-            w.add_tensor(name, arr)
-        elif qtype == "f16":
-            w.add_tensor(name, arr.astype(np.float16))
-        else:
-            q = getattr(gguf.GGMLQuantizationType, qtype.upper())
-            w.add_tensor(name, gguf.quants.quantize(arr, q), raw_dtype=q)
+    return getattr(gguf.GGMLQuantizationType, qtype.upper())
 
-    make = _Maker(rng)
-    add("token_embd.weight", make.matrix(s.vocab_size, s.dim, 1.0))
-    add("output_norm.weight", np.ones(s.dim, np.float32), quantize=False)
+
+def _stored_bytes(shape: tuple[int, ...], raw) -> int:
+    import gguf
+
+    block, size = gguf.GGML_QUANT_SIZES[raw]
+    return int(np.prod(shape)) // block * size
+
+
+def _stored(arr: np.ndarray, qtype: str) -> np.ndarray:
+    import gguf
+
+    if qtype == "f32":
+        return arr.astype(np.float32, copy=False)
+    if qtype == "f16":
+        return arr.astype(np.float16, copy=False)
+    return gguf.quants.quantize(arr, _raw_type(qtype))
+
+
+def tensor_plan(s: LlamaConfig, make: "_Maker", tied: bool):
+    """(name, shape, maker, quantized) of every tensor, in file order."""
+    yield "token_embd.weight", (s.vocab_size, s.dim), lambda: make.matrix(s.vocab_size, s.dim, 1.0), True
+    yield "output_norm.weight", (s.dim,), lambda: np.ones(s.dim, np.float32), False
     if not tied:
-        add("output.weight", make.matrix(s.vocab_size, s.dim, s.dim**-0.5))
+        yield "output.weight", (s.vocab_size, s.dim), lambda: make.matrix(s.vocab_size, s.dim, s.dim**-0.5), True
     if s.rope_freq_factors:
-        add("rope_freqs.weight", np.asarray(s.rope_freq_factors, np.float32), quantize=False)
+        yield "rope_freqs.weight", (len(s.rope_freq_factors),), lambda: np.asarray(s.rope_freq_factors, np.float32), False
     layer = _layer_tensors(s, make)
     for i in range(s.n_layers):
         for suffix, fields in layer_tensors(s.arch, moe=bool(s.n_experts)).items():
             parts = [layer[f] for f in (fields if isinstance(fields, tuple) else (fields,))]
-            add(f"blk.{i}.{suffix}", np.concatenate([maker() for maker, _ in parts]), quantize=parts[0][1])
+            shapes = [shape for _, shape, _ in parts]
+            shape = (sum(sh[0] for sh in shapes), *shapes[0][1:])
+            yield (f"blk.{i}.{suffix}", shape,
+                   lambda parts=parts: np.concatenate([maker() for maker, _, _ in parts]), parts[0][2])
 
 
 class _Maker:
@@ -256,36 +288,57 @@ class _Maker:
         return (1 + 0.1 * self.rng.standard_normal(n)).astype(np.float32)
 
     def experts(self, n: int, rows: int, cols: int, scale: float) -> np.ndarray:
-        return (self.rng.standard_normal((n, rows, cols)) * scale).astype(np.float32)
+        return self.matrix(n * rows, cols, scale).reshape(n, rows, cols)
 
     def bias(self, n: int) -> np.ndarray:
         return (0.1 * self.rng.standard_normal(n)).astype(np.float32)
 
 
+class FastMaker(_Maker):
+    """The same distributions for files of billions of weights: float32 draws in chunks of rows,
+    stored straight into `dtype` (f16 for an F16 file), never a float64 or whole-f32 copy."""
+
+    CHUNK = 1 << 22  # elements per draw
+
+    def __init__(self, rng: np.random.Generator, dtype=np.float16):
+        super().__init__(rng)
+        self.dtype = dtype
+
+    def matrix(self, rows: int, cols: int, scale: float) -> np.ndarray:
+        out = np.empty((rows, cols), self.dtype)
+        step = max(1, self.CHUNK // cols)
+        for r in range(0, rows, step):
+            n = min(step, rows - r)
+            out[r:r + n] = self.rng.standard_normal((n, cols), dtype=np.float32) * np.float32(scale)
+        return out
+
+
 def _layer_tensors(s: LlamaConfig, make: _Maker) -> dict:
-    """LayerWeights field -> (array maker, quantized); a fused tensor concatenates its fields' rows."""
-    hd, q_dim, kv_dim = s.head_dim, s.n_heads * s.head_dim, s.n_kv_heads * s.head_dim
+    """LayerWeights field -> (array maker, shape, quantized); a fused tensor concatenates its fields' rows."""
+    hd, q_dim, kv_dim, dim, ffn = s.head_dim, s.n_heads * s.head_dim, s.n_kv_heads * s.head_dim, s.dim, s.ffn_dim
+    n, e_ffn = s.n_experts, s.expert_ffn_dim
     return {
-        "attn_norm": (lambda: make.norm(s.dim), False),
-        "wq": (lambda: make.matrix(q_dim, s.dim, s.dim**-0.5), True),
-        "wk": (lambda: make.matrix(kv_dim, s.dim, s.dim**-0.5), True),
-        "wv": (lambda: make.matrix(kv_dim, s.dim, s.dim**-0.5), True),
-        "wo": (lambda: make.matrix(s.dim, q_dim, 0.5 * q_dim**-0.5), True),
-        "ffn_norm": (lambda: make.norm(s.dim), False),
-        "w_gate": (lambda: make.matrix(s.ffn_dim, s.dim, s.dim**-0.5), True),
-        "w_up": (lambda: make.matrix(s.ffn_dim, s.dim, s.dim**-0.5), True),
-        "w_down": (lambda: make.matrix(s.dim, s.ffn_dim, 0.5 * s.ffn_dim**-0.5), True),
-        "bq": (lambda: make.bias(q_dim), False),
-        "bk": (lambda: make.bias(kv_dim), False),
-        "bv": (lambda: make.bias(kv_dim), False),
-        "q_norm": (lambda: make.norm(hd), False),
-        "k_norm": (lambda: make.norm(hd), False),
-        "post_attn_norm": (lambda: make.norm(s.dim), False),
-        "post_ffn_norm": (lambda: make.norm(s.dim), False),
-        "router": (lambda: make.matrix(s.n_experts, s.dim, 3 * s.dim**-0.5), False),  # decisive routing
-        "gate_exps": (lambda: make.experts(s.n_experts, s.expert_ffn_dim, s.dim, s.dim**-0.5), True),
-        "up_exps": (lambda: make.experts(s.n_experts, s.expert_ffn_dim, s.dim, s.dim**-0.5), True),
-        "down_exps": (lambda: make.experts(s.n_experts, s.dim, s.expert_ffn_dim, 0.5 * s.expert_ffn_dim**-0.5), True),
+        "attn_norm": (lambda: make.norm(dim), (dim,), False),
+        "wq": (lambda: make.matrix(q_dim, dim, dim**-0.5), (q_dim, dim), True),
+        "wk": (lambda: make.matrix(kv_dim, dim, dim**-0.5), (kv_dim, dim), True),
+        "wv": (lambda: make.matrix(kv_dim, dim, dim**-0.5), (kv_dim, dim), True),
+        "wo": (lambda: make.matrix(dim, q_dim, 0.5 * q_dim**-0.5), (dim, q_dim), True),
+        "ffn_norm": (lambda: make.norm(dim), (dim,), False),
+        "w_gate": (lambda: make.matrix(ffn, dim, dim**-0.5), (ffn, dim), True),
+        "w_up": (lambda: make.matrix(ffn, dim, dim**-0.5), (ffn, dim), True),
+        "w_down": (lambda: make.matrix(dim, ffn, 0.5 * ffn**-0.5), (dim, ffn), True),
+        "bq": (lambda: make.bias(q_dim), (q_dim,), False),
+        "bk": (lambda: make.bias(kv_dim), (kv_dim,), False),
+        "bv": (lambda: make.bias(kv_dim), (kv_dim,), False),
+        "q_norm": (lambda: make.norm(hd), (hd,), False),
+        "k_norm": (lambda: make.norm(hd), (hd,), False),
+        "post_attn_norm": (lambda: make.norm(dim), (dim,), False),
+        "post_ffn_norm": (lambda: make.norm(dim), (dim,), False),
+        # decisive routing; f32 as converters keep it
+        "router": (lambda: make.matrix(n, dim, 3 * dim**-0.5).astype(np.float32), (n, dim), False),
+        "gate_exps": (lambda: make.experts(n, e_ffn, dim, dim**-0.5), (n, e_ffn, dim), True),
+        "up_exps": (lambda: make.experts(n, e_ffn, dim, dim**-0.5), (n, e_ffn, dim), True),
+        "down_exps": (lambda: make.experts(n, dim, e_ffn, 0.5 * e_ffn**-0.5), (n, dim, e_ffn), True),
     }
 
 
