@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from engine.errors import InputError, UnavailableError
-from engine.paths import llama_tools_dir
+from engine.model.quantize import llama_tool
 
 SCRIPTS = Path(__file__).resolve().parents[3] / "scripts"
 
@@ -76,13 +76,16 @@ class LlamaServer(ServerKind):
     token_ids = True
 
     def binary(self) -> Path | None:
-        where = llama_tools_dir()
-        return where / "llama-server" if where and (where / "llama-server").is_file() else None
+        try:
+            return llama_tool("llama-server")
+        except UnavailableError:
+            return None
 
     def availability(self) -> str:
-        if self.binary() is None:
-            where = llama_tools_dir() or Path.home() / ".cache" / "llm-bench" / "llama-tools"
-            return f"llama-server not found in {where}: run scripts/setup.sh (or set BENCH_LLAMA_TOOLS_DIR)"
+        try:
+            llama_tool("llama-server")
+        except UnavailableError as e:
+            return str(e)
         return ""
 
     def version(self) -> str:
