@@ -113,12 +113,17 @@ def int4_linear(x, w: Int4Weight):
     return y.float().reshape(*x.shape[:-1], w.rows)
 
 
+def runs_on_int4(spec, name: str) -> bool:
+    """Whether the native mode holds tensor `name` as an Int4Weight: a matrix of 4-bit groups."""
+    return len(spec.raw_tensor(name).shape) == 2 and AFFINE_BITS.get(spec.tensor_type(name)) == 4
+
+
 def native_matrix(spec, name: str, rest: str):
     """Tensor `name` as the native mode holds it: a PackedWeight, or an f32 torch tensor."""
     import torch
 
     qtype, shape = spec.tensor_type(name), spec.raw_tensor(name).shape
-    if len(shape) == 2 and AFFINE_BITS.get(qtype) == 4:
+    if runs_on_int4(spec, name):
         cols, rows = (int(n) for n in shape)  # GGUF lists the row length first
         g = affine_groups(spec.raw_tensor(name).data, qtype, rows, cols)
         return int4_weight(*(spec.hf_rows(name, a) for a in int4_parts(g)))
@@ -172,12 +177,9 @@ def native_need(spec, rest: str, positions: int, sequences: int, runtime: int):
 
     in_file = not (spec.tied_embeddings and rest == "f32")
 
-    def packed(name: str) -> bool:
-        return AFFINE_BITS.get(spec.tensor_type(name)) == 4 and len(spec.raw_tensor(name).shape) == 2
-
     def converted(name: str) -> int:
         n = elements(spec, name)
-        if packed(name):
+        if runs_on_int4(spec, name):
             return n // 2 + n // GROUP * 4
         return n * (2 if rest == "bf16" and len(spec.raw_tensor(name).shape) == 2 else 4)
 
@@ -185,7 +187,7 @@ def native_need(spec, rest: str, positions: int, sequences: int, runtime: int):
         return 0 if name == "token_embd.weight" and in_file else converted(name)
 
     floats = dequantized_bytes(spec, copies=0)
-    staged = lambda name: 7 * elements(spec, name) if packed(name) else floats(name)  # noqa: E731
+    staged = lambda name: 7 * elements(spec, name) if runs_on_int4(spec, name) else floats(name)  # noqa: E731
     tied_head = converted("token_embd.weight") if spec.tied_embeddings and in_file else 0
     return MemoryNeed(weights=sum(held(n) for n in spec.load_order()) + tied_head,
                       kv=kv_bytes(spec, positions, sequences, 4),
