@@ -221,3 +221,21 @@ def test_report_winners_obey_the_rule(tmp_path):
     table = winners(load_results([w.csv_path])).set_index("node")
     assert table.loc["", "verdict"] == "tied: torch f32, llamacpp f32"  # mlx is faster but unchecked
     assert table.loc["other", "winner"] == "numpy f32" and table.loc["other", "verdict"] == "best"
+
+
+def test_adaptive_repeats_stop_at_the_time_bound_with_the_least_repeats_kept(tiny_f32):
+    from engine.measure.cell import Cell
+    from engine.measure.runner import LoadedModel, cell_prompts, measure
+    from engine.model.spec import ModelSpec
+
+    spec = ModelSpec.open(tiny_f32)
+    base = dict(framework="numpy", model=tiny_f32, prompt_tokens=4, gen_tokens=6, warmup=0, repeats=3,
+                max_repeats=6, ci_target=0.05)
+    bounded = Cell(**base, max_time_s=1e-6)  # measured past the bound after any repeat
+    assert bounded.cell_id == Cell(**base).cell_id  # an effort knob, outside the id
+    loaded = LoadedModel(bounded, spec, 16)
+    loaded.backend.step = _swinging(loaded.backend.step)
+    got = measure(bounded, loaded, cell_prompts(spec, bounded), 10.0, "r")
+    assert len(got) == 3 and "ci_wide" in got[0].flags, "the least repeats, then the bound; still flagged"
+    got = measure(Cell(**base), loaded, cell_prompts(spec, bounded), 10.0, "r")
+    assert len(got) == 6, "without the bound the same spread runs to --max-repeats"

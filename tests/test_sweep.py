@@ -227,3 +227,26 @@ def test_resume_measures_a_failed_cell_again_and_replaces_only_its_row(tiny_f32,
     assert (df.match_tokens == df.gen_tokens).all()
     jsonl = pd.read_json(csv.with_suffix(".jsonl"), lines=True)
     assert jsonl[["cell_id", "status"]].values.tolist() == df[["cell_id", "status"]].values.tolist()
+
+
+def _workers() -> list:
+    import psutil
+
+    return [p for p in psutil.Process().children() if "engine.sweep.worker" in " ".join(p.cmdline())]
+
+
+def test_interleaved_children_start_together_before_any_measuring_and_exit_together_at_the_end(tiny_f32):
+    from engine.sweep.isolation import run_cells
+
+    # two load groups (9 and 10 positions a sequence), one repeat each
+    cells = [Cell(framework="numpy", model=tiny_f32, prompt_tokens=4, gen_tokens=n, repeats=1, warmup=0)
+             for n in (5, 6)]
+    assert len({c.load_key for c in cells}) == 2
+    alive_at_start, alive_after_cell = [], []
+    results = run_cells(cells, 30.0, "t", on_start=lambda c: alive_at_start.append(len(_workers())))
+    for cell, rows in results:
+        assert rows[0].status == "ok"
+        alive_after_cell.append(len(_workers()))
+    assert alive_at_start == [2, 2], "every lane's child was up (imports done) before the first request"
+    assert alive_after_cell == [2, 2], "a finished lane's child waits for the end instead of exiting mid-sweep"
+    assert _workers() == [], "and all of them are gone once the sweep ends"

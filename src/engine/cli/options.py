@@ -9,8 +9,10 @@ import click
 from engine.errors import InputError
 
 POSITIVE = click.IntRange(min=1)
-# `bench run` without -r: at least DEFAULT_REPEATS, then more until the CI is narrow, up to the bound
-DEFAULT_REPEATS, DEFAULT_MAX_REPEATS = 3, 10
+# `bench run` without -r: at least DEFAULT_REPEATS, then more until the CI is narrow, up to the bounds
+# (a slow mode's repeats are seconds each: past DEFAULT_MAX_TIME_S of measurement it stops, flagged
+# `ci_wide` if its CI is still wide, instead of costing the main job a minute for one cell)
+DEFAULT_REPEATS, DEFAULT_MAX_REPEATS, DEFAULT_MAX_TIME_S = 3, 10, 10.0
 
 
 def _key_value(ctx, param, values: tuple[str, ...]) -> tuple[tuple[str, str], ...]:
@@ -69,6 +71,9 @@ def measure_options(fn: Callable) -> Callable:
         click.option("--max-repeats", type=click.IntRange(min=1),
                      help="keep repeating a cell, up to this many, until the 95% CI of its decode tok/s is "
                           "within --ci-target (a cell that gets there no sooner is flagged `ci_wide`)"),
+        click.option("--max-time", type=click.FloatRange(min=0, min_open=True),
+                     help="adaptive repeats: start no repeat beyond the least once this many seconds are measured "
+                          f"(default {DEFAULT_MAX_TIME_S:g} with the default repeats)"),
         click.option("--ci-target", type=click.FloatRange(min=0, min_open=True),
                      help="relative half-width of the 95% CI that ends an adaptive cell (default 0.05)"),
         click.option("--warmup", type=click.IntRange(min=0), help="warm-up generations per cell (default 1)"),
@@ -94,9 +99,9 @@ def measure_options(fn: Callable) -> Callable:
 # CLI option -> Cell field: repeated options become sweep axes, single ones apply to every cell
 AXES = {"framework": "framework", "precision": "precision", "device": "device", "prompt_tokens": "prompt_tokens",
         "gen_tokens": "gen_tokens", "batch_size": "batch_size", "threads": "threads", "node": "node"}
-FIXED = {"repeats": "repeats", "max_repeats": "max_repeats", "ci_target": "ci_target", "warmup": "warmup",
-         "min_time": "min_time_s", "seed": "seed", "timeout": "timeout_s", "memory_limit_mb": "memory_limit_mb",
-         "prompt": "prompt_text"}
+FIXED = {"repeats": "repeats", "max_repeats": "max_repeats", "max_time": "max_time_s", "ci_target": "ci_target",
+         "warmup": "warmup", "min_time": "min_time_s", "seed": "seed", "timeout": "timeout_s",
+         "memory_limit_mb": "memory_limit_mb", "prompt": "prompt_text"}
 
 
 def cells_from_options(o: dict[str, Any], config: str | None = None) -> list:
@@ -114,6 +119,7 @@ def cells_from_options(o: dict[str, Any], config: str | None = None) -> list:
         fixed["compile"] = True
     if not config and o["repeats"] is None and o.get("max_repeats") is None:
         fixed["max_repeats"] = DEFAULT_MAX_REPEATS  # adaptive unless -r fixes the count
+        fixed.setdefault("max_time_s", DEFAULT_MAX_TIME_S)
     if o["option"]:
         fixed["options"] = tuple(sorted(o["option"]))
     if config:

@@ -32,6 +32,7 @@ class Cell:
     repeats: int = 3  # the least measured repeats
     max_repeats: int = 0  # above `repeats`: measure on until the CI is within ci_target (0: exactly `repeats`)
     ci_target: float = 0.05  # relative half-width of decode tok/s's 95% CI that ends an adaptive cell
+    max_time_s: float = 0.0  # adaptive: no repeat beyond `repeats` starts once this much is measured (0: no bound)
     warmup: int = 1
     min_time_s: float = 0.0
     threads: int = 0  # 0: every physical core of the host, for every framework alike
@@ -50,6 +51,8 @@ class Cell:
         for name in ("warmup", "threads", "memory_limit_mb"):
             if getattr(self, name) < 0:
                 raise InputError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.max_time_s < 0:
+            raise InputError(f"max_time_s must be >= 0, got {self.max_time_s}")
         if self.max_repeats < 0:
             raise InputError(f"max_repeats must be >= 0, got {self.max_repeats}")
         if not self.ci_target > 0:
@@ -60,7 +63,7 @@ class Cell:
     @property
     def cell_id(self) -> str:
         """Stable across runs and machines: what was measured, not how long it may take."""
-        effort = ("timeout_s", "noise_threshold", "max_repeats", "ci_target")  # how hard to try, not what
+        effort = ("timeout_s", "noise_threshold", "max_repeats", "ci_target", "max_time_s")  # how hard to try, not what
         key = {k: v for k, v in asdict(self).items() if k not in effort}
         for axis, default in (("node", ""), ("batch_size", 1)):
             if key[axis] == default:

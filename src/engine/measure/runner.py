@@ -142,7 +142,8 @@ class CellRun:
         n, c = len(self.runs), self.cell
         if n < c.repeats or (self.measured_s < c.min_time_s and n < MAX_REPEATS):
             return False
-        return n >= c.max_repeats or not ci_wide(self.runs, c)
+        out_of_time = c.max_time_s and self.measured_s >= c.max_time_s
+        return n >= c.max_repeats or out_of_time or not ci_wide(self.runs, c)
 
     def rows(self) -> list[BenchmarkResult]:
         loaded, runs, warm = self.loaded, self.runs, self.warm or []
@@ -226,7 +227,7 @@ def build_rows(cell: Cell, loaded: LoadedModel, prompts: list[list[int]], runs: 
         **provenance(),
     )
     flags = cell_flags(cell_stats.cov, cell.noise_threshold) + cold_flag(cell)
-    if cell.max_repeats > cell.repeats and ci_wide(runs, cell):  # adaptive, and the bound came first
+    if cell.max_repeats > cell.repeats and ci_wide(runs, cell):  # adaptive, and a bound (repeats, time) came first
         flags += ("ci_wide",)
     rows = []
     for i, run in enumerate(runs):

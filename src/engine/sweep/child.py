@@ -98,7 +98,7 @@ class GroupChild:
             if msg == "timeout":
                 self.kill()
                 return Reply("timeout", error=f"no result after {cell.timeout_s:g} s; killed")
-            if msg["event"] == "start":
+            if msg["event"] in ("ready", "start"):
                 continue
             if msg["event"] == "loaded":
                 if on_loaded is not None:
@@ -108,6 +108,22 @@ class GroupChild:
                 return Reply("failed", status=msg["status"], error=msg["error"], fields=msg.get("fields", {}))
             return Reply(msg["event"], rows=msg.get("rows", []), repeat_s=msg.get("repeat_s", 0.0),
                          warmup_s=msg.get("warmup_s", 0.0))
+
+    def wait_ready(self, timeout_s: float) -> None:
+        """Wait until the child has imported its framework (its `ready`), at most `timeout_s`; a
+        child that died or hung on the way is left for its first request to report."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            msg = self._next_message(deadline)
+            if not isinstance(msg, dict) or msg["event"] == "ready":
+                return
+
+    def ask_to_exit(self) -> None:
+        """Close the child's stdin: it ends its loop and exits; `close` then waits for it."""
+        try:
+            self.proc.stdin.close()
+        except OSError:
+            pass
 
     def _next_message(self, deadline: float) -> dict | str | None:
         while b"\n" not in self._buf:
@@ -138,10 +154,7 @@ class GroupChild:
         if self._closed:
             return
         self._closed = True
-        try:
-            self.proc.stdin.close()
-        except OSError:
-            pass
+        self.ask_to_exit()
         try:
             self.proc.wait(timeout=EXIT_GRACE_S)
         except subprocess.TimeoutExpired:

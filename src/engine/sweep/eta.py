@@ -5,7 +5,8 @@ sum over lanes of what each still has to do: its load if not loaded yet (as long
 lanes took, on average), each unstarted cell's warm-up (its steady runs plus half of what the
 lane's last new cell compiled: a new prompt shape recompiles the prefill but not the decode step),
 every remaining repeat at the seconds a repeat took in that cell (or, before its first, the lane's
-seconds per generated token times the cell's tokens), and the finishing of each cell (fidelity
+seconds per generated token times the cell's tokens; an adaptive cell's count from its spread so
+far and its bounds: `repeats_wanted`), and the finishing of each cell (fidelity
 pass and rows, once one was measured).
 Events in, seconds out; the clock is injected so a test can replay a whole sweep.
 """
@@ -47,6 +48,26 @@ class _Lane:
     finished: set[str] = field(default_factory=set)
     per_token_s: list[float] = field(default_factory=list)  # a repeat's seconds per generated token
     warm_excess_s: list[float] = field(default_factory=list)  # each started cell's warm-up beyond steady runs
+
+
+def repeats_wanted(cell: Cell, done: list[float], repeat_s: float) -> int:
+    """The repeats `cell` will end with: its least (and `min_time_s`'s), and for an adaptive cell
+    as many as its spread so far needs for the CI target (the CoV of its repeats' seconds stands
+    for its tok/s'), within its bounds of repeats and measured time; the time bound alone before
+    two repeats show a spread."""
+    least = max(cell.repeats, math.ceil(cell.min_time_s / repeat_s) if repeat_s > 0 else 0)
+    if cell.max_repeats <= least:
+        return least
+    most = cell.max_repeats
+    if cell.max_time_s and repeat_s > 0:
+        most = max(least, min(most, math.ceil(cell.max_time_s / repeat_s)))
+    if len(done) < 2:
+        return most
+    from engine.measure.stats import summarize, t95
+
+    cov = summarize(done).cov
+    return next((n for n in range(max(least, len(done)), most) if t95(n - 1) * cov / math.sqrt(n) <= cell.ci_target),
+                most)
 
 
 class SweepEta:
@@ -120,7 +141,7 @@ class SweepEta:
         for c in todo:
             done = lane.repeats_done.get(c.cell_id, [])
             repeat = _mean(done) if done else per_token * c.gen_tokens
-            wanted = max(c.repeats, math.ceil(c.min_time_s / repeat) if repeat > 0 else 0)
+            wanted = repeats_wanted(c, done, repeat)
             # a later cell's warm-up: steady runs plus half what the lane's last new cell compiled (a new
             # prompt shape recompiles the prefill, not the decode step: tinygrad measured 5.5 s then 2.8 s)
             warm = 0.0 if done or not lane.repeats_done else c.warmup * repeat + lane.warm_excess_s[-1] / 2

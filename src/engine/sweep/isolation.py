@@ -4,9 +4,10 @@ and schedule their repeats so drift on a shared host hits every framework alike.
 Cells sharing a load key (which includes the batch and positions that size the load) form a
 lane: one child loads the model once and measures the lane's cells in order, one cell at a time
 (its memory mark is reset per cell). With several lanes and `interleave`, every lane's child
-stays loaded and the repeats are taken round-robin, one measuring at a time (A B C A B C ...);
-otherwise lanes run one after another. A child that dies costs the cell it was in (a `crash`, `oom` or `timeout` row);
-the lane goes on in a fresh child.
+stays loaded and the repeats are taken round-robin, one measuring at a time (A B C A B C ...):
+the children start together and import their frameworks side by side before the first request,
+and exit together after the last; otherwise lanes run one after another. A child that dies costs
+the cell it was in (a `crash`, `oom` or `timeout` row); the lane goes on in a fresh child.
 """
 
 from __future__ import annotations
@@ -45,8 +46,11 @@ def run_cells(cells: list[Cell], host_gbps: float, run_id: str, debug: bool = Fa
     `on_progress` hears when a lane's model has loaded and when each repeat is measured."""
     lanes = [Lane(list(group)) for _, group in itertools.groupby(cells, key=lambda c: c.load_key)]
     schedule, note = plan(lanes, interleave)
-    active, waiting = (lanes, []) if schedule == "interleaved" else (lanes[:1], lanes[1:])
+    interleaved = schedule == "interleaved"
+    active, waiting = (lanes, []) if interleaved else (lanes[:1], lanes[1:])
     try:
+        if interleaved:
+            start_children(lanes, host_gbps, run_id, debug)
         while active:
             for lane in list(active):
                 done = _advance(lane, host_gbps, run_id, debug, on_start, on_progress)
@@ -55,15 +59,36 @@ def run_cells(cells: list[Cell], host_gbps: float, run_id: str, debug: bool = Fa
                     extra = {"schedule_note": note} if note else {}
                     yield cell, [replace(r, schedule=schedule, extra={**r.extra, **extra}) for r in rows]
                 if not lane.pending:
-                    if lane.child is not None:
+                    if lane.child is not None and not interleaved:  # interleaved: all exit together at the end
                         lane.child.close()
                     active.remove(lane)
                     if waiting:
                         active.append(waiting.pop(0))
-    finally:  # the consumer stopped early (Ctrl-C) or something broke: leave no child behind
-        for lane in lanes:
-            if lane.child is not None:
-                lane.child.close() if not lane.pending else lane.child.kill()
+    finally:  # finished, or the consumer stopped early (Ctrl-C), or something broke: leave no child behind
+        close_children(lanes)
+
+
+def start_children(lanes: list[Lane], host_gbps: float, run_id: str, debug: bool) -> None:
+    """Start every lane's child at once and wait until each has imported its framework: the
+    imports run side by side (tens of seconds of the main job's start-up) and all of them end
+    before the first request, so nothing is measured while another child is busy."""
+    for lane in lanes:
+        lane.child = GroupChild(lane.pending, host_gbps, run_id, debug)
+    for lane in lanes:
+        lane.child.wait_ready(lane.pending[0].timeout_s)
+
+
+def close_children(lanes: list[Lane]) -> None:
+    """End every child left: finished ones exit side by side (every one asked first, then each
+    waited for), an unfinished one is killed."""
+    alive = [lane for lane in lanes if lane.child is not None]
+    for lane in alive:
+        if lane.pending:
+            lane.child.kill()
+        else:
+            lane.child.ask_to_exit()
+    for lane in alive:
+        lane.child.close()
 
 
 def plan(lanes: list[Lane], interleave: bool) -> tuple[str, str]:

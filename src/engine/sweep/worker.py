@@ -2,8 +2,9 @@
 
 Its stdin carries JSON lines: first the job (the group's cells, host bandwidth, run id), then one
 cell id per line, each meaning "measure the next repeat of this cell" (the first also warms up).
-It reports on file descriptor FD, one JSON line per event: `start`, `loaded` (the model, with
-its load_s), `step` (a repeat measured, the cell wants more), `done` (with the cell's rows) or
+It reports on file descriptor FD, one JSON line per event: `ready` (its framework imported,
+before the first request), `start`, `loaded` (the model, with its load_s), `step` (a repeat
+measured, the cell wants more), `done` (with the cell's rows) or
 `failed` (status and error), so whatever a framework prints cannot corrupt the results; `step`
 and `done` carry the repeat's seconds and the cell's warm-up seconds, for the parent's ETA. The model loads on a cell's first command, sized for
 that cell's own batch and positions; the next cells of that shape reuse it. The parent measures
@@ -121,6 +122,22 @@ class Measuring:
             self.loaded = None
 
 
+def _import_framework(job: dict[str, Any]) -> None:
+    """Import the lane's framework before the first request, so a parent that starts every lane's
+    child at once pays the imports side by side, before anything is measured (engine.sweep.isolation).
+    A framework that fails to import fails later, in its cell, with its own row."""
+    import importlib
+
+    import backends
+    from engine.measure import runner  # noqa: F401  (the measuring code, imported once for every framework)
+
+    try:
+        for needed in backends.get(job["cells"][0]["cell"]["framework"]).requires:
+            importlib.import_module(needed.module)
+    except Exception:
+        pass
+
+
 def main(argv: list[str]) -> int:
     emit = _emitter(int(argv[1]))
     job = json.loads(sys.stdin.readline())
@@ -128,6 +145,8 @@ def main(argv: list[str]) -> int:
     # the load: framework imports count against it
     import scipy.special  # noqa: F401  (statistics after the timed runs: loaded first, the same for every framework)
 
+    _import_framework(job)
+    emit("ready", "")
     measuring = Measuring(job, emit)
     for line in sys.stdin:
         if not measuring.command(line.strip()):
