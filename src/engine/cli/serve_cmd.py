@@ -81,6 +81,23 @@ def _find_max(o: dict[str, Any], levels: list, slo):
     return FindMax(profile, float(start), float(o["find_max_limit"]), o["slo_fraction"])
 
 
+def _calibrate() -> int:
+    from engine.serve.capacity import cache_file, client_capacity
+
+    c = client_capacity(recalibrate=True)
+    print(f"client capacity: {c['client_capacity_rps']:.0f} requests/s, {c['client_capacity_chunks_per_s']:.0f} "
+          f"chunks/s (cached in {cache_file()})")
+    return 0
+
+
+def _done_levels(writer) -> frozenset[str]:
+    """The level ids --resume skips: rows of the file with status ok."""
+    from engine.results.writers import read_jsonl
+
+    rows = read_jsonl(writer.jsonl_path) if writer.jsonl_path.exists() else []
+    return frozenset(r["level_id"] for r in rows if r.get("status") == "ok" and r.get("level_id"))
+
+
 @click.command()
 @click.option("--server", "-s", multiple=True,
               help="server to start: llama-server, llama-cpp-python, vllm, mlx, transformers, transformers-cb (repeatable)")
@@ -117,6 +134,9 @@ def _find_max(o: dict[str, Any], levels: list, slo):
               help="distinct prompts whose tokens are checked against the reference (0: none)")
 @click.option("--seed", type=int, default=0)
 @click.option("--output", "-O", help="results CSV (JSONL with per-request samples beside it)")
+@click.option("--resume", is_flag=True, help="continue --output: levels already in it with status ok are not run again")
+@click.option("--calibrate", is_flag=True,
+              help="measure again what this client can time (requests/s, chunks/s: cached, in every row)")
 @click.option("--format", "fmt", type=click.Choice(["table", "csv", "jsonl", "markdown"]), default="table")
 def serve(**o) -> int:
     """Load-test real inference servers (started here on the same weights, or --url)."""
@@ -132,19 +152,24 @@ def serve(**o) -> int:
 
     servers: list[Any] = [server_kind(n) for n in o["server"]] + [command_kind(c) for c in o["server_command"]]
     servers += [Endpoint(u, o["api_key_env"]) for u in o["url"]]
+    if o["calibrate"] and not servers:
+        return _calibrate()
     if not servers:
-        raise InputError("name at least one --server, --server-command or --url")
+        raise InputError("name at least one --server, --server-command or --url (or --calibrate alone)")
     levels = [Level("concurrency", c) for c in o["concurrency"]] + [Level("rate", r) for r in o["rate"]]
     slo = parse_slo(o["slo"])
+    if o["resume"] and not o["output"]:
+        raise InputError("--resume needs --output naming the results file to continue")
     out = Path(o["output"]) if o["output"] else Path("results") / f"serve-{time.strftime('%Y%m%d-%H%M%S')}.csv"
+    writer = ResultWriter(out, ServeResult, continuing=o["resume"])  # a file with rows only through --resume
     plan = ServePlan(model=resolve_model(o["model"]), servers=servers, levels=levels or [Level("concurrency", 1)],
                      load=LoadSpec(o["requests"], o["duration"], o["warmup"], o["request_timeout"], o["seed"]),
                      prompt_tokens=o["prompt_tokens"], gen_tokens=o["gen_tokens"], dataset=o["dataset"],
                      slo=slo, threads=o["threads"], startup_timeout_s=o["startup_timeout"],
                      check_prompts=o["check"], served_model=o["served_model"], log_dir=out.parent / "serve-logs",
                      metrics_as=o["metrics_as"], parallel=_server_options(o["server_option"]).get("parallel", 0),
-                     find_max=_find_max(o, levels, slo))
-    writer = ResultWriter(out, ServeResult)
+                     find_max=_find_max(o, levels, slo), done_levels=_done_levels(writer) if o["resume"] else frozenset(),
+                     recalibrate=o["calibrate"])
     display.stderr.print(f"{len(servers)} server(s) x {len(plan.levels)} level(s) -> {out}")
 
     def on_row(row) -> None:

@@ -17,7 +17,7 @@ from typing import Any
 
 @dataclass
 class Chunk:
-    t_s: float  # since the request was sent
+    t_s: float  # since the request was due (its scheduled send time; closed loop: its send)
     text: str
     token_ids: list[int] | None = None  # when the server returns them
 
@@ -26,11 +26,12 @@ class Chunk:
 class RequestRecord:
     index: int
     prompt_index: int
-    start_s: float = 0.0  # since the level began
+    start_s: float = 0.0  # since the level began: when the request was due
+    lag_s: float = 0.0  # the client's own lag: actual send - due (0 in a closed loop, which sends when due)
     ok: bool = False
     error: str = ""
     chunks: list[Chunk] = field(default_factory=list)
-    end_s: float = float("nan")  # since the request was sent: the stream's end
+    end_s: float = float("nan")  # since the request was due: the stream's end
     usage: dict[str, Any] = field(default_factory=dict)
     timings: dict[str, Any] = field(default_factory=dict)  # llama-server's per-response timings
     finish_reason: str = ""
@@ -73,11 +74,14 @@ def parse_event(data: str) -> Event:
 
 
 async def stream_completion(client, url: str, body: dict[str, Any], record: RequestRecord, timeout_s: float,
-                            headers: dict[str, str] | None = None) -> RequestRecord:
-    """POST `body` with stream=True to url/v1/completions and fill `record`."""
+                            headers: dict[str, str] | None = None, due: float | None = None) -> RequestRecord:
+    """POST `body` with stream=True to url/v1/completions and fill `record`, its times counted
+    from `due` (a perf_counter time: an open loop's scheduled send), else from the send."""
     import httpx
 
-    t0 = time.perf_counter()
+    sent = time.perf_counter()
+    t0 = sent if due is None else min(due, sent)
+    record.lag_s = sent - t0
     try:
         async with client.stream("POST", url + "/v1/completions", json=body, headers=headers,
                                  timeout=httpx.Timeout(timeout_s, connect=10.0)) as response:

