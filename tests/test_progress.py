@@ -102,7 +102,9 @@ def simulate(interleave: bool, estimator=SweepEta, adaptive: bool = False):
 def test_eta_is_within_2x_of_the_truth_once_every_group_has_loaded(interleave, adaptive):
     end, readings = simulate(interleave, adaptive=adaptive)
     checked = [(estimate, end - t) for t, estimate in readings if end - t > 1.0]
-    assert len(checked) >= 5
+    # one lane after another, every group has loaded only once the last has: the readings are its own
+    # few repeats (an adaptive one stops after three)
+    assert len(checked) >= (5 if interleave else 2)
     assert all(truth / 2 <= estimate <= truth * 2 for estimate, truth in checked), checked
     assert readings[-1][1] == 0.0
 
