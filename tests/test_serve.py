@@ -122,8 +122,8 @@ def test_open_loop_times_requests_from_their_scheduled_send(tmp_path):
     recs = run.records
     lags = [r.lag_s for r in recs]
     assert all(r.ok for r in recs) and lags[-1] - lags[0] > 0.1  # the backlog grows
-    for r in recs:
-        assert r.lag_s + 0.1 <= r.chunks[0].t_s < r.lag_s + 0.1 + 0.1
+    for i, r in enumerate(recs):  # a chunk is read late by the blocking before every later send, too
+        assert r.lag_s + 0.1 <= r.chunks[0].t_s < r.lag_s + 0.1 + 0.06 * (len(recs) - 1 - i) + 0.1
     f = level_fields([request_sample(r, lambda t: len(t.split()), " ".join, None) for r in recs], run.duration_s,
                      2, Slo())
     assert f["send_lag_max_s"] == max(lags) and f["send_lag_mean_s"] == pytest.approx(sum(lags) / 8)

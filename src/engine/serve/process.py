@@ -14,12 +14,14 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Sequence
 
 HOST = "127.0.0.1"
 LOG_TAIL_LINES = 8
+UNWIND_DEADLINE_S = 15.0  # after SIGTERM/SIGHUP, the most the process may take to exit on its own
 _LIVE: dict[int, "ManagedServer"] = {}  # pid -> server, for the exit and signal handlers
 
 
@@ -177,6 +179,10 @@ def _install_handlers() -> None:
 
     def on_signal(signum, frame):
         stop_all()
+        # the unwinding (an event loop cancelling its streams) must not keep a stopped harness alive
+        watchdog = threading.Timer(UNWIND_DEADLINE_S, os._exit, args=(128 + signum,))
+        watchdog.daemon = True
+        watchdog.start()
         raise SystemExit(128 + signum)
 
     for sig in (signal.SIGTERM, signal.SIGHUP):
