@@ -250,3 +250,25 @@ def test_interleaved_children_start_together_before_any_measuring_and_exit_toget
     assert alive_at_start == [2, 2], "every lane's child was up (imports done) before the first request"
     assert alive_after_cell == [2, 2], "a finished lane's child waits for the end instead of exiting mid-sweep"
     assert _workers() == [], "and all of them are gone once the sweep ends"
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL])
+def test_measuring_children_die_with_the_harness(tiny_f32, tmp_path, sig):
+    """`bench run` stopped by SIGTERM (whose default action runs no cleanup) or SIGKILL while a cell
+    hangs: the kernel ends its measuring children too (parent-death signal), none is left running."""
+    import psutil
+
+    env = {**os.environ, **FAULT_ENV}
+    harness = subprocess.Popen([sys.executable, "-m", "engine", "run", "-f", "faulty", "-m", tiny_f32, "-o", "fault=hang",
+                                "--no-check", "-n", "2", "-O", str(tmp_path / "h.csv")], env=env,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline, workers = time.time() + 60, []
+    while not workers and time.time() < deadline:
+        time.sleep(0.2)
+        workers = [p for p in psutil.Process(harness.pid).children(recursive=True)
+                   if "engine.sweep.worker" in " ".join(p.cmdline())]
+    assert workers, "the cell's child never started"
+    harness.send_signal(sig)
+    harness.wait(timeout=30)
+    gone, alive = psutil.wait_procs(workers, timeout=10)
+    assert alive == [], f"left running after the harness died: {alive}"

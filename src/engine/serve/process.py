@@ -13,11 +13,12 @@ import os
 import signal
 import socket
 import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
 from typing import Sequence
+
+from engine.parent_death import PREEXEC
 
 HOST = "127.0.0.1"
 LOG_TAIL_LINES = 8
@@ -37,15 +38,6 @@ def free_port(host: str = HOST) -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind((host, 0))
         return s.getsockname()[1]
-
-
-def _die_with_parent() -> None:  # in the child, before exec (Linux): SIGKILL when the harness dies
-    try:
-        import ctypes
-
-        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
-        pass
 
 
 class ManagedServer:
@@ -72,7 +64,7 @@ class ManagedServer:
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(self.argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
                                          env=self.env, start_new_session=True,
-                                         preexec_fn=_die_with_parent if sys.platform == "linux" else None)
+                                         preexec_fn=PREEXEC)
         _LIVE[self.proc.pid] = self
         _install_handlers()
         while True:

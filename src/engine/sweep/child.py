@@ -22,6 +22,7 @@ from typing import Any, Callable
 import backends
 from engine.measure.cell import Cell
 from engine.measure.memory import ProcessSampler
+from engine.parent_death import PREEXEC
 from engine.paths import cache_dir
 
 THREAD_VARS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "VECLIB_MAXIMUM_THREADS",
@@ -70,7 +71,7 @@ class GroupChild:
         self._log = tempfile.TemporaryFile()
         self.proc = subprocess.Popen([sys.executable, "-m", "engine.sweep.worker", str(write_fd)],
                                      stdin=subprocess.PIPE, stdout=self._log, stderr=self._log, pass_fds=(write_fd,),
-                                     env=child_env(cells[0]), start_new_session=True)
+                                     env=child_env(cells[0]), start_new_session=True, preexec_fn=PREEXEC)
         os.close(write_fd)
         self.memory = ProcessSampler(self.proc.pid)
         self._buf = b""
