@@ -76,14 +76,24 @@ def test_the_parent_samples_a_childs_allocation():
     code = "import numpy as np, sys; b = np.ones(200 * 2**20 // 8); b.sum(); print('ready', flush=True); sys.stdin.read()"
     child = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     try:
-        sampler = ProcessSampler(child.pid, uss_every=1)
+        sampler = ProcessSampler(child.pid, uss_cpu_share=1.0)  # a USS read whenever the last one's time has passed
         sampler.sample()
         before = sampler.rss_peak
         assert child.stdout.readline().strip() == "ready"
+        time.sleep(0.5)
         sampler.sample()
         assert sampler.rss_peak - before > 150 * 2**20 and sampler.uss_peak > 150 * 2**20
         sampler.reset()
         assert sampler.rss_peak == 0
+        # at the default share, a read that cost t waits 100 t: the next samples read RSS only
+        sparing = ProcessSampler(child.pid)
+        sparing.sample()
+        first = sparing.uss_peak
+        due = sparing._uss_due - time.monotonic()
+        assert first > 150 * 2**20 and due > 0
+        sparing.uss_peak = 0
+        sparing.sample()
+        assert sparing.uss_peak == 0 and sparing.rss_peak > 150 * 2**20
     finally:
         child.communicate("", timeout=30)
     sampler.sample()  # the process is gone: sampling keeps what it had and does not raise
