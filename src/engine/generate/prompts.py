@@ -9,7 +9,7 @@ from engine.model.spec import ModelSpec
 from engine.model.tokenizer import CONTROL, USER_DEFINED, Tokenizer
 
 
-def seeded_prompt(spec: ModelSpec, n_tokens: int, seed: int) -> list[int]:
+def seeded_prompt(spec: ModelSpec, n_tokens: int, seed: int | list[int]) -> list[int]:
     """`n_tokens` ordinary token ids (no control tokens) drawn from a generator seeded with `seed`:
     the same ids for every framework and every run of the cell. A file that asks for BOS
     (`tokenizer.ggml.add_bos_token`, Gemma's and SentencePiece files) gets it as the first of them."""

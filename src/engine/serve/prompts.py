@@ -57,8 +57,9 @@ class PromptSource:
     def _seeded(self, level: int, index: int, warmup: bool) -> Prompt:
         from engine.generate.prompts import seeded_prompt
 
-        first = self.seed + 1_000_000 * (level + 1) + (500_000 if warmup else 0)
-        ids = seeded_prompt(self.spec, self.prompt_tokens, first + index)
+        # one generator stream per (seed, level, warm-up, request): no two runs of nearby seeds share a
+        # prompt (seed + index did: seed 3's request 0 was seed 1's request 2, served from a prefix cache)
+        ids = seeded_prompt(self.spec, self.prompt_tokens, [self.seed & 0xFFFFFFFF, level, int(warmup), index])
         return Prompt(ids, self.tok.decode(ids))
 
     def _dataset(self, level: int) -> Prompt:
