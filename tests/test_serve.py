@@ -267,6 +267,35 @@ def test_exported_checkpoint_gives_the_reference_logits(tiny_models, tmp_path, m
     np.testing.assert_allclose(got, ref, atol=1e-4, rtol=1e-4)
 
 
+def test_a_checked_request_that_leaves_the_reference_carries_the_references_gap_there(tiny_f32, tmp_path):
+    """The fake streams words unrelated to the model: every checked request leaves the reference
+    at its first token, and its sample has the reference's logit gap to the server's token there,
+    as the reference's own logits after the prompt give it."""
+    from conftest import reference_logits
+    from engine.model.spec import ModelSpec
+    from engine.model.tokenizer import Tokenizer
+    from engine.serve.prompts import PromptSource
+
+    out = tmp_path / "gap.csv"
+    cmd = f"{sys.executable} {FAKE} --port {{port}} --ttft 0.01 --itl 0.01"
+    r = bench("serve", "-m", tiny_f32, "--server-command", f"f={cmd}", "-c", "1", "--requests", "2", "--warmup", "0",
+              "-n", "8", "--prompt-tokens", "6", "--check", "2", "-O", str(out), timeout=300)
+    assert r.returncode == 0, r.stderr
+    row = json.loads(out.with_suffix(".jsonl").read_text().splitlines()[0])
+    spec = ModelSpec.open(tiny_f32)
+    tok = Tokenizer.from_spec(spec)
+    prompts = PromptSource(spec, tok, 6, 0)  # the run's: seed 0, level 0
+    assert row["checked_requests"] == 2 and row["near_tie_requests"] + row["diverged_requests"] == 2
+    for sample in row["requests"]:
+        assert sample["match_tokens"] == 0
+        p = prompts.get(0, sample["prompt_index"])
+        ids = p.ids if row["prompt_source"] == "token_ids" else tok.encode(p.text)
+        logits = reference_logits(tiny_f32, ids, 0)[0]
+        token = tok.encode(sample["text"], add_bos=False)[0]
+        assert sample["divergence_gap"] == pytest.approx(float(logits.max() - logits[token]), abs=1e-4)
+    assert ("diverged" in row["flags"]) == (row["diverged_requests"] > 0)
+
+
 def test_llama_cpp_python_server_streams_the_reference_tokens(tiny_f32, tmp_path):
     require_module("llama_cpp.server.app")
     out = tmp_path / "serve.csv"
@@ -407,6 +436,10 @@ def test_every_request_gets_a_fresh_prompt_and_cache_and_length_are_read(tiny_f3
     src = PromptSource(spec, Tokenizer.from_spec(spec), 16, seed=0)
     seen = [tuple(src.get(lv, i, warmup=w).ids) for lv in range(3) for w in (True, False) for i in range(300)]
     assert len(set(seen)) == len(seen) and src.get(1, 7).ids == list(seen[300 * 3 + 7])  # stable per (level, request)
+    # runs of nearby seeds (an alternation's 1001, 1003, ...) share no prompt either
+    nearby = {tuple(PromptSource(spec, Tokenizer.from_spec(spec), 16, seed=sd).get(0, i).ids)
+              for sd in (0, 1, 2, 3) for i in range(16)}
+    assert len(nearby) == 4 * 16
 
 
 def test_url_server_gets_token_id_prompts(tiny_f32, tmp_path):

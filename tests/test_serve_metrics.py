@@ -8,7 +8,7 @@ import pytest
 
 from engine.serve.client import Chunk, RequestRecord
 from engine.serve.findmax import FindMax, find_max
-from engine.serve.metrics import Slo, level_fields, request_sample
+from engine.serve.metrics import Slo, level_fields, request_sample, server_token_at
 
 WORDS = lambda text: len(text.split())  # noqa: E731  (the fixed logs' tokens are words)
 
@@ -103,6 +103,38 @@ def test_reference_check_on_ids_and_text():
     assert request_sample(ids, WORDS, " ".join, [5, 6, 9])["match_tokens"] == 2
     silent = record(1, [0.1], [""], 0.2, {"completion_tokens": 1})  # nothing to compare: not checked
     assert request_sample(silent, WORDS, " ".join, [5])["match_tokens"] == -1
+
+
+class WordTokens:
+    """A tokenizer over four words, each token's text the word and a space."""
+
+    VOCAB = ["a", "b", "c", "d"]
+
+    def encode(self, text, add_bos=True):
+        return [self.VOCAB.index(w) for w in text.split()]
+
+    def decode(self, ids):
+        return "".join(self.VOCAB[i] + " " for i in ids)
+
+
+def test_the_servers_token_where_it_left_the_reference():
+    tok = WordTokens()
+    ids = RequestRecord(index=0, prompt_index=0, ok=True, end_s=0.3)
+    ids.chunks = [Chunk(0.1, "x", [0, 1]), Chunk(0.2, "y", [3])]
+    assert server_token_at(ids, [0, 1, 2], 2, tok) == 3  # the id it returned
+    text = record(1, [0.1, 0.2], ["a b ", "d c "], 0.3)
+    assert server_token_at(text, [0, 1, 2], 2, tok) == 3  # the first token of its text beyond "a b "
+    assert server_token_at(record(2, [0.1], ["a b "], 0.2), [0, 1, 2], 2, tok) is None  # nothing follows
+
+
+def test_a_near_tie_is_counted_apart_from_a_divergence():
+    tok = WordTokens()
+    logs = [record(i, [0.1, 0.2], ["a b ", "d "], 0.3, {"completion_tokens": 3}) for i in range(4)]
+    s = [request_sample(r, WORDS, tok.decode, [0, 1, 2]) for r in logs]
+    assert [x["match_tokens"] for x in s] == [2, 2, 2, 2]
+    s[0]["divergence_gap"], s[1]["divergence_gap"], s[2]["divergence_gap"] = 0.1, 0.49, 2.0  # s[3]: gap unknown
+    f = level_fields(s, 1.0, 3, Slo())
+    assert f["checked_requests"] == 4 and f["near_tie_requests"] == 2 and f["diverged_requests"] == 2
 
 
 @pytest.mark.parametrize("profile,limit,expected_best,expected_tried", [

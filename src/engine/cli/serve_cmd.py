@@ -28,7 +28,8 @@ def summary_cells(r) -> list[str]:
         return [r.server, load] + ["-"] * 11 + [f"{r.status}: {r.error[:90]}"]
     fmt = lambda v, spec=".1f": "-" if math.isnan(v) else format(v, spec)  # noqa: E731
     match = "-" if r.match_tokens < 0 else f"{r.match_tokens}/{r.gen_tokens}"  # the fewest over checked requests
-    diverged = f"{r.diverged_requests}/{r.checked_requests}" if r.checked_requests else "-"
+    ties = f" ({r.near_tie_requests} ties)" if r.near_tie_requests else ""
+    diverged = f"{r.diverged_requests}/{r.checked_requests}{ties}" if r.checked_requests else "-"
     return [r.server, load, f"{r.requests_ok}/{r.requests_failed}", fmt(r.request_throughput_rps, ".2f"),
             fmt(r.output_tps), f"{_ms(r.ttft_p50_s)}/{_ms(r.ttft_p99_s)}", _ms(r.tpot_p50_s),
             f"{_ms(r.itl_p50_s)}/{_ms(r.itl_p99_s)}", _ms(r.e2el_p50_s), fmt(r.goodput_rps, ".2f"), match, diverged,

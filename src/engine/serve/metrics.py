@@ -25,6 +25,9 @@ from engine.measure.reference import leading_matches
 from engine.serve.client import RequestRecord
 
 PERCENTILES = (50, 90, 99)
+# a server that leaves the reference where the reference's own top two logits are this close took a
+# near tie (lower-precision arithmetic, as llama.cpp's 8-bit activations): not a divergence
+NEAR_TIE_NATS = 0.5
 DEFINITIONS = ("vllm", "guidellm", "aiperf", "mlperf")
 
 
@@ -167,9 +170,25 @@ def level_fields(samples: list[dict[str, Any]], duration_s: float, gen_tokens: i
                  goodput_frac=good / (len(samples) + not_sent) if samples or not_sent else math.nan)
     checked = [s for s in ok if s["match_tokens"] >= 0]
     if checked:
+        left = [s for s in checked if s["match_tokens"] < min(gen_tokens, s["client_tokens"])]
+        near = [s for s in left if s.get("divergence_gap", math.inf) < NEAR_TIE_NATS]
         f.update(checked_requests=len(checked), match_tokens=min(s["match_tokens"] for s in checked),
-                 diverged_requests=sum(s["match_tokens"] < min(gen_tokens, s["client_tokens"]) for s in checked))
+                 near_tie_requests=len(near), diverged_requests=len(left) - len(near))
     return f
+
+
+def server_token_at(rec: RequestRecord, reference: Sequence[int], k: int, tok) -> int | None:
+    """The server's token where it left the reference (after `k` equal tokens): its id where it
+    returned ids, else the first token of its text beyond the reference's first k, as the model's
+    tokenizer reads it; None when nothing follows."""
+    ids = rec.token_ids
+    if ids is not None:
+        return ids[k] if k < len(ids) else None
+    agreed = tok.decode(list(reference[:k]))
+    text = rec.text
+    rest = text[len(agreed):] if text.startswith(agreed) else text[len(agreed.lstrip()):]  # see leading_text_matches
+    following = tok.encode(rest, add_bos=False) if rest else []
+    return following[0] if following else None
 
 
 def parse_slo(text: str) -> Slo:

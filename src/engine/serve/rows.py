@@ -83,7 +83,8 @@ class ServeResult(TypedRow):
     # correctness at temperature 0
     checked_requests: int = 0
     match_tokens: int = -1  # fewest leading tokens equal to the reference's over checked requests
-    diverged_requests: int = 0
+    diverged_requests: int = 0  # left the reference where it was no near tie
+    near_tie_requests: int = 0  # left it at a near tie of the reference's own logits
     # provenance
     host: str = ""
     cpu: str = ""

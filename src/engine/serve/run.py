@@ -22,7 +22,7 @@ from engine.results.rows import provenance
 from engine.serve.capacity import client_capacity
 from engine.serve.findmax import FindMax, find_max
 from engine.serve.load import Level, LevelRun, LoadSpec, run_level
-from engine.serve.metrics import Slo, level_fields, request_sample
+from engine.serve.metrics import Slo, level_fields, request_sample, server_token_at
 from engine.serve.process import ManagedServer, ServerFailed
 from engine.serve.prompts import PromptSource
 from engine.serve.rows import ServeResult
@@ -89,6 +89,14 @@ class Reference:
         from engine.measure.reference import greedy_tokens
 
         return greedy_tokens(self.spec.path, ids, self.gen_tokens, self._open)
+
+    def gap(self, ids: list[int], token: int) -> float:
+        """How far `token` lies below the reference's own choice after `ids`, in logits (nats)."""
+        backend = self._open()
+        backend.reset()
+        logits = backend.prefill(list(ids))
+        backend.reset()
+        return float(logits.max() - logits[token])
 
     def _open(self):
         if self.backend is None:
@@ -241,8 +249,15 @@ def _samples(ctx: Context, s: Session, index: int, run: LevelRun) -> list[dict[s
     for rec in run.records:
         checked = ref is not None and rec.prompt_index < ctx.plan.check_prompts
         p = ctx.prompts.get(index, rec.prompt_index) if checked else None
-        expected = ref.tokens(p.ids if s.token_ids else tok.encode(p.text)) if p is not None else None
-        samples.append(request_sample(rec, lambda t: len(tok.encode(t, add_bos=False)), tok.decode, expected))
+        ids = (p.ids if s.token_ids else tok.encode(p.text)) if p is not None else None
+        expected = ref.tokens(ids) if ids is not None else None
+        sample = request_sample(rec, lambda t: len(tok.encode(t, add_bos=False)), tok.decode, expected)
+        k = sample["match_tokens"]
+        if expected is not None and 0 <= k < min(len(expected), sample["client_tokens"]):
+            token = server_token_at(rec, expected, k, tok)
+            if token is not None:
+                sample["divergence_gap"] = ref.gap(ids + expected[:k], token)
+        samples.append(sample)
     return samples
 
 
