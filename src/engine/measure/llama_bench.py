@@ -3,7 +3,8 @@ backend's decode speed, on the same file, threads and lengths.
 
 llama-bench's `tg` test decodes `-n` tokens one at a time after a context of `-d` tokens, which is
 what a bench cell's decode does after its prompt; its `avg_ts` is tokens over the whole `tg` time,
-as bench's decode_tps. The two run one after the other, A B A B, so drift hits both alike.
+as bench's decode_tps. Both run without flash attention (the llamacpp backend's setting). The two
+run one after the other, A B A B, so drift hits both alike.
 """
 
 from __future__ import annotations
@@ -43,8 +44,9 @@ def _median(xs: list[float]) -> float:
 
 def llama_bench_tg(model: str, threads: int, prompt_tokens: int, gen_tokens: int, repeats: int) -> tuple[float, str]:
     """llama-bench's decode tok/s after `prompt_tokens` of context, and its flash-attention setting."""
+    # flash attention off, as the llamacpp backend runs it (llama-bench's default, auto, turns it on here)
     cmd = [str(llama_tool("llama-bench")), "-m", model, "-t", str(threads), "-p", "0", "-n", str(gen_tokens),
-           "-d", str(prompt_tokens), "-r", str(repeats), "-o", "json"]
+           "-d", str(prompt_tokens), "-r", str(repeats), "-fa", "off", "-o", "json"]
     done = subprocess.run(cmd, capture_output=True, text=True)
     if done.returncode != 0:
         tail = (done.stderr or done.stdout).strip().splitlines()[-1:] or ["no output"]
@@ -86,8 +88,10 @@ def side_by_side(model: str, threads: int, prompt_tokens: int, gen_tokens: int, 
 
 def markdown(results: list[SideBySide]) -> str:
     lines = ["| model | threads | prompt | gen | llama-bench flash attn | llama-bench tg tok/s | "
-             "bench llamacpp decode tok/s | ratio |", "|---|---|---|---|---|---|---|---|"]
+             "bench llamacpp decode tok/s | rounds (llama-bench; bench) | ratio |", "|---|---|---|---|---|---|---|---|---|"]
     for r in results:
+        rounds = f"{', '.join(f'{x:.2f}' for x in r.llama_bench_tps)}; {', '.join(f'{x:.2f}' for x in r.bench_tps)}"
         lines.append(f"| {Path(r.model).name} | {r.threads} | {r.prompt_tokens} | {r.gen_tokens} | "
-                     f"{r.flash_attn} | {_median(r.llama_bench_tps):.2f} | {_median(r.bench_tps):.2f} | {r.ratio:.3f} |")
+                     f"{r.flash_attn} | {_median(r.llama_bench_tps):.2f} | {_median(r.bench_tps):.2f} | {rounds} | "
+                     f"{r.ratio:.3f} |")
     return "\n".join(lines)
