@@ -186,9 +186,11 @@ def native_need(spec, rest: str, positions: int, sequences: int, runtime: int):
     def held(name: str) -> int:
         return 0 if name == "token_embd.weight" and in_file else converted(name)
 
-    floats = dequantized_bytes(spec, copies=0)
+    floats = dequantized_bytes(spec, copies=1 if rest == "bf16" else 0)  # bf16 is cast from the f32 array
     staged = lambda name: 7 * elements(spec, name) if runs_on_int4(spec, name) else floats(name)  # noqa: E731
     tied_head = converted("token_embd.weight") if spec.tied_embeddings and in_file else 0
+    transient = conversion_peak(spec, held, staged)
+    if tied_head:  # converted last, with every other weight already held
+        transient = max(transient, staged("token_embd.weight"))
     return MemoryNeed(weights=sum(held(n) for n in spec.load_order()) + tied_head,
-                      kv=kv_bytes(spec, positions, sequences, 4),
-                      transient=conversion_peak(spec, held, staged), runtime=runtime)
+                      kv=kv_bytes(spec, positions, sequences, 4), transient=transient, runtime=runtime)
