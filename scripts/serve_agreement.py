@@ -40,12 +40,14 @@ def main() -> int:
     concurrencies = a.concurrency or [1, 4]
     rows = []
     for name in a.server:
-        server, served = start_server(name, model, max(concurrencies), a.prompt_tokens + a.gen_tokens, out)
+        runs_dir = out / name  # each server's runs apart: both clients' files are named by level and seed
+        runs_dir.mkdir(exist_ok=True)
+        server, served = start_server(name, model, max(concurrencies), a.prompt_tokens + a.gen_tokens, runs_dir)
         try:
             for c in concurrencies:
                 w = Workload(c, a.requests, a.prompt_tokens, a.gen_tokens, seed=1000 * c)
-                runs = alternate(server.url, served, model, tokenizer, python, w, a.rounds, out)
-                (out / f"{name}-c{c}.json").write_text(json.dumps(runs))
+                runs = alternate(server.url, served, model, tokenizer, python, w, a.rounds, runs_dir)
+                (runs_dir / f"c{c}.json").write_text(json.dumps(runs))
                 rows.append((name, c, medians(runs)))
                 print(table(rows[-1:]), file=sys.stderr)
         finally:
