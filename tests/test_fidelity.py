@@ -128,7 +128,7 @@ def test_a_batch_that_breaks_a_sequence_is_flagged(tiny_f32, tmp_path):
 
 
 def test_serve_reference_reads_the_shared_cache(tiny_f32, tmp_path, monkeypatch):
-    from engine.serve.run import Reference
+    from engine.serve.reference import Reference
 
     monkeypatch.setenv("BENCH_CACHE_DIR", str(tmp_path))
     spec = ModelSpec.open(tiny_f32)

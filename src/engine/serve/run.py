@@ -24,6 +24,7 @@ from engine.serve.findmax import FindMax, find_max
 from engine.serve.load import Level, LevelRun, LoadSpec, run_level
 from engine.serve.metrics import Slo, level_fields, request_sample, server_token_at
 from engine.serve.process import ManagedServer, ServerFailed
+from engine.serve.reference import Reference
 from engine.serve.prompts import PromptSource
 from engine.serve.rows import ServeResult
 from engine.serve.servers import ServerKind
@@ -74,37 +75,6 @@ class ServePlan:
         if self.find_max and self.find_max.profile == "concurrency":
             top.append(self.find_max.limit)
         return int(max(top, default=1))
-
-
-class Reference:
-    """Greedy tokens of the numpy reference, per prompt ids, from the one reference cache
-    (engine.measure.reference); the reference loads here only for prompts it has not answered."""
-
-    def __init__(self, spec: ModelSpec, gen_tokens: int, max_prompt: int):
-        self.spec, self.gen_tokens = spec, gen_tokens
-        self.max_seq_len = max_prompt + gen_tokens + 8
-        self.backend = None
-
-    def tokens(self, ids: list[int]) -> list[int]:
-        from engine.measure.reference import greedy_tokens
-
-        return greedy_tokens(self.spec.path, ids, self.gen_tokens, self._open)
-
-    def gap(self, ids: list[int], token: int) -> float:
-        """How far `token` lies below the reference's own choice after `ids`, in logits (nats)."""
-        backend = self._open()
-        backend.reset()
-        logits = backend.prefill(list(ids))
-        backend.reset()
-        return float(logits.max() - logits[token])
-
-    def _open(self):
-        if self.backend is None:
-            import backends
-
-            self.backend = backends.open_backend(backends.reference().name, self.spec,
-                                                 max_seq_len=self.max_seq_len).backend
-        return self.backend
 
 
 def level_id(server: str, model: str, level: Level, plan: ServePlan) -> str:
