@@ -62,14 +62,17 @@ def cached_prompt_tokens(rec: RequestRecord) -> int | None:
     return int(details["cached_tokens"]) if details.get("cached_tokens") is not None else None
 
 
+def as_streamed(text: str, expected: str) -> str:
+    """`expected` (decoded reference tokens) as a server streaming `text` shows it: when that text
+    starts without whitespace, without its leading whitespace too (mlx-lm's streaming detokenizer
+    strips the first token's leading space)."""
+    return expected if text[:1].isspace() else expected.lstrip()
+
+
 def leading_text_matches(text: str, reference: Sequence[int], decode) -> int:
-    """Leading reference tokens whose decoded text is a prefix of what the server streamed. When
-    the server's text starts without whitespace, the reference's leading whitespace is dropped
-    too: mlx-lm's streaming detokenizer strips the first token's leading space."""
-    strip = not text[:1].isspace()
+    """Leading reference tokens whose decoded text is a prefix of what the server streamed."""
     for k in range(len(reference) + 1):
-        expected = decode(reference[:k])
-        if not text.startswith(expected.lstrip() if strip else expected):
+        if not text.startswith(as_streamed(text, decode(reference[:k]))):
             return k - 1
     return len(reference)
 
@@ -184,9 +187,8 @@ def server_token_at(rec: RequestRecord, reference: Sequence[int], k: int, tok) -
     ids = rec.token_ids
     if ids is not None:
         return ids[k] if k < len(ids) else None
-    agreed = tok.decode(list(reference[:k]))
     text = rec.text
-    rest = text[len(agreed):] if text.startswith(agreed) else text[len(agreed.lstrip()):]  # see leading_text_matches
+    rest = text[len(as_streamed(text, tok.decode(list(reference[:k])))):]
     following = tok.encode(rest, add_bos=False) if rest else []
     return following[0] if following else None
 

@@ -24,8 +24,8 @@ from engine.serve.findmax import FindMax, find_max
 from engine.serve.load import Level, LevelRun, LoadSpec, run_level
 from engine.serve.metrics import Slo, level_fields, request_sample, server_token_at
 from engine.serve.process import ManagedServer, ServerFailed
-from engine.serve.reference import Reference
 from engine.serve.prompts import PromptSource
+from engine.serve.reference import Reference
 from engine.serve.rows import ServeResult
 from engine.serve.servers import ServerKind
 

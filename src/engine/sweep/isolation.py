@@ -47,7 +47,8 @@ def run_cells(cells: list[Cell], host_gbps: float, run_id: str, debug: bool = Fa
     lanes = [Lane(list(group)) for _, group in itertools.groupby(cells, key=lambda c: c.load_key)]
     schedule, note = plan(lanes, interleave)
     interleaved = schedule == "interleaved"
-    active, waiting = (list(lanes), []) if interleaved else (lanes[:1], lanes[1:])  # copies: `lanes` stays whole to close
+    # copies: `lanes` stays whole for the close at the end
+    active, waiting = (list(lanes), []) if interleaved else (lanes[:1], lanes[1:])
     try:
         if interleaved:
             start_children(lanes, host_gbps, run_id, debug)
