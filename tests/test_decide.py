@@ -187,12 +187,26 @@ def test_adaptive_repeats_stop_at_the_target_or_flag_ci_wide(tiny_f32):
     swinging = Cell(**base, repeats=3, max_repeats=5, ci_target=0.05)
     assert steady.cell_id == Cell(**base, repeats=3).cell_id  # effort knobs stay out of the id
     loaded = LoadedModel(steady, spec, 16)
+    step = loaded.backend.step
+    loaded.backend.step = _padded(step)  # a sleep dominates each call: a shared host's hiccups stay small beside it
     got = measure(steady, loaded, cell_prompts(spec, steady), 10.0, "r")
-    assert len(got) == 3 and "ci_wide" not in got[0].flags
-    loaded.backend.step = _swinging(loaded.backend.step)
+    # it stops as soon as the CI is inside the target (3 repeats unless the host hiccuped), never at the bound
+    assert 3 <= len(got) < steady.max_repeats and "ci_wide" not in got[0].flags
+    assert got[0].decode_tps_mean - got[0].decode_tps_ci95_low <= 0.5 * got[0].decode_tps_mean
+    loaded.backend.step = _swinging(step)
     got = measure(swinging, loaded, cell_prompts(spec, swinging), 10.0, "r")
     assert len(got) == 5 and all("ci_wide" in r.flags for r in got) and got[0].decode_tps_ci95_low < 0.95 * \
         got[0].decode_tps_mean
+
+
+def _padded(step):
+    import time
+
+    def padded(tokens, start):
+        time.sleep(0.005)
+        return step(tokens, start)
+
+    return padded
 
 
 def _swinging(step):
