@@ -1,6 +1,7 @@
 """Every table and figure keyed by the full mode; ITL percentiles over pooled samples; `cold` rows."""
 
 import io
+import math
 import json
 
 import numpy as np
@@ -141,3 +142,11 @@ def test_cold_reaches_the_results_file(tiny_f32, tmp_path):
     assert "cold" in flags["tinygrad"] and "cold" not in flags["numpy"]
     rows = [json.loads(x) for x in out.with_suffix(".jsonl").read_text().splitlines()]
     assert all(("cold" in x["flags"]) == (x["framework"] == "tinygrad") for x in rows)
+
+
+def test_a_number_that_rounds_to_zero_prints_without_a_sign():
+    from engine.results.writers import fmt
+
+    # an exact match's KLD read back from float16 log-probabilities comes out at -3e-6
+    assert [fmt(-3e-6, ".4f"), fmt(-0.04, ".1f"), fmt(-0.5, ".1f"), fmt(-2e-9, ".1e"), fmt(math.nan)] == \
+        ["0.0000", "0.0", "-0.5", "-2.0e-09", "-"]

@@ -15,7 +15,7 @@ from engine.measure.cell import Cell
 from engine.results.modes import mode_label, row_mode
 from engine.measure.stats import ratio_text
 from engine.results.rows import BenchmarkResult
-from engine.results.writers import results_table
+from engine.results.writers import fmt, results_table
 from engine.sweep.eta import Progress, SweepEta
 
 stderr = Console(stderr=True, highlight=False, width=None if sys.stderr.isatty() else 160)
@@ -167,8 +167,8 @@ def best_table(decisions, rows: list[dict]):
         verdict = "best" if d.verdict == "best" else "tied: " + ", ".join(c.label for c in d.tied)
         vs = ratio_text(d.ratio.ratio, d.ratio.low, d.ratio.high, d.runner_up.label) if d.ratio else "only mode"
         t.add_row(r["framework"] + (f" @{r['node']}" if r.get("node") else ""), d.top.label, str(r["prompt_tokens"]),
-                  str(r["gen_tokens"]), f"{d.top.median:.1f}", verdict, vs, _fmt(r["kld_mean"], ".4f"),
-                  _fmt(r["kld_p99"], ".3f"), _fmt(r["same_top_p"], ".3f"), f"{r['peak_rss_bytes'] / 1e6:.0f}", tried)
+                  str(r["gen_tokens"]), f"{d.top.median:.1f}", verdict, vs, fmt(r["kld_mean"], ".4f"),
+                  fmt(r["kld_p99"], ".3f"), fmt(r["same_top_p"], ".3f"), f"{r['peak_rss_bytes'] / 1e6:.0f}", tried)
     return t
 
 
@@ -177,6 +177,3 @@ def _workload(row: dict) -> tuple:
 
     return workload_key(row)
 
-
-def _fmt(v, spec: str) -> str:
-    return "-" if v is None or (isinstance(v, float) and math.isnan(v)) else format(v, spec)

@@ -85,8 +85,13 @@ SUMMARY_COLUMNS = (("framework", False), ("mode", False), ("dev", False), ("prom
                    ("match", True), ("status", False))
 
 
-def _fmt(v: float, spec: str = ".1f") -> str:
-    return "-" if v is None or (isinstance(v, float) and math.isnan(v)) else format(v, spec)
+def fmt(v: float | None, spec: str = ".1f") -> str:
+    """A table cell: "-" for a missing number; a value that rounds to zero never prints as "-0"
+    (a KLD of -3e-6 is float16 rounding around an exact match, not a negative divergence)."""
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return "-"
+    text = format(v, spec)
+    return text[1:] if text.startswith("-") and not any(c in "123456789" for c in text) else text
 
 
 def by_cell(rows: Iterable[BenchmarkResult]) -> list[list[BenchmarkResult]]:
@@ -111,13 +116,13 @@ def summary_cells(cell_rows: list[BenchmarkResult]) -> tuple[list[str], str]:
     if r.status != "ok":
         return what + ["-"] * 8 + [f"{r.status}: {r.error[:80]}"], r.status
     mean = lambda f: sum(getattr(x, f) for x in cell_rows) / len(cell_rows)  # noqa: E731
-    ci = (f" ±{_fmt((r.decode_tps_ci95_high - r.decode_tps_ci95_low) / 2)}"
+    ci = (f" ±{fmt((r.decode_tps_ci95_high - r.decode_tps_ci95_low) / 2)}"
           if not math.isnan(r.decode_tps_ci95_high) else "")
     match = "-" if r.match_tokens < 0 else f"{r.match_tokens}/{r.gen_tokens}"
-    return what + [f"{_fmt(r.decode_tps_mean)}{ci}", _fmt(mean("ttft_s") * 1e3), _fmt(mean("prefill_tps"), ".0f"),
-                   f"{_fmt(pooled_itl_s(cell_rows, 50) * 1e3)}/{_fmt(pooled_itl_s(cell_rows, 99) * 1e3)}",
-                   _fmt(r.peak_rss_bytes / 1e6, ".0f"), _fmt(mean("achieved_gbps")),
-                   _fmt(mean("roofline_frac"), ".2f"), match, " ".join(("ok", *r.flags))], "ok"
+    return what + [f"{fmt(r.decode_tps_mean)}{ci}", fmt(mean("ttft_s") * 1e3), fmt(mean("prefill_tps"), ".0f"),
+                   f"{fmt(pooled_itl_s(cell_rows, 50) * 1e3)}/{fmt(pooled_itl_s(cell_rows, 99) * 1e3)}",
+                   fmt(r.peak_rss_bytes / 1e6, ".0f"), fmt(mean("achieved_gbps")),
+                   fmt(mean("roofline_frac"), ".2f"), match, " ".join(("ok", *r.flags))], "ok"
 
 
 class MarkdownPrinter(Printer):

@@ -1,6 +1,6 @@
 """The client's own capacity: how many requests/s and streamed chunks/s `engine.serve.load` can
 time on this host, measured once against the zero-delay mock (`engine.serve.mock`, its own
-process) and cached per host, Python, httpx and harness version. Every `bench serve` row carries
+process) and cached per host, Python, aiohttp and harness version. Every `bench serve` row carries
 the two figures: a level near either measures the client, not the server.
 """
 
@@ -26,9 +26,10 @@ def cache_file() -> Path:
 
 
 def _key() -> str:
-    import httpx
+    import aiohttp
 
-    return f"{socket.gethostname()}|python {platform.python_version()}|httpx {httpx.__version__}|bench {__version__}"
+    return (f"{socket.gethostname()}|python {platform.python_version()}|aiohttp {aiohttp.__version__} "
+            f"(a connection per request)|bench {__version__}")
 
 
 def measure() -> dict[str, float]:

@@ -11,7 +11,7 @@ from typing import Any, Callable
 import numpy as np
 
 from engine.errors import InputError
-from engine.serve.client import RequestRecord, stream_completion
+from engine.serve.client import RequestRecord, connector, stream_completion
 
 
 @dataclass(frozen=True)
@@ -87,14 +87,13 @@ async def _open_loop(send, rate: float, more: Callable[[int], bool], seed: int) 
 
 async def _run(url: str, level: Level, load: LoadSpec, body_for: BodyFor, headers: dict[str, str] | None,
                alive: Callable[[], bool]) -> LevelRun:
-    import httpx
+    import aiohttp
 
     conc = int(level.value) if level.profile == "concurrency" else 0
-    limits = httpx.Limits(max_connections=None, max_keepalive_connections=None)
     # every body made before the first send (a duration's as they go): making one (a seeded prompt,
     # decoded) takes milliseconds, which on the event loop would delay the other streams' chunks
     bodies = {i: body_for(i) for i in (*range(-load.warmup, 0), *(() if load.duration_s else range(load.requests)))}
-    async with httpx.AsyncClient(limits=limits, trust_env=False) as client:
+    async with aiohttp.ClientSession(connector=connector(), trust_env=False) as client:
         async def one(i: int, start: float, due: float | None = None) -> RequestRecord:
             prompt_index, body = bodies.pop(i) if i in bodies else body_for(i)
             rec = RequestRecord(index=i, prompt_index=prompt_index,
