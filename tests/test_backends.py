@@ -77,7 +77,7 @@ def test_the_files_own_quantization_matches_reference(tiny_models, name, qtype):
 def test_torch_int4_unpacks_gguf_blocks_exactly(tiny_models):
     """The nibbles, scales and zeros taken from Q4_0/Q4_1 blocks rebuild the gguf package's own
     dequantization: the int4 path runs the file's weights, not a re-quantization."""
-    from backends.kquant import affine_groups
+    from engine.model.kquant import affine_groups
     from backends.torch_quant import int4_parts
 
     for qtype in ("q4_0", "q4_1"):

@@ -14,7 +14,7 @@ from engine.model.quantize import llama_quantize
 from engine.model.spec import ModelSpec
 from engine.model.synth import SHAPES, write_synthetic
 from engine.results.modes import mode_label
-from backends.kquant import AFFINE_BITS, affine_groups
+from engine.model.kquant import AFFINE_BITS, affine_groups
 
 PROMPT = [5, 17, 99, 42, 7, 300, 12, 250]
 STEPS = 4
@@ -39,6 +39,14 @@ def groups(spec, name):
     return affine_groups(spec.raw_tensor(name).data, spec.tensor_type(name), rows, cols)
 
 
+def gguf_values(spec, name):
+    """The gguf package's own dequantization of a tensor, numpy layout (the reference's oracle)."""
+    import gguf
+
+    t = spec.raw_tensor(name)
+    return gguf.quants.dequantize(t.data, t.tensor_type).reshape(tuple(int(n) for n in reversed(t.shape)))
+
+
 def test_k_quant_groups_rebuild_the_gguf_dequantization_exactly(kquant_files):
     seen = set()
     for path in kquant_files.values():
@@ -46,10 +54,23 @@ def test_k_quant_groups_rebuild_the_gguf_dequantization_exactly(kquant_files):
         for name in matrices(spec, AFFINE_BITS):
             g = groups(spec, name)
             assert g.u.max() < 2 ** g.bits
-            np.testing.assert_array_equal(g.dequantize(), spec.tensor(name), err_msg=name)
+            np.testing.assert_array_equal(g.dequantize(), gguf_values(spec, name), err_msg=name)
             seen.add(spec.tensor_type(name))
         seen |= {spec.tensor_type(n) for n in spec.tensor_names}
     assert {"q4_k", "q5_k", "q6_k"} <= seen  # the files hold real K-quant matrices
+
+
+def test_the_references_dequantization_is_the_gguf_packages(kquant_files, monkeypatch):
+    """Every tensor the reference reads (group-32 types through kquant, the rest through gguf),
+    in chunks of a few rows as a large model's are, equals the gguf package's values."""
+    from engine.model import dequant
+
+    monkeypatch.setattr(dequant, "CHUNK_BYTES", 4 * 256 * 3)  # three rows a chunk: the chunk edges are exercised
+    for path in kquant_files.values():
+        spec = ModelSpec.open(path)
+        for name in spec.tensor_names:
+            np.testing.assert_array_equal(dequant.dequantize(spec.raw_tensor(name), path), gguf_values(spec, name),
+                                          err_msg=name)
 
 
 @pytest.mark.parametrize("qtype", ["q4_0", "q4_1", "q5_0", "q5_1", "q8_0"])

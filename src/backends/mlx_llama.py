@@ -3,7 +3,7 @@
 At the file's own quantization (Q4_0, Q4_1, Q8_0) the weights load through `mx.load` on the .gguf
 as MLX quantized matrices (packed values, scales, biases) and run with `mx.quantized_matmul`: the
 very blocks llama.cpp runs, not a re-quantized copy. K-quant files (Q4_K_M, ...) load through
-backends.kquant: every group-32 block type (Q4_K, Q5_K, Q5_0, Q8_0, ...) becomes a 4-, 5- or 8-bit
+engine.model.kquant: every group-32 block type (Q4_K, Q5_K, Q5_0, Q8_0, ...) becomes a 4-, 5- or 8-bit
 matrix of scales d*sc and biases -dmin*m, exact; Q6_K (scales per 16, finer than MLX's groups of
 32 at least) runs as the `q6_k` option says: f32 (exact) or q8 (re-quantized to 8-bit groups). MLX is lazy: `step` evaluates everything
 before the host reads logits, so nothing unevaluated is timed as done.
@@ -18,14 +18,14 @@ import numpy as np
 
 from backends.base import (FLOAT_PRECISIONS, ArrayLlamaBackend, BackendOption, LoadInfo, LoadOptions, Mode,
                            Requirement, float_load_info, pip_extra)
-from backends.kquant import AFFINE_BITS, affine_groups
+from engine.model.kquant import AFFINE_BITS, affine_groups
 from engine.errors import UnavailableError
 from engine.model.footprint import MemoryNeed, conversion_peak, elements, float_need, kv_bytes, weight_bytes
 from engine.model.forward import SeparateProjections, forward, rope_frequencies
 
 MLX = Requirement("mlx", "mlx", pip_extra("mlx"))
 NATIVE_QUANT = {"q4_0": 4, "q4_1": 4, "q8_0": 8}  # GGUF types MLX loads as quantized matrices
-KQUANT_FILES = ("q4_k_m", "q4_k_s", "q5_k_m", "q5_k_s")  # file types backends.kquant loads
+KQUANT_FILES = ("q4_k_m", "q4_k_s", "q5_k_m", "q5_k_s")  # file types engine.model.kquant loads
 Q6K_MODES = ("f32", "q8")
 PACK_ROWS = 4096  # rows packed at a time (the packing's uint64 temporaries are 8 bytes a value)
 GROUP_SIZE = 32

@@ -2,7 +2,7 @@
 int4 kernel (`_weight_int4pack_mm_for_cpu`), converted once at load, the values never re-quantized.
 
 The kernel computes with w = (n - 8) * scale + zero per group of 32 along a row, n a nibble, which
-holds every 4-bit affine group (backends.kquant: w = s * u + b) with scale s and zero b + 8s.
+holds every 4-bit affine group (engine.model.kquant: w = s * u + b) with scale s and zero b + 8s.
 Its f32 path is a scalar loop (930 us for a 1536x576 GEMV here, against 69 us for an f32 GEMV)
 while its bf16 path is vectorised (28 us), so activations, scales and zeros go in as bf16: the
 loss that costs shows in the row's `kld_mean`.
@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from backends.kquant import AFFINE_BITS, GROUP, AffineGroups, affine_groups
+from engine.model.kquant import AFFINE_BITS, GROUP, AffineGroups, affine_groups
 
 INT4_TYPES = ("q4_0", "q4_1")  # file types whose native mode predates `rest` (it is f32 there)
 KQUANT_FILES = ("q4_k_m", "q4_k_s", "q5_k_m", "q5_k_s")  # file types mostly of K-quant blocks

@@ -29,7 +29,16 @@ class AffineGroups:
     bits: int
 
     def dequantize(self) -> np.ndarray:
-        return self.u.astype(np.float32) * np.repeat(self.scale, GROUP, axis=1) + np.repeat(self.bias, GROUP, axis=1)
+        out = np.empty(self.u.shape, np.float32)
+        self.dequantize_into(out)
+        return out
+
+    def dequantize_into(self, out: np.ndarray) -> None:
+        """scale * u + bias into `out` (float32, u's shape), group by group without repeating the scales."""
+        rows, groups = self.scale.shape
+        grouped = out.reshape(rows, groups, GROUP)
+        np.multiply(self.u.reshape(rows, groups, GROUP), self.scale[..., None], out=grouped, dtype=np.float32)
+        grouped += self.bias[..., None]
 
 
 def affine_groups(raw: np.ndarray, qtype: str, rows: int, cols: int) -> AffineGroups:
