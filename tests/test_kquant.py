@@ -179,3 +179,32 @@ def test_best_modes_of_torch_and_mlx_on_a_k_quant_file_make_their_cells(kquant_f
     cells = apply_options(with_modes([Cell("torch", path), Cell("mlx", path)], open_spec), backends.parse_options)
     modes = {(c.framework, mode_label(c.precision, "", dict(c.options))) for c in cells}
     assert {("torch", "q4_k_m rest=bf16"), ("torch", "q4_k_m rest=f32"), ("mlx", "q4_k_m q6_k=q8")} <= modes
+
+
+def resident_file_bytes(path) -> int:
+    """This process's resident bytes of `path`'s mappings (/proc/self/smaps)."""
+    total, inside = 0, False
+    for line in open("/proc/self/smaps"):
+        head = line.split()
+        if head and "-" in head[0] and len(head) >= 5:  # a mapping's header line
+            inside = line.rstrip().endswith(str(path))
+        elif inside and line.startswith("Rss:"):
+            total += int(head[1]) * 1024
+    return total
+
+
+@pytest.mark.parametrize("framework", ["torch", "mlx"])
+def test_a_native_load_leaves_no_packed_matrix_in_the_resident_set(kquant_files, tmp_path, framework):
+    """The packed matrices are copies (int4 nibbles, MLX groups): their file pages must leave the
+    process's resident set, as a dequantized tensor's do, or every row's peak memory counts the file
+    twice (8B Q4_K_M under torch: 13.8 GB peak against a 10.8 GB estimate)."""
+    import shutil
+
+    require_backend(framework)
+    path = shutil.copy(kquant_files["q4_k_m"], tmp_path / "own.gguf")  # a file no other test has mapped
+    spec = ModelSpec.open(path)
+    packed = sum(spec.raw_tensor(n).n_bytes for n in matrices(spec, ("q4_k",)))
+    header = resident_file_bytes(path)  # an opened file: its metadata (the vocabulary) is read
+    backend = load_backend(framework, path, precision="q4_k_m")  # its own map of the file
+    assert backend is not None and packed > 256 * 1024
+    assert resident_file_bytes(path) - 2 * header < 0.1 * packed

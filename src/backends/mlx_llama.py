@@ -18,7 +18,7 @@ import numpy as np
 
 from backends.base import (FLOAT_PRECISIONS, ArrayLlamaBackend, BackendOption, LoadInfo, LoadOptions, Mode,
                            Requirement, float_load_info, pip_extra)
-from engine.model.kquant import AFFINE_BITS, affine_groups
+from engine.model.kquant import AFFINE_BITS
 from engine.errors import UnavailableError
 from engine.model.footprint import MemoryNeed, conversion_peak, elements, float_need, kv_bytes, weight_bytes
 from engine.model.forward import SeparateProjections, forward, rope_frequencies
@@ -231,9 +231,8 @@ class MlxBackend(ArrayLlamaBackend):
             qtype, shape = spec.tensor_type(name), spec.raw_tensor(name).shape
             if len(shape) != 2:
                 return mx.array(spec.hf_tensor(name))
-            cols, rows = (int(n) for n in shape)
             if qtype in AFFINE_BITS:
-                g = affine_groups(spec.raw_tensor(name).data, qtype, rows, cols)
+                g = spec.affine_groups(name)
                 u, scale, bias = (spec.hf_rows(name, a) for a in (g.u, g.scale, g.bias))
                 return QuantizedMatrix(mx.array(pack_bits(u, g.bits)), mx.array(scale), mx.array(bias), g.bits)
             values = mx.array(spec.hf_tensor(name))

@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from engine.model.kquant import AFFINE_BITS, GROUP, AffineGroups, affine_groups
+from engine.model.kquant import AFFINE_BITS, GROUP, AffineGroups
 
 INT4_TYPES = ("q4_0", "q4_1")  # file types whose native mode predates `rest` (it is f32 there)
 KQUANT_FILES = ("q4_k_m", "q4_k_s", "q5_k_m", "q5_k_s")  # file types mostly of K-quant blocks
@@ -122,13 +122,10 @@ def native_matrix(spec, name: str, rest: str):
     """Tensor `name` as the native mode holds it: a PackedWeight, or an f32 torch tensor."""
     import torch
 
-    qtype, shape = spec.tensor_type(name), spec.raw_tensor(name).shape
     if runs_on_int4(spec, name):
-        cols, rows = (int(n) for n in shape)  # GGUF lists the row length first
-        g = affine_groups(spec.raw_tensor(name).data, qtype, rows, cols)
-        return int4_weight(*(spec.hf_rows(name, a) for a in int4_parts(g)))
+        return int4_weight(*(spec.hf_rows(name, a) for a in int4_parts(spec.affine_groups(name))))
     values = torch.from_numpy(spec.hf_tensor(name))
-    return Bf16Weight(values.to(torch.bfloat16)) if len(shape) == 2 and rest != "f32" else values
+    return Bf16Weight(values.to(torch.bfloat16)) if values.dim() == 2 and rest != "f32" else values
 
 
 def load_native_weights(spec, rest: str = "f32"):
