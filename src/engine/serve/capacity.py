@@ -29,7 +29,7 @@ def _key() -> str:
     import aiohttp
 
     return (f"{socket.gethostname()}|python {platform.python_version()}|aiohttp {aiohttp.__version__} "
-            f"(a connection per request)|bench {__version__}")
+            f"(connections kept alive)|bench {__version__}")
 
 
 def measure() -> dict[str, float]:
