@@ -2,6 +2,7 @@
 
     python fake_openai_server.py --port P [--mode ok|exit|die-after|hang|no-health] [--ttft S] [--itl S]
         [--tokens N] [--chunk-tokens K] [--no-usage] [--cache-n C] [--slowdown F] [--after K] [--child]
+        [--eos-at E]
 
 It streams N words (`w0 w1 ...`, fewer when max_tokens asks for fewer) in chunks of K words as
 vLLM's server does: the first chunk --ttft seconds after the request arrived, chunk i at
@@ -9,6 +10,8 @@ vLLM's server does: the first chunk --ttft seconds after the request arrived, ch
 same schedule, whatever its own pace), the last one carrying finish_reason, then a message with `"choices": []` and the usage (unless --no-usage).
 With --cache-n the last chunk carries llama-server's `timings` (cache_n C). --slowdown F makes
 TTFT and ITL grow with the requests in flight (x (1 + F (in_flight - 1))), for --find-max tests.
+--eos-at E ends every stream after E words with finish_reason `stop` (the model's EOS) unless the
+request sends `ignore_eos: true`.
 Modes: `exit` exits at once with an error message, `die-after` SIGKILLs itself while streaming
 request K+1, `hang` accepts requests and never answers, `no-health` never answers its health
 check. --child spawns a grandchild (a sleeper) so a test can see the whole process group go.
@@ -78,6 +81,8 @@ class Handler(BaseHTTPRequestHandler):
         self.send_header("Transfer-Encoding", "chunked")
         self.end_headers()
         n = min(args.tokens, int(body.get("max_tokens") or args.tokens))
+        eos = 0 < args.eos_at < n and not body.get("ignore_eos")
+        n = args.eos_at if eos else n
         words = [f"w{i} " for i in range(n)]
         chunks = ["".join(words[i:i + args.chunk_tokens]) for i in range(0, n, args.chunk_tokens)]
         prompt = body.get("prompt")
@@ -85,7 +90,7 @@ class Handler(BaseHTTPRequestHandler):
         events = []  # made before the first deadline: nothing but the writes runs on the schedule
         for i, text in enumerate(chunks):
             last = i == len(chunks) - 1
-            msg = {"choices": [{"index": 0, "text": text, "finish_reason": "length" if last else None}]}
+            msg = {"choices": [{"index": 0, "text": text, "finish_reason": ("stop" if eos else "length") if last else None}]}
             if last and args.cache_n >= 0:
                 msg["timings"] = {"cache_n": args.cache_n, "prompt_n": prompt_n - args.cache_n, "predicted_n": n}
             events.append(json.dumps(msg))
@@ -116,6 +121,7 @@ def main():
     p.add_argument("--cache-n", type=int, default=-1)
     p.add_argument("--slowdown", type=float, default=0.0)
     p.add_argument("--after", type=int, default=2)
+    p.add_argument("--eos-at", type=int, default=0)
     p.add_argument("--child", action="store_true")
     args = p.parse_args()
     sys.setswitchinterval(1e-4)  # a thread due to write waits at most this long for the GIL (default 5 ms)

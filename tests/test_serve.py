@@ -458,6 +458,28 @@ def test_url_server_gets_token_id_prompts(tiny_f32, tmp_path):
     assert row["prompt_source"] == "token_ids" and row["input_tokens_total"] == 3 * 12
 
 
+def test_url_output_length_is_forced_only_with_ignore_eos(tiny_f32, tmp_path):
+    """A --url server stops at its EOS unless asked not to: without --ignore-eos the early stops
+    are counted and flagged `short`; with it the request carries `ignore_eos` and runs to -n."""
+    server = fake(tmp_path, "--ttft", "0.01", "--itl", "0.01", "--eos-at", "3")
+    server.start(timeout_s=30)
+    rows = {}
+    try:
+        for flag in ("", "--ignore-eos"):
+            out = tmp_path / f"serve{flag}.csv"
+            r = bench("serve", "-m", tiny_f32, "--url", server.url, "-c", "1", "--requests", "3", "-n", "6",
+                      "--check", "0", "-O", str(out), "--format", "csv", *filter(None, [flag]), timeout=120)
+            assert r.returncode == 0, r.stderr
+            rows[flag] = jsonl_rows(out)[0]
+    finally:
+        server.stop()
+    free, forced = rows[""], rows["--ignore-eos"]
+    assert not free["ignore_eos"] and free["short_requests"] == 3 and "short" in free["flags"]
+    assert free["output_tokens_total"] == 3 * 3
+    assert forced["ignore_eos"] and forced["extra"]["request_fields"] == {"ignore_eos": True}
+    assert forced["short_requests"] == 0 and forced["output_tokens_total"] == 3 * 6 and "short" not in forced["flags"]
+
+
 def llama_server_or_skip():
     from engine.serve.servers import LlamaServer
 

@@ -107,6 +107,8 @@ def _done_levels(writer) -> frozenset[str]:
               help="any server command line, with {host} {port} and {model} or {checkpoint} filled in")
 @click.option("--api-key-env", default="", metavar="VAR", help="environment variable holding the --url API key")
 @click.option("--served-model", default="", help="`model` field sent to --url endpoints (default: their first)")
+@click.option("--ignore-eos", is_flag=True,
+              help="send `ignore_eos` to --url endpoints, so every request runs to --gen-tokens (as vllm bench serve's)")
 @click.option("--model", "-m", default="default", show_default=True, help="GGUF path, 'default', or synth:SHAPE")
 @click.option("--concurrency", "-c", type=POSITIVE, multiple=True, help="closed-loop concurrency level (repeatable)")
 @click.option("--rate", type=click.FloatRange(min=0, min_open=True), multiple=True,
@@ -170,7 +172,7 @@ def serve(**o) -> int:
                      check_prompts=o["check"], served_model=o["served_model"], log_dir=out.parent / "serve-logs",
                      metrics_as=o["metrics_as"], parallel=_server_options(o["server_option"]).get("parallel", 0),
                      find_max=_find_max(o, levels, slo), done_levels=_done_levels(writer) if o["resume"] else frozenset(),
-                     recalibrate=o["calibrate"])
+                     recalibrate=o["calibrate"], ignore_eos=o["ignore_eos"])
     display.stderr.print(f"{len(servers)} server(s) x {len(plan.levels)} level(s) -> {out}")
 
     def on_row(row) -> None:

@@ -89,10 +89,13 @@ def run_our_client(url: str, model: str, w: Workload, out_dir: Path) -> dict[str
     r = subprocess.run(
         [sys.executable, "-m", "engine", "serve", "-m", model, "--url", url, "-c", str(w.concurrency), "--requests",
          str(w.requests), "--prompt-tokens", str(w.prompt_tokens), "-n", str(w.gen_tokens), "--seed", str(w.seed),
-         "--check", "0", "-O", str(out), "--format", "csv"], capture_output=True, text=True, timeout=900, env=env)
+         "--ignore-eos", "--check", "0", "-O", str(out), "--format", "csv"], capture_output=True, text=True, timeout=900, env=env)
     if r.returncode != 0:
         raise RuntimeError(f"bench serve failed (exit {r.returncode}): {r.stderr[-2000:]}")
-    return json.loads(out.with_suffix(".jsonl").read_text().splitlines()[0])
+    row = json.loads(out.with_suffix(".jsonl").read_text().splitlines()[0])
+    if row["short_requests"]:  # fewer tokens than vLLM's client asked for: not the same work
+        raise RuntimeError(f"{row['short_requests']} of our requests ended before {w.gen_tokens} tokens")
+    return row
 
 
 def shared_metrics(theirs: dict[str, Any], row: dict[str, Any]) -> dict[str, tuple[float, float]]:

@@ -66,6 +66,7 @@ class ServePlan:
     find_max: FindMax | None = None
     done_levels: frozenset[str] = frozenset()  # level ids --resume found ok in the file: not run again
     recalibrate: bool = False  # measure the client's capacity again (--calibrate)
+    ignore_eos: bool = False  # --url endpoints: send `ignore_eos` (started servers get their kind's fields)
 
     @property
     def slots(self) -> int:
@@ -195,8 +196,11 @@ def _connect(ctx: Context, server: Endpoint) -> Session:
 def _configure(ctx: Context, s: Session) -> None:
     plan = ctx.plan
     s.model_name = plan.served_model or s.model_name or _served_model(s.url, s.headers)
-    s.fields = s.kind.request_fields(plan.gen_tokens, ctx.tok.eos_id) if s.kind else {}
-    s.info.update(ignore_eos=bool(s.kind and s.kind.ignore_eos), extra={"request_fields": s.fields},
+    if s.kind:
+        s.fields, forced = s.kind.request_fields(plan.gen_tokens, ctx.tok.eos_id), s.kind.ignore_eos
+    else:  # an unknown server: vLLM, llama-server and SGLang take `ignore_eos`, others may refuse it
+        s.fields, forced = ({"ignore_eos": True} if plan.ignore_eos else {}), plan.ignore_eos
+    s.info.update(ignore_eos=forced, extra={"request_fields": s.fields},
                   prompt_source=("dataset_ids" if plan.dataset else "token_ids") if s.token_ids else
                   ("dataset" if plan.dataset else "text"),
                   prompt_tokens=plan.prompt_tokens if not plan.dataset else
