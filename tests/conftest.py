@@ -146,3 +146,20 @@ def bench(*args, env=None, timeout=600, cwd=None):
     full_env = {**os.environ, "PYTHONPATH": path, **(env or {})}
     return subprocess.run([sys.executable, "-m", "engine", *args], capture_output=True, text=True,
                           timeout=timeout, env=full_env, cwd=cwd)
+
+
+def same_as_ggufs_reader(path):
+    """engine.model.gguf_file against the gguf package's own reader: every metadata value, every
+    tensor's type, shape, offset and memory-mapped blocks."""
+    import gguf
+
+    from engine.model.gguf_file import GGUFFile
+
+    ours, theirs = GGUFFile(str(path)), gguf.GGUFReader(str(path))
+    fields = {k: f.contents() for k, f in theirs.fields.items() if not k.startswith("GGUF.")}
+    assert ours.values == fields and ours.data_offset == theirs.data_offset
+    assert [t.name for t in ours.tensors] == [t.name for t in theirs.tensors]
+    for a, b in zip(ours.tensors, theirs.tensors):
+        assert (a.tensor_type, a.shape.tolist(), a.n_elements, a.n_bytes, a.data_offset) == \
+            (b.tensor_type, b.shape.tolist(), b.n_elements, b.n_bytes, b.data_offset), a.name
+        assert a.data.dtype == b.data.dtype and np.array_equal(a.data, b.data), a.name

@@ -5,7 +5,7 @@ float backend against the reference, and `bench run` on it."""
 import numpy as np
 import pytest
 
-from conftest import bench, load_backend, require_backend, require_module
+from conftest import bench, load_backend, require_backend, require_module, same_as_ggufs_reader
 from engine.model.tokenizer import Tokenizer
 
 NEAR_TIE = 0.01
@@ -29,6 +29,10 @@ def gemma_path():
     from engine.model.catalog import resolve_model
 
     return resolve_model("gemma3-270m")
+
+
+def test_the_header_reader_reads_gemmas_262k_vocabulary_as_ggufs_reader(gemma_path):
+    same_as_ggufs_reader(gemma_path)
 
 
 @pytest.fixture(scope="module")

@@ -5,6 +5,8 @@ from engine.errors import ModelError
 from engine.model.spec import ModelSpec, unpermute_rope_rows
 from engine.model.synth import SHAPES, write_synthetic
 
+from conftest import ARCHS, MOE_ARCHS, same_as_ggufs_reader
+
 
 def test_default_model_config(default_spec):
     c = default_spec.config
@@ -73,3 +75,39 @@ def test_unsupported_architecture(tmp_path):
     p = write_synthetic(tmp_path / "gpt2.gguf", "tiny", "f32", architecture="gpt2")
     with pytest.raises(ModelError, match="unsupported architecture 'gpt2'"):
         ModelSpec.open(p)
+
+
+@pytest.mark.parametrize("which", ["f16", "q8_0", "q4_0", "q4_1", *ARCHS, *MOE_ARCHS])
+def test_the_header_reader_reads_what_ggufs_reader_reads(tiny_models, arch_models, which):
+    same_as_ggufs_reader(tiny_models.get(which) or arch_models[which])
+
+
+def test_the_header_reader_reads_the_default_model_as_ggufs_reader(default_model):
+    same_as_ggufs_reader(default_model)  # 49k tokens and merges; Gemma's 262k: tests/test_gemma.py
+
+
+@pytest.mark.parametrize("cut,message", [(4, "truncated header"), (0, "GGUF magic invalid")])
+def test_a_broken_header_is_one_line(tmp_path, tiny_f32, cut, message):
+    data = open(tiny_f32, "rb").read()
+    p = tmp_path / "broken.gguf"
+    p.write_bytes(data[:cut + 200] if cut else b"GGUX" + data[4:])
+    with pytest.raises(ModelError, match=f"not a readable GGUF file \\({message}"):
+        ModelSpec.open(p)
+
+
+def test_a_duplicate_metadata_key_is_refused(tmp_path):
+    import gguf
+
+    w = gguf.GGUFWriter(str(tmp_path / "dup.gguf"), "llama")
+    w.add_uint32("llama.block_count", 1)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.close()
+    data = bytearray((tmp_path / "dup.gguf").read_bytes())
+    # the writer refuses duplicates itself: repeat the last key/value by hand, counting it in the header
+    start = data.rindex(b"llama.block_count") - 8  # its length prefix
+    data += data[start:]
+    data[16:24] = (int.from_bytes(data[16:24], "little") + 1).to_bytes(8, "little")
+    (tmp_path / "dup.gguf").write_bytes(data)
+    with pytest.raises(ModelError, match="duplicate metadata key llama.block_count"):
+        ModelSpec.open(tmp_path / "dup.gguf")

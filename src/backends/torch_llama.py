@@ -307,9 +307,11 @@ class TorchBackend(TorchBased):
                                  **native_counts(self.weights)})
 
     def uncached_compiles(self) -> int | None:
+        if self._decode is None:  # eager: nothing compiles (and importing inductor costs seconds)
+            return None
         from torch._inductor import config
 
-        if self._decode is None or not config.fx_graph_cache:
+        if not config.fx_graph_cache:
             return None
         return inductor_codegens() - self._codegens_at_load
 
