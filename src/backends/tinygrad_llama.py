@@ -110,9 +110,11 @@ class TinyOps(SeparateProjections):
 class ShapeJits:
     """One TinyJit per input shape (batch size, prompt length): tinygrad captures fixed shapes.
 
-    TinyJit runs its first call and captures the second: on a new shape both happen at once
-    (same inputs, same cache writes), so the capture cost lands in warm-up and every later call
-    of that shape replays the captured kernels."""
+    TinyJit runs its first call plainly and captures the second, scheduling the whole forward
+    twice (seconds of Python each: most of a warm-up on a warm kernel cache). Every buffer it
+    reads already exists here (weights, KV caches), so the first call captures at once (`cnt`
+    1). (Not `prune`: it runs once whatever reads no input buffer, and decode's inputs are bound
+    variables, not buffers.) Every later call of that shape replays the captured kernels."""
 
     def __init__(self, fn: Callable[..., Any]):
         self.fn = fn
@@ -124,7 +126,7 @@ class ShapeJits:
         jit = self.jits.get(shape)
         if jit is None:
             jit = self.jits[shape] = TinyJit(self.fn)
-            jit(*inputs())
+            jit.cnt = 1  # capture on this first call
         return jit(*inputs())
 
 
