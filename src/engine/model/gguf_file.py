@@ -21,8 +21,9 @@ DEFAULT_ALIGNMENT = 32
 # GGUF value types: 0-7 and 10-12 fixed-size scalars (struct code), 8 string, 9 array
 SCALARS = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d"}
 STRING, ARRAY = 8, 9
-FLOAT_TENSORS = {"F16": np.float16, "F32": np.float32, "F64": np.float64, "I8": np.int8, "I16": np.int16,
-                 "I32": np.int32, "I64": np.int64}
+# tensor types stored an element at a time (every other type is in quantization blocks)
+UNBLOCKED = {"F16": np.float16, "F32": np.float32, "F64": np.float64, "I8": np.int8, "I16": np.int16,
+             "I32": np.int32, "I64": np.int64}
 
 
 class GGUFFile:
@@ -99,11 +100,11 @@ class GGUFFile:
             seen.add(name)
             qtype = GGMLQuantizationType(raw_type)
             block, type_size = GGML_QUANT_SIZES[qtype]
-            n_elements = int(np.prod(dims, dtype=np.int64)) if dims else 1
+            n_elements = int(np.prod(dims, dtype=np.int64))  # 1 for a scalar (no dims)
             n_bytes = n_elements * type_size // block
             start = self.data_offset + offset
             shape = tuple(reversed(dims))  # numpy order: the row length (GGUF's first dimension) last
-            dtype = FLOAT_TENSORS.get(qtype.name)
+            dtype = UNBLOCKED.get(qtype.name)
             if dtype is None:
                 dtype, count, shape = np.uint8, n_bytes, quant_shape_to_byte_shape(shape, qtype)
             else:
