@@ -122,7 +122,9 @@ def llamacpp_raw_decode_tps(gen: int, repeats: int) -> float:
 
 def mlx_lm_decode_tps(gen: int, repeats: int) -> float:
     """mlx-lm's own Llama and `stream_generate`, built from the same (dequantized, f32) weights."""
-    import mlx.core as mx
+    from backends.mlx_blas import import_mlx
+
+    mx = import_mlx()  # first: mlx-lm then runs on the BLAS our mlx backend binds
     from mlx_lm.generate import stream_generate
     from mlx_lm.models.llama import Model, ModelArgs
     from mlx_lm.tokenizer_utils import TokenizerWrapper

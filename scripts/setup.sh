@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Idempotent set-up of a fresh machine: clang (tinygrad's CPU backend compiles with it), the
+# Idempotent set-up of a fresh machine: clang and OpenBLAS (apt-get, where missing), the
 # virtual environment in .venv/, every framework this host can run, and the default model.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -7,10 +7,18 @@ cd "$(dirname "$0")/.."
 PYTHON="${PYTHON:-python3.11}"
 command -v "$PYTHON" >/dev/null 2>&1 || PYTHON=python3
 
-if ! command -v clang >/dev/null 2>&1; then
-  echo "setup: installing clang" >&2
+# clang: tinygrad's CPU backend compiles with it; OpenBLAS: MLX's float matmuls run through it
+# (backends/mlx_blas.py) instead of the reference BLAS its Linux wheel bundles
+apt_missing=""
+command -v clang >/dev/null 2>&1 || apt_missing=" clang"
+if [ "$(uname -s)" = Linux ] && ! ldconfig -p 2>/dev/null | grep -q 'libopenblas\.so\.0'; then
+  apt_missing="$apt_missing libopenblas0-pthread"
+fi
+if [ -n "$apt_missing" ]; then
+  echo "setup: installing$apt_missing" >&2
   SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
-  $SUDO apt-get update -qq && $SUDO apt-get install -y -qq clang >/dev/null
+  # shellcheck disable=SC2086
+  $SUDO apt-get update -qq && $SUDO apt-get install -y -qq $apt_missing >/dev/null
 fi
 
 [ -x .venv/bin/python ] || "$PYTHON" -m venv .venv

@@ -148,9 +148,9 @@ def _accelerators():
             cases.append((name, dev, None if present else f"no {dev.upper()} device on this host"))
     mlx_gpu = False
     if importlib.util.find_spec("mlx"):
-        import mlx.core as mx
+        from backends.mlx_blas import import_mlx
 
-        mlx_gpu = mx.metal.is_available()
+        mlx_gpu = import_mlx().metal.is_available()
     cases.append(("mlx", "gpu", None if mlx_gpu else "no Metal GPU for MLX on this host"))
     return cases
 

@@ -11,6 +11,7 @@ before the host reads logits, so nothing unevaluated is timed as done.
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 from typing import Any
 
@@ -18,6 +19,7 @@ import numpy as np
 
 from backends.base import (FLOAT_PRECISIONS, ArrayLlamaBackend, BackendOption, LoadInfo, LoadOptions, Mode,
                            Requirement, float_load_info, pip_extra)
+from backends.mlx_blas import BLAS_CHOICES, blas_threads, bound_blas, import_mlx
 from engine.model.kquant import AFFINE_BITS
 from engine.errors import UnavailableError
 from engine.model.footprint import MemoryNeed, conversion_peak, elements, float_need, kv_bytes, weight_bytes
@@ -49,7 +51,7 @@ class QuantizedMatrix:
 
 class MlxOps(SeparateProjections):
     def __init__(self, cfg, max_seq: int, max_batch: int, dtype):
-        import mlx.core as mx
+        mx = import_mlx()
 
         self.mx, self.cfg, self.dtype = mx, cfg, dtype
         self.rope_periods = [mx.array((1.0 / rope_frequencies(cfg, i)).astype(np.float32)) for i in range(cfg.n_layers)]
@@ -131,7 +133,10 @@ class MlxBackend(ArrayLlamaBackend):
     requires = (MLX,)
     devices = ("gpu", "cpu")
     options = (BackendOption("q6_k", str, "K-quant files: how Q6_K matrices (any type without groups of 32) "
-                             "run: f32, or q8 (re-quantized to 8-bit groups of 32)", choices=Q6K_MODES),)
+                             "run: f32, or q8 (re-quantized to 8-bit groups of 32)", choices=Q6K_MODES),
+               BackendOption("blas", str, "the BLAS of float matmuls on CPU: openblas (the host's, as a source build "
+                             "links; the default where installed) or bundled (the Linux wheel's reference BLAS)",
+                             choices=BLAS_CHOICES))
     runtime_bytes = MLX_RUNTIME
 
     @classmethod
@@ -167,12 +172,13 @@ class MlxBackend(ArrayLlamaBackend):
 
     @classmethod
     def device_missing(cls, device: str) -> str:
-        import mlx.core as mx
-
-        return "mlx's gpu needs Metal (Apple silicon)" if device == "gpu" and not mx.metal.is_available() else ""
+        # asked without importing mlx off macOS: `build` binds its BLAS as the options say
+        if device != "gpu" or (sys.platform == "darwin" and import_mlx().metal.is_available()):
+            return ""
+        return "mlx's gpu needs Metal (Apple silicon)"
 
     def build(self, spec, opts: LoadOptions) -> LoadInfo:
-        import mlx.core as mx
+        mx = import_mlx(opts.options.get("blas"))
 
         if spec.config.n_experts:
             raise UnavailableError("mlx has no mixture-of-experts op here yet (numpy, torch and llamacpp run it)")
@@ -202,6 +208,8 @@ class MlxBackend(ArrayLlamaBackend):
                             details={"native_gguf": True, **_counts(self.weights, opts.options)})
         else:
             info = float_load_info(spec, opts.precision, opts.device)
+        if opts.device == "cpu":
+            info.details["blas"] = bound_blas()
         mx.reset_peak_memory()
         return info
 
@@ -255,10 +263,12 @@ class MlxBackend(ArrayLlamaBackend):
         self.mx.reset_peak_memory()
 
     def threads_used(self) -> tuple[int, str]:
-        if self.mx.default_device() == self.mx.cpu:
-            return 1, ("MLX's CPU backend runs its matmuls on one thread (f32 through the reference BLAS its Linux "
-                       "wheel bundles, q4 through a kernel that unpacks the weights again for every row)")
-        return 0, ""
+        if self.mx.default_device() != self.mx.cpu:
+            return 0, ""
+        quantized = "quantized matmuls on one thread (a kernel that unpacks the weights again for every row)"
+        if blas_threads():
+            return blas_threads(), f"float matmuls through OpenBLAS, {quantized}"
+        return 1, f"float matmuls through the reference BLAS the Linux wheel bundles, {quantized}"
 
     def memory(self) -> dict[str, int]:
         return {"active_bytes": self.mx.get_active_memory(), "peak_bytes": self.mx.get_peak_memory()}

@@ -189,6 +189,13 @@ class MlxServer(ServerKind):
         return [sys.executable, "-m", "mlx_lm", "server", "--model", weights, "--host", "{host}", "--port", "{port}",
                 "--log-level", "WARNING"]
 
+    def env(self):
+        """The host's OpenBLAS preloaded, as the mlx backend binds it (backends/mlx_blas.py)."""
+        from backends.mlx_blas import openblas_library
+
+        library = openblas_library()
+        return {**os.environ, "LD_PRELOAD": library} if library else None
+
     def model_name(self, weights: str) -> str:
         return weights
 
