@@ -165,6 +165,15 @@ def test_doctor(tmp_path):
     assert cached["host_gbps"] > 0.5
 
 
+def test_the_bandwidth_figure_is_cached_per_cpu_not_only_per_host_name(monkeypatch):
+    """The VMs this runs on keep their host name across CPUs (an EPYC one session, a Xeon the next)."""
+    from engine.measure import bandwidth
+
+    here = bandwidth.cache_name()
+    monkeypatch.setattr(bandwidth, "host_cpu", lambda: "Intel Xeon x2")
+    assert bandwidth.cache_name() != here and bandwidth.cache_name().startswith(here.rsplit("-", 1)[0])
+
+
 def test_synth(tmp_path):
     out = tmp_path / "s.gguf"
     r = bench("synth", "--shape", "small", "--qtype", "q8_0", "--out", str(out))

@@ -17,6 +17,7 @@ import psutil
 import pytest
 
 from conftest import ROOT, bench, require_module
+from engine.measure.bandwidth import cache_name
 
 require_module("ray")
 
@@ -45,7 +46,7 @@ class Cluster:
     def env(self, name: str) -> dict:
         cache = self.tmp / f"cache-{name}"
         cache.mkdir(exist_ok=True)
-        (cache / f"bandwidth-{platform.node() or 'host'}.json").write_text(json.dumps(
+        (cache / cache_name()).write_text(json.dumps(
             {"read_gbps": NODE_GBPS[name], "gemv_gbps": 1.0, "host_gbps": NODE_GBPS[name], "measured_at": 0}))
         return {"BENCH_CACHE_DIR": str(cache)}
 

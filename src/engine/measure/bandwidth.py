@@ -1,12 +1,14 @@
 """Host memory-bandwidth probe: the roof that decode (a memory-bound matrix-vector chain) hits.
 
-Measured once per host and cached; `bench doctor --remeasure` measures again. The figure is the
+Measured once per host and CPU and cached (a host name can come back on another CPU: the VMs
+this runs on do); `bench doctor --remeasure` measures again. The figure is the
 best of a multi-threaded read (numpy sums over slices of a buffer far larger than the caches,
 one slice per core) and an f32 matrix-vector product (the decode kernel itself).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import platform
@@ -17,12 +19,18 @@ from pathlib import Path
 import numpy as np
 
 from engine.paths import cache_dir
+from engine.results.rows import host_cpu
 
 BUFFER_BYTES = 512 * 2**20
 
 
+def cache_name() -> str:
+    cpu = hashlib.sha1(host_cpu().encode()).hexdigest()[:8]
+    return f"bandwidth-{platform.node() or 'host'}-{cpu}.json"
+
+
 def cache_path() -> Path:
-    return cache_dir() / f"bandwidth-{platform.node() or 'host'}.json"
+    return cache_dir() / cache_name()
 
 
 def _best_seconds(fn, repeats: int) -> float:
@@ -53,7 +61,7 @@ def measure(repeats: int = 5) -> dict[str, float]:
     read_gbps = BUFFER_BYTES / _best_seconds(threaded_read, repeats) / 1e9
     gemv_gbps = BUFFER_BYTES / _best_seconds(lambda: mat @ vec, repeats) / 1e9
     return {"read_gbps": read_gbps, "gemv_gbps": gemv_gbps, "host_gbps": max(read_gbps, gemv_gbps),
-            "measured_at": time.time()}
+            "measured_at": time.time(), "cpu": host_cpu()}
 
 
 def host_bandwidth(remeasure: bool = False) -> dict[str, float]:

@@ -224,7 +224,7 @@ def _git_commit() -> str:
 
 
 @cache
-def _cpu_name() -> str:
+def cpu_name() -> str:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
@@ -234,10 +234,15 @@ def _cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
+def host_cpu() -> str:
+    """The CPU as rows name it: model and logical core count."""
+    return f"{cpu_name()} x{os.cpu_count()}"
+
+
 def provenance() -> dict[str, str]:
     return {
         "host": socket.gethostname(),
-        "cpu": f"{_cpu_name()} x{os.cpu_count()}",
+        "cpu": host_cpu(),
         "os": f"{platform.system()} {platform.release()}",
         "python": platform.python_version(),
         "git_commit": _git_commit(),
