@@ -80,6 +80,17 @@ def test_reference_is_exact_on_itself_and_a_noisy_mode_is_not(tiny_f32, tmp_path
     assert (both.kl_vs_reference == both.kld_mean).all() and (both.top1_agreement == both.same_top_p).all()
 
 
+def test_no_check_runs_no_fidelity_pass_and_keeps_the_cell_id(tiny_f32, tmp_path):
+    """--no-check is speed only: no pass (nothing cached, nothing computed), empty fidelity columns,
+    no `best` decided on them; the same cell checked later is the same cell."""
+    fast, fast_jsonl = _run(tmp_path, "fast", "-f", "numpy", "-m", tiny_f32, "-r", "1", "--no-check")
+    assert fast.kld_mean.isna().all() and fast.same_top_p.isna().all() and (fast.match_tokens == -1).all()
+    assert fast_jsonl[0]["kld_mean"] is None and fast_jsonl[0]["fidelity_s"] == 0.0
+    assert not list((tmp_path / "cache").glob("fidelity/*.json")) and not list((tmp_path / "cache").glob("reference/*.npy"))
+    checked, _ = _run(tmp_path, "checked", "-f", "numpy", "-m", tiny_f32, "-r", "1")
+    assert (checked.kld_mean == 0).all() and (checked.cell_id == fast.cell_id.iloc[0]).all()
+
+
 def _loaded(path):
     from engine.measure.runner import LoadedModel
 

@@ -86,7 +86,8 @@ def measure_options(fn: Callable) -> Callable:
         click.option("--format", "fmt", type=click.Choice(["table", "csv", "jsonl", "markdown"]), default="table",
                      help="stdout format"),
         click.option("--resume", is_flag=True, help="skip cells already in --output"),
-        click.option("--no-check", is_flag=True, help="skip the token check against the reference"),
+        click.option("--no-check", is_flag=True, help="speed only: no checks against the reference (the batch token "
+                     "check, the real-text fidelity pass); fidelity columns stay empty and `best` cannot be decided"),
         click.option("--delay", type=float, default=0.0, help="seconds to pause between cells (cool-down)"),
         click.option("--interleave/--no-interleave", default=True, show_default=True,
                      help="take the repeats of all loaded models round-robin, so drift hits every framework alike"),
@@ -117,6 +118,8 @@ def cells_from_options(o: dict[str, Any], config: str | None = None) -> list:
     fixed: dict[str, Any] = {key: o[opt] for opt, key in FIXED.items() if o.get(opt) is not None}
     if o["compile_"]:
         fixed["compile"] = True
+    if o.get("no_check"):
+        fixed["fidelity"] = False
     if not config and o["repeats"] is None and o.get("max_repeats") is None:
         fixed["max_repeats"] = DEFAULT_MAX_REPEATS  # adaptive unless -r fixes the count
         fixed.setdefault("max_time_s", DEFAULT_MAX_TIME_S)

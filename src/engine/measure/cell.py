@@ -43,6 +43,7 @@ class Cell:
     timeout_s: float = 900.0
     noise_threshold: float = 0.05  # CoV of decode tok/s above which a cell is flagged `noisy`
     node: str = ""  # a cluster node's name (`bench node ... --name`); '' means any node that can run it
+    fidelity: bool = True  # the real-text fidelity pass after the timed runs (--no-check: speed only)
 
     def __post_init__(self) -> None:
         for name in ("prompt_tokens", "gen_tokens", "batch_size", "repeats"):
@@ -63,7 +64,8 @@ class Cell:
     @property
     def cell_id(self) -> str:
         """Stable across runs and machines: what was measured, not how long it may take."""
-        effort = ("timeout_s", "noise_threshold", "max_repeats", "ci_target", "max_time_s")  # how hard to try, not what
+        # how hard to try and what else to check, not what is measured
+        effort = ("timeout_s", "noise_threshold", "max_repeats", "ci_target", "max_time_s", "fidelity")
         key = {k: v for k, v in asdict(self).items() if k not in effort}
         for axis, default in (("node", ""), ("batch_size", 1)):
             if key[axis] == default:

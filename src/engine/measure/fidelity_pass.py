@@ -38,6 +38,9 @@ class PassResult:
     seconds: float  # this run's time on the pass (about 0 when every answer was cached)
 
 
+UNCHECKED = PassResult(NOT_COMPARED, -1, 0.0)  # a cell run with --no-check
+
+
 def mode_file(cell: "Cell", loaded: "LoadedModel"):
     key = [VERSION, *reference.model_identity(cell.model), cell.framework, loaded.version, loaded.precision,
            cell.compile, sorted(dict(cell.options).items()), loaded.info.device, corpus.corpus_sha(),

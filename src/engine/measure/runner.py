@@ -17,7 +17,7 @@ from engine.measure.cell import Cell
 from engine.generate.engine import Generation, GenerationConfig, InferenceEngine
 from engine.errors import InputError
 from engine.model.spec import ModelSpec, release_freed_memory
-from engine.measure.fidelity_pass import PassResult, run_pass
+from engine.measure.fidelity_pass import UNCHECKED, PassResult, run_pass
 from engine.measure.fit import Fit, admit
 from engine.measure.reference import leading_matches, save_greedy
 from engine.measure.memory import PeakRss
@@ -160,7 +160,8 @@ class CellRun:
         rows = build_rows(self.cell, loaded, self.prompts, runs, sum(warm), compile_s, load_s, device_mem,
                           self.host_gbps, self.run_id, self.peak_rss_bytes)
         self.engine = None  # the pass may release the loaded backend to make room for its own
-        checked = run_pass(self.cell, loaded)  # outside the timed runs, cached per mode
+        # outside the timed runs, cached per mode
+        checked = run_pass(self.cell, loaded) if self.cell.fidelity else UNCHECKED
         return [with_fidelity(replace(r, measured_at=at, peak_rss_scope=self.peak.scope, load=loaded.load,
                                       compile_cache=self.compile_cache), checked)
                 for r, at in zip(rows, self.measured_at)]
