@@ -115,8 +115,10 @@ def build_hf_model(spec, precision: str, device: str):
     state["model.norm.weight"] = norm(w.output_norm)
     state["lm_head.weight"] = w.output
     fused = PHI3_FUSED if spec.config.arch.fused else MOE_FUSED if spec.config.n_experts else {}
-    for i, layer in enumerate(w.layers):
-        parts = layer.tensors()
+    for i in range(len(w.layers)):
+        # the layer leaves `w` first, so each fused copy frees its parts before the next layer's
+        # (holding them all doubled the MoE shape's gate/up experts: 19.3 GB peak, 13.7 estimated)
+        parts, w.layers[i] = w.layers[i].tensors(), None
         for hf_name, fields in fused.items():  # rows of a matrix, or of each expert's matrix
             state[f"model.layers.{i}.{hf_name}"] = torch.cat([parts.pop(f) for f in fields], dim=-2)
         for ours, tensor in parts.items():
