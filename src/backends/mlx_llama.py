@@ -244,8 +244,8 @@ class MlxBackend(ArrayLlamaBackend):
                 u, scale, bias = (spec.hf_rows(name, a) for a in (g.u, g.scale, g.bias))
                 return QuantizedMatrix(mx.array(pack_bits(u, g.bits)), mx.array(scale), mx.array(bias), g.bits)
             values = mx.array(spec.hf_tensor(name))
-            if q6_k == "q8":
-                return QuantizedMatrix(*mx.quantize(values, group_size=GROUP_SIZE, bits=8), 8)
+            if q6_k == "q8":  # evaluated now: a lazy quantize would hold every f32 matrix until the load's end
+                return QuantizedMatrix(*_evaluated(mx, mx.quantize(values, group_size=GROUP_SIZE, bits=8)), 8)
             return values
 
         return spec.load_weights(lambda a: a, tensor=tensor)
