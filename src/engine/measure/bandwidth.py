@@ -15,6 +15,7 @@ import platform
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -43,7 +44,7 @@ def _best_seconds(fn, repeats: int) -> float:
     return best
 
 
-def measure(repeats: int = 5) -> dict[str, float]:
+def measure(repeats: int = 5) -> dict[str, Any]:
     n = BUFFER_BYTES // 4
     buf = np.ones(n, dtype=np.float32)
     workers = os.cpu_count() or 1
@@ -64,7 +65,7 @@ def measure(repeats: int = 5) -> dict[str, float]:
             "measured_at": time.time(), "cpu": host_cpu()}
 
 
-def host_bandwidth(remeasure: bool = False) -> dict[str, float]:
+def host_bandwidth(remeasure: bool = False) -> dict[str, Any]:
     """The cached figure for this host, measuring it on first use."""
     path = cache_path()
     if not remeasure and path.exists():
