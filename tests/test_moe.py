@@ -11,7 +11,7 @@ from engine.errors import UnavailableError
 from engine.model.spec import ModelSpec
 
 PROMPT = [5, 17, 99, 42, 7, 300, 12, 250, 33, 44]
-RUNS_MOE = ("torch", "transformers", "hybrid", "llamacpp")  # besides the numpy reference
+RUNS_MOE = ("torch", "transformers", "hybrid", "mlx", "llamacpp")  # besides the numpy reference
 
 
 def test_experts_read_from_metadata(arch_models):
@@ -56,11 +56,11 @@ def test_routing_picks_and_renormalises(arch_models):
     np.testing.assert_allclose(ref.ops.moe(x, layer)[0, 0], want, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("arch,name", [(a, n) for a in MOE_ARCHS for n in RUNS_MOE[:3]
+@pytest.mark.parametrize("arch,name", [(a, n) for a in MOE_ARCHS for n in RUNS_MOE[:4]
                                        if (a, n) != ("mixtral", "transformers")])
 def test_backends_match_reference(arch_models, arch, name):
     """torch (eager: expert by expert), transformers' Qwen3MoeForCausalLM, hybrid (its blocks
-    fall back to torch)."""
+    fall back to torch), MLX (gather_mm over the stacked experts)."""
     path = arch_models[arch]
     ref, b = load_backend("numpy", path), load_backend(name, path, "f32")
     pairs = [(b.prefill(PROMPT), ref.prefill(PROMPT))] + [(b.decode(t), ref.decode(t)) for t in (3, 9, 100)]
@@ -78,7 +78,7 @@ def test_compiled_torch_gathers_experts_and_matches_reference(arch_models):
         assert rel_err(g, r) < 2e-4, f"step {i}"
 
 
-@pytest.mark.parametrize("name", ["numpy", "torch", "llamacpp"])
+@pytest.mark.parametrize("name", ["numpy", "torch", "mlx", "llamacpp"])
 def test_batched_logits_equal_unbatched(arch_models, name):
     """Each sequence of a batch is routed on its own: batched prefill and decode = one at a time."""
     path = arch_models["qwen3moe"]
@@ -93,7 +93,6 @@ def test_batched_logits_equal_unbatched(arch_models, name):
 
 
 @pytest.mark.parametrize("name,arch,message", [
-    ("mlx", "qwen3moe", "mlx has no mixture-of-experts op here yet"),
     ("tinygrad", "qwen3moe", "tinygrad has no mixture-of-experts op here yet"),
     ("transformers", "mixtral", r"llama files with experts \(MixtralForCausalLM\) are not mapped yet"),
 ])

@@ -126,6 +126,23 @@ class MlxOps(SeparateProjections):
     def softcap(self, x, cap):
         return self.mx.tanh(x / cap) * cap
 
+    def moe(self, x, layer):
+        """Routing as the reference; each token's experts through `mx.gather_mm` (as mlx-lm's
+        SwitchGLU: the stacked matrices indexed, not copied)."""
+        mx = self.mx
+        flat = x.reshape(-1, x.shape[-1])
+        probs = mx.softmax(self.linear(flat, layer.router).astype(mx.float32), axis=-1)
+        top = mx.argpartition(-probs, kth=self.cfg.n_experts_used - 1, axis=-1)[:, :self.cfg.n_experts_used]
+        weights = mx.take_along_axis(probs, top, axis=-1)
+        weights = (weights / weights.sum(axis=-1, keepdims=True)).astype(x.dtype)
+        h = flat[:, None, None, :]  # (N, 1, 1, dim): one row against each of the token's k experts
+
+        def experts(a, stacked):
+            return mx.gather_mm(a, stacked.swapaxes(-1, -2), rhs_indices=top)  # (N, k, 1, rows)
+
+        y = experts(self.silu_mul(experts(h, layer.gate_exps), experts(h, layer.up_exps)), layer.down_exps)
+        return (y[:, :, 0, :] * weights[..., None]).sum(axis=1).reshape(x.shape)
+
 
 class MlxBackend(ArrayLlamaBackend):
     name = "mlx"
@@ -166,6 +183,8 @@ class MlxBackend(ArrayLlamaBackend):
 
     @classmethod
     def modes(cls, spec, device):
+        if spec.config.n_experts:  # stacked experts run as floats only
+            return [Mode("f32")]
         native = [Mode(spec.file_type)] if spec.file_type in NATIVE_QUANT else []
         native += [Mode(spec.file_type, options=(("q6_k", r),)) for r in Q6K_MODES if spec.file_type in KQUANT_FILES]
         return [Mode("f32")] + native
@@ -180,11 +199,11 @@ class MlxBackend(ArrayLlamaBackend):
     def build(self, spec, opts: LoadOptions) -> LoadInfo:
         mx = import_mlx(opts.options.get("blas"))
 
-        if spec.config.n_experts:
-            raise UnavailableError("mlx has no mixture-of-experts op here yet (numpy, torch and llamacpp run it)")
         mx.set_default_device(mx.gpu if opts.device == "gpu" else mx.cpu)
         self.mx = mx
         native = opts.precision in NATIVE_QUANT or opts.precision in KQUANT_FILES
+        if native and spec.config.n_experts:
+            raise UnavailableError("mlx runs mixture-of-experts files as floats (f32, bf16), not their experts' blocks")
         if "q6_k" in opts.options and opts.precision not in KQUANT_FILES:
             raise UnavailableError(f"option q6_k applies to K-quant files' own quantization only, not to {opts.precision}")
         if native:
