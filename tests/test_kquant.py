@@ -125,7 +125,7 @@ def test_mlx_quantized_matrices_hold_the_files_values_exactly(kquant_files):
 
 def kquant_cases():
     """(framework, file, options) for every K-quant mode torch and MLX declare."""
-    file = type("File", (), {"file_type": "q4_k_m"})
+    file = type("File", (), {"file_type": "q4_k_m", "config": type("Config", (), {"n_experts": 0})})  # a dense file
     return [(name, q, dict(m.options)) for name in ("torch", "mlx") for q in ("q4_k_m", "q5_k_m")
             for m in backends.get(name).modes(file, "cpu") if m.precision == "q4_k_m"]
 

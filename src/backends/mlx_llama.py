@@ -306,7 +306,10 @@ def _affine_need(spec, q6_k: str, positions: int, sequences: int, runtime: int) 
 
     def staged(name: str) -> int:
         n = elements(spec, name)
-        return 2 * n if AFFINE_BITS.get(spec.tensor_type(name)) else 4 * n
+        if AFFINE_BITS.get(spec.tensor_type(name)):
+            return 2 * n
+        # re-quantized to 8 bits: the file's f32 dequantization and MLX's copy of it live together
+        return 8 * n if q6_k == "q8" and len(spec.raw_tensor(name).shape) == 2 else 4 * n
 
     return MemoryNeed(weights=weight_bytes(spec, held), kv=kv_bytes(spec, positions, sequences, 4),
                       transient=conversion_peak(spec, held, staged), runtime=runtime)
