@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import functools
 import sys
 
 from engine.errors import UnavailableError
@@ -21,6 +22,7 @@ BLAS_CHOICES = ("openblas", "bundled")
 _bound: dict[str, object] = {}  # "blas": what this process's mlx.core was loaded with, "lib": OpenBLAS's handle
 
 
+@functools.cache  # find_library runs ldconfig: once a process, not at each of its callers
 def openblas_library() -> str | None:
     """The host's OpenBLAS (Debian: libopenblas0-pthread), where MLX's bundled BLAS is the reference one."""
     return ctypes.util.find_library("openblas") if sys.platform == "linux" else None
@@ -36,8 +38,7 @@ def import_mlx(blas: str | None = None):
         if "mlx.core" in sys.modules:  # loaded before this module could choose
             _bound["blas"] = "bundled"
         elif (blas or default_blas()) == "openblas":
-            library = openblas_library()
-            if library is None:
+            if (library := openblas_library()) is None:
                 raise UnavailableError("blas=openblas needs the host's OpenBLAS (apt-get install libopenblas0-pthread)")
             _bound.update(blas="openblas", lib=ctypes.CDLL(library, mode=ctypes.RTLD_GLOBAL))
         else:
