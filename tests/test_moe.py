@@ -1,17 +1,17 @@
 """Mixture of experts (qwen3moe, and llama with experts as Mixtral files have them): the router's
 softmax, top-k, renormalised weights, stacked experts. The reference against llama.cpp and
-transformers, numpy/torch/hybrid against the reference, batches against single sequences, and
-one clear unavailable line from the backends without the op."""
+transformers, every backend against the reference, batches against single sequences."""
 
 import numpy as np
 import pytest
 
+import backends
 from conftest import MOE_ARCHS, bench, load_backend, rel_err
-from engine.errors import UnavailableError
+from engine.model.footprint import float_bytes
 from engine.model.spec import ModelSpec
 
 PROMPT = [5, 17, 99, 42, 7, 300, 12, 250, 33, 44]
-RUNS_MOE = ("torch", "transformers", "hybrid", "mlx", "llamacpp")  # besides the numpy reference
+RUNS_MOE = ("torch", "transformers", "hybrid", "mlx", "tinygrad", "llamacpp")  # besides the numpy reference
 
 
 def test_experts_read_from_metadata(arch_models):
@@ -56,11 +56,11 @@ def test_routing_picks_and_renormalises(arch_models):
     np.testing.assert_allclose(ref.ops.moe(x, layer)[0, 0], want, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("arch,name", [(a, n) for a in MOE_ARCHS for n in RUNS_MOE[:4]
-                                       if (a, n) != ("mixtral", "transformers")])
+@pytest.mark.parametrize("arch,name", [(a, n) for a in MOE_ARCHS for n in RUNS_MOE[:5]])
 def test_backends_match_reference(arch_models, arch, name):
-    """torch (eager: expert by expert), transformers' Qwen3MoeForCausalLM, hybrid (its blocks
-    fall back to torch), MLX (gather_mm over the stacked experts)."""
+    """torch (eager: expert by expert), transformers' Qwen3MoeForCausalLM and MixtralForCausalLM,
+    hybrid (its blocks fall back to torch), MLX (gather_mm over the stacked experts), tinygrad
+    (every expert, the unrouted ones weighted 0)."""
     path = arch_models[arch]
     ref, b = load_backend("numpy", path), load_backend(name, path, "f32")
     pairs = [(b.prefill(PROMPT), ref.prefill(PROMPT))] + [(b.decode(t), ref.decode(t)) for t in (3, 9, 100)]
@@ -78,7 +78,7 @@ def test_compiled_torch_gathers_experts_and_matches_reference(arch_models):
         assert rel_err(g, r) < 2e-4, f"step {i}"
 
 
-@pytest.mark.parametrize("name", ["numpy", "torch", "mlx", "llamacpp"])
+@pytest.mark.parametrize("name", ["numpy", "torch", "mlx", "tinygrad", "llamacpp"])
 def test_batched_logits_equal_unbatched(arch_models, name):
     """Each sequence of a batch is routed on its own: batched prefill and decode = one at a time."""
     path = arch_models["qwen3moe"]
@@ -92,24 +92,24 @@ def test_batched_logits_equal_unbatched(arch_models, name):
             assert rel_err(batched[step][s], alone[step]) < 1e-4, f"sequence {s}, step {step}"
 
 
-@pytest.mark.parametrize("name,arch,message", [
-    ("tinygrad", "qwen3moe", "tinygrad has no mixture-of-experts op here yet"),
-    ("transformers", "mixtral", r"llama files with experts \(MixtralForCausalLM\) are not mapped yet"),
-])
-def test_backends_without_the_op_say_so(arch_models, name, arch, message):
-    with pytest.raises(UnavailableError, match=message):
-        load_backend(name, arch_models[arch], "f32")
+def test_tinygrad_counts_every_expert_it_reads(arch_models):
+    """tinygrad computes all experts each step: its bytes_per_token counts them all, and says so."""
+    spec = ModelSpec.open(arch_models["qwen3moe"])
+    info = backends.open_backend("tinygrad", spec, "f32", max_seq_len=64).info
+    f32 = float_bytes(spec, "f32")
+    assert info.decode_bytes == spec.decode_read_bytes(f32, every_expert=True) > spec.decode_read_bytes(f32)
+    assert info.details["experts_read"] == "all"
 
 
-def test_unavailable_backend_is_a_row_of_its_own_in_a_run(arch_models, tmp_path):
-    """`bench run` on an MoE file: numpy measures it, tinygrad is one `unavailable` row saying why."""
-    import csv
+def test_moe_run_writes_a_row_per_backend(arch_models, tmp_path):
+    """`bench run` on an MoE file: numpy and tinygrad each measure it, tinygrad's row counting every expert."""
+    import json
 
-    out = tmp_path / "moe.csv"
+    out = tmp_path / "moe.jsonl"
     r = bench("run", "-f", "numpy", "-f", "tinygrad", "-m", arch_models["qwen3moe"], "-n", "2", "-r", "1",
-              "-O", str(out), "--format", "csv")
-    assert "Traceback" not in r.stderr, r.stderr
-    rows = {row["framework"]: row for row in csv.DictReader(out.open())}
-    assert rows["numpy"]["status"] == "ok"
-    assert rows["tinygrad"]["status"] == "unavailable"
-    assert "tinygrad has no mixture-of-experts op here yet" in rows["tinygrad"]["error"]
+              "-O", str(out))
+    assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr
+    rows = {row["framework"]: row for row in map(json.loads, out.open())}
+    assert rows["numpy"]["status"] == rows["tinygrad"]["status"] == "ok"
+    assert rows["tinygrad"]["bytes_per_token"] > rows["numpy"]["bytes_per_token"]
+    assert rows["tinygrad"]["extra"]["experts_read"] == "all"

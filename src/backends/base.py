@@ -62,13 +62,15 @@ class ArrayLlamaBackend(Backend):
         self.pos = 0  # cache entries past `pos` are masked out, so nothing needs clearing
 
 
-def float_load_info(spec: "ModelSpec", precision: str, device: str, **details: Any) -> LoadInfo:
-    """LoadInfo for a backend holding every weight as floats of `precision`."""
+def float_load_info(spec: "ModelSpec", precision: str, device: str, every_expert: bool = False,
+                    **details: Any) -> LoadInfo:
+    """LoadInfo for a backend holding every weight as floats of `precision` (and reading every
+    expert of a mixture each step where `every_expert`)."""
     held = float_bytes(spec, precision)
     return LoadInfo(
         precision=precision, device=device,
         weight_bytes=sum(held(n) for n in spec.tensor_names),
-        decode_bytes=spec.decode_read_bytes(held),
+        decode_bytes=spec.decode_read_bytes(held, every_expert),
         kv_bytes_per_token=spec.config.kv_bytes_per_token(BYTES_PER_ELEMENT[precision]),
         details=dict(details),
     )

@@ -14,13 +14,11 @@ import numpy as np
 
 from backends.base import (ArrayLlamaBackend, BackendOption, LoadInfo, LoadOptions, Mode, Requirement, float_load_info,
                            pip_extra)
-from engine.errors import UnavailableError
 from engine.model.footprint import float_need
 from engine.model.forward import SeparateProjections, forward, layer_rope_tables
 
 TINYGRAD = Requirement("tinygrad", "tinygrad", pip_extra("tinygrad"))
 TINYGRAD_RUNTIME = 120 * 2**20  # tinygrad's modules, compiled kernels and JIT buffers (measured)
-MOE_UNAVAILABLE = "tinygrad has no mixture-of-experts op here yet (numpy, torch and llamacpp run it)"
 
 
 class TinyOps(SeparateProjections):
@@ -30,6 +28,7 @@ class TinyOps(SeparateProjections):
         self.cfg = cfg
         self.rope_tables = layer_rope_tables(cfg, max_seq, lambda a: Tensor(a, device=device).cast(dtype).contiguous().realize())
         self.positions = Tensor(np.arange(max_seq, dtype=np.int32), device=device).contiguous().realize()  # window masks
+        self.expert_ids = Tensor(np.arange(max(cfg.n_experts, 1), dtype=np.int32), device=device).realize()  # moe ties
         shape = (max_batch, cfg.n_kv_heads, max_seq, cfg.head_dim)
         self.k_cache = [Tensor.zeros(*shape, dtype=dtype, device=device).contiguous().realize() for _ in range(cfg.n_layers)]
         self.v_cache = [Tensor.zeros(*shape, dtype=dtype, device=device).contiguous().realize() for _ in range(cfg.n_layers)]
@@ -95,7 +94,24 @@ class TinyOps(SeparateProjections):
         return ((x / cap).tanh() * cap).contiguous()
 
     def moe(self, x, layer):
-        raise UnavailableError(MOE_UNAVAILABLE)
+        """Routing as the reference, then every expert on every token, the unrouted ones weighted 0.
+        A captured graph cannot pick its matrices by values it computes (the experts are chosen on
+        the device, mid-step), and indexing the stacked experts by a Tensor reads all of them
+        anyway (as the embedding's gather reads the table), so each step reads every expert:
+        `bytes_per_token` counts them all (TinygradBackend.build)."""
+        n_exp, k = self.cfg.n_experts, self.cfg.n_experts_used
+        flat = x.reshape(-1, x.shape[-1])
+        probs = self.linear(flat, layer.router).float().softmax(-1)  # (N, E)
+        # expert e is chosen when fewer than k experts rank above it (ties to the lower index, as a stable sort)
+        order = self.expert_ids
+        p_e, p_j = probs.unsqueeze(-1), probs.unsqueeze(-2)
+        above = (p_j > p_e) | ((p_j == p_e) & (order.reshape(1, 1, n_exp) < order.reshape(1, n_exp, 1)))
+        weights = (above.sum(-1) < k).where(probs, 0.0)
+        weights = (weights / weights.sum(-1, keepdim=True)).cast(x.dtype)  # (N, E)
+        h = flat.unsqueeze(0)  # (1, N, dim) against (E, rows, dim)
+        act = self.silu_mul(h @ layer.gate_exps.transpose(-1, -2), h @ layer.up_exps.transpose(-1, -2))
+        y = act @ layer.down_exps.transpose(-1, -2)  # (E, N, dim)
+        return (y * weights.T.unsqueeze(-1)).sum(0).reshape(x.shape).contiguous()
 
     def silu_mul(self, gate, up):
         return (gate.silu() * up).contiguous()
@@ -177,8 +193,6 @@ class TinygradBackend(ArrayLlamaBackend):
         from tinygrad import Tensor, UOp, dtypes
         from tinygrad.helpers import BEAM, CACHEDB
 
-        if spec.config.n_experts:
-            raise UnavailableError(MOE_UNAVAILABLE)
         if "beam" in opts.options:  # tinygrad read BEAM from the environment at import: set the live value
             BEAM.value = int(opts.options["beam"])
 
@@ -195,7 +209,9 @@ class TinygradBackend(ArrayLlamaBackend):
         self._start_var = UOp.variable("start", 1, opts.max_seq_len - 1)
         self._token_vars = [UOp.variable(f"token{b}", 0, spec.config.vocab_size - 1) for b in range(opts.max_batch)]
         self._Tensor, self._int32 = Tensor, dtypes.int32
-        return float_load_info(spec, opts.precision, opts.device, beam=BEAM.value, kernel_cache=CACHEDB)
+        moe = {"experts_read": "all"} if spec.config.n_experts else {}  # TinyOps.moe
+        return float_load_info(spec, opts.precision, opts.device, every_expert=bool(moe), beam=BEAM.value,
+                               kernel_cache=CACHEDB, **moe)
 
     def uncached_compiles(self) -> int | None:
         rows = cache_entries()

@@ -1,5 +1,6 @@
 """`transformers`: the Hugging Face model class of the file's architecture (LlamaForCausalLM,
-Qwen2ForCausalLM, Qwen3ForCausalLM, Phi3ForCausalLM, Gemma2ForCausalLM, Gemma3ForCausalLM) as most users run it, built from our ModelSpec
+Qwen2ForCausalLM, Qwen3ForCausalLM, Qwen3MoeForCausalLM, MixtralForCausalLM, Phi3ForCausalLM,
+Gemma2ForCausalLM, Gemma3ForCausalLM) as most users run it, built from our ModelSpec
 (config and state dict from the GGUF, no hub access) and driven step by step through its KV cache."""
 
 from __future__ import annotations
@@ -7,7 +8,6 @@ from __future__ import annotations
 import numpy as np
 
 from backends.base import LoadInfo, LoadOptions, Mode, Requirement, float_load_info, pip_extra
-from engine.errors import UnavailableError
 from backends.torch_llama import TORCH, TORCH_DTYPES, TORCH_RUNTIME, TorchBased, synchronize
 from engine.model.forward import rope_frequencies
 
@@ -37,6 +37,7 @@ HF_CLASSES = {
     "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", HF_LAYER_NAMES),
     "phi3": ("Phi3Config", "Phi3ForCausalLM", HF_LAYER_NAMES),
     "qwen3moe": ("Qwen3MoeConfig", "Qwen3MoeForCausalLM", {**HF_LAYER_NAMES, **MOE_NAMES}),
+    "mixtral": ("MixtralConfig", "MixtralForCausalLM", {**HF_LAYER_NAMES, **MOE_NAMES}),  # llama with experts
     "gemma2": ("Gemma2Config", "Gemma2ForCausalLM", GEMMA_LAYER_NAMES),
     "gemma3": ("Gemma3TextConfig", "Gemma3ForCausalLM", GEMMA_LAYER_NAMES),
 }
@@ -49,10 +50,8 @@ def _rope(base: float, factor: float) -> dict:
 
 
 def hf_arch(c) -> str:
-    """The HF_CLASSES key of a config: its architecture; llama with experts (Mixtral) is not mapped yet."""
-    if c.arch.name == "llama" and c.n_experts:
-        raise UnavailableError("transformers: llama files with experts (MixtralForCausalLM) are not mapped yet")
-    return c.arch.name
+    """The HF_CLASSES key of a config: its architecture, Mixtral for llama with experts."""
+    return "mixtral" if c.arch.name == "llama" and c.n_experts else c.arch.name
 
 
 def hf_config(spec):
@@ -77,10 +76,13 @@ def hf_config(spec):
         if arch == "qwen3moe":  # llama.cpp renormalises the top-k weights of every qwen3moe
             extra.update(num_experts=c.n_experts, num_experts_per_tok=c.n_experts_used, norm_topk_prob=True,
                          moe_intermediate_size=c.expert_ffn_dim, decoder_sparse_step=1, mlp_only_layers=[])
+        if arch == "mixtral":  # its router always renormalises the top-k, as llama.cpp's llama with experts
+            extra.update(num_local_experts=c.n_experts, num_experts_per_tok=c.n_experts_used,
+                         intermediate_size=c.expert_ffn_dim, sliding_window=None)
 
         if arch == "phi3":  # llama.cpp runs Phi-3 without its sliding window: so does this
             extra.update(sliding_window=None, pad_token_id=None, original_max_position_embeddings=c.context_length)
-    return getattr(transformers, HF_CLASSES[arch][0])(**common, **extra)
+    return getattr(transformers, HF_CLASSES[arch][0])(**{**common, **extra})  # extra overrides (Mixtral's ffn)
 
 
 def _gemma_config(c) -> dict:
