@@ -105,11 +105,11 @@ def test_moe_run_writes_a_row_per_backend(arch_models, tmp_path):
     """`bench run` on an MoE file: numpy and tinygrad each measure it, tinygrad's row counting every expert."""
     import json
 
-    out = tmp_path / "moe.jsonl"
+    out = tmp_path / "moe.csv"  # the JSONL beside it holds the typed rows
     r = bench("run", "-f", "numpy", "-f", "tinygrad", "-m", arch_models["qwen3moe"], "-n", "2", "-r", "1",
               "-O", str(out))
     assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr
-    rows = {row["framework"]: row for row in map(json.loads, out.open())}
+    rows = {row["framework"]: row for row in map(json.loads, out.with_suffix(".jsonl").open())}
     assert rows["numpy"]["status"] == rows["tinygrad"]["status"] == "ok"
     assert rows["tinygrad"]["bytes_per_token"] > rows["numpy"]["bytes_per_token"]
     assert rows["tinygrad"]["extra"]["experts_read"] == "all"
