@@ -65,8 +65,10 @@ class ArrayLlamaBackend(Backend):
 def float_load_info(spec: "ModelSpec", precision: str, device: str, every_expert: bool = False,
                     **details: Any) -> LoadInfo:
     """LoadInfo for a backend holding every weight as floats of `precision` (and reading every
-    expert of a mixture each step where `every_expert`)."""
+    expert of a mixture each step where `every_expert`, which its details say)."""
     held = float_bytes(spec, precision)
+    if every_expert:
+        details["experts_read"] = "all"
     return LoadInfo(
         precision=precision, device=device,
         weight_bytes=sum(held(n) for n in spec.tensor_names),

@@ -28,7 +28,8 @@ class TinyOps(SeparateProjections):
         self.cfg = cfg
         self.rope_tables = layer_rope_tables(cfg, max_seq, lambda a: Tensor(a, device=device).cast(dtype).contiguous().realize())
         self.positions = Tensor(np.arange(max_seq, dtype=np.int32), device=device).contiguous().realize()  # window masks
-        self.expert_ids = Tensor(np.arange(max(cfg.n_experts, 1), dtype=np.int32), device=device).realize()  # moe ties
+        if cfg.n_experts:  # expert order, for routing ties
+            self.expert_ids = Tensor(np.arange(cfg.n_experts, dtype=np.int32), device=device).realize()
         shape = (max_batch, cfg.n_kv_heads, max_seq, cfg.head_dim)
         self.k_cache = [Tensor.zeros(*shape, dtype=dtype, device=device).contiguous().realize() for _ in range(cfg.n_layers)]
         self.v_cache = [Tensor.zeros(*shape, dtype=dtype, device=device).contiguous().realize() for _ in range(cfg.n_layers)]
@@ -96,8 +97,8 @@ class TinyOps(SeparateProjections):
     def moe(self, x, layer):
         """Routing as the reference, then every expert on every token, the unrouted ones weighted 0.
         A captured graph cannot pick its matrices by values it computes (the experts are chosen on
-        the device, mid-step), and indexing the stacked experts by a Tensor reads all of them
-        anyway (as the embedding's gather reads the table), so each step reads every expert:
+        the device, mid-step), and indexing the stacked experts by a Tensor would read all of them
+        anyway (as a Tensor gather of the embedding table was measured to), so each step reads every expert:
         `bytes_per_token` counts them all (TinygradBackend.build)."""
         n_exp, k = self.cfg.n_experts, self.cfg.n_experts_used
         flat = x.reshape(-1, x.shape[-1])
@@ -209,9 +210,8 @@ class TinygradBackend(ArrayLlamaBackend):
         self._start_var = UOp.variable("start", 1, opts.max_seq_len - 1)
         self._token_vars = [UOp.variable(f"token{b}", 0, spec.config.vocab_size - 1) for b in range(opts.max_batch)]
         self._Tensor, self._int32 = Tensor, dtypes.int32
-        moe = {"experts_read": "all"} if spec.config.n_experts else {}  # TinyOps.moe
-        return float_load_info(spec, opts.precision, opts.device, every_expert=bool(moe), beam=BEAM.value,
-                               kernel_cache=CACHEDB, **moe)
+        return float_load_info(spec, opts.precision, opts.device, every_expert=bool(spec.config.n_experts),
+                               beam=BEAM.value, kernel_cache=CACHEDB)  # every expert: TinyOps.moe
 
     def uncached_compiles(self) -> int | None:
         rows = cache_entries()
