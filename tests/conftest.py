@@ -21,10 +21,16 @@ from engine.model.synth import write_synthetic
 
 ROOT = Path(__file__).resolve().parents[1]
 TESTS = Path(__file__).resolve().parent
-# the fault-injection backend (tests/faulty_backend.py) registered for a `bench` subprocess
-# (with this checkout's sources first, as bench() puts them: its PYTHONPATH replaces bench()'s)
-FAULT_ENV = {"BENCH_BACKEND_MODULES": "faulty_backend",
-             "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), str(TESTS), os.environ.get("PYTHONPATH", "")])}
+
+
+def backend_module_env(module: str) -> dict[str, str]:
+    """The environment registering a test-only backend module of tests/ for a `bench` subprocess
+    (with this checkout's sources first, as bench() puts them: its PYTHONPATH replaces bench()'s)."""
+    return {"BENCH_BACKEND_MODULES": module,
+            "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), str(TESTS), os.environ.get("PYTHONPATH", "")])}
+
+
+FAULT_ENV = backend_module_env("faulty_backend")  # tests/faulty_backend.py
 
 
 @pytest.fixture(scope="session")

@@ -3,22 +3,19 @@ over the whole results file, `bench compare`'s verdicts and adaptive repeats."""
 
 import json
 import math
-import os
 
 import numpy as np
 import pandas as pd
 import pytest
 from scipy import stats
 
-from conftest import ROOT, TESTS, bench
+from conftest import backend_module_env, bench
 from engine.measure.decide import decide, passes, row_changes
 from engine.measure.stats import paired_ratio, welch_ratio
 from engine.results.rows import BenchmarkResult
 from engine.results.writers import ResultWriter, read_jsonl
 
-# this checkout's sources first (the PYTHONPATH given here replaces the one bench() sets)
-PACED_ENV = {"BENCH_BACKEND_MODULES": "paced_backend",
-             "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), str(TESTS), os.environ.get("PYTHONPATH", "")])}
+PACED_ENV = backend_module_env("paced_backend")
 
 
 def test_ratio_intervals_match_scipy_on_the_logs():

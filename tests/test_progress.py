@@ -51,11 +51,27 @@ def _complete(cell, repeats_s, measured_s):
     return n >= cell.max_repeats or measured_s >= cell.max_time_s or half <= cell.ci_target
 
 
+def prepare(lanes, state, eta, clock):
+    """run_cells' prepare phase of an interleaved sweep: every lane's first cell loaded and warmed
+    up, two lanes at a time (each pair's events in the order they happen), before any repeat."""
+    for pair in (lanes[i:i + 2] for i in range(0, len(lanes), 2)):
+        start, events = clock.t, []
+        for lane in pair:
+            cell = lane[0]
+            load, first_warm, _, per_token, _ = LANES[cell.framework]
+            warm = per_token * cell.gen_tokens + first_warm
+            events += [(start + load, "loaded", cell, load), (start + load + warm, "prepared", cell, warm)]
+            state[cell.load_key].update(loaded=True, warm=True, prepared=True)
+        for t, kind, cell, seconds in sorted(events, key=lambda e: e[0]):
+            clock.t = t
+            eta.loaded(cell, seconds) if kind == "loaded" else eta.warmed(Progress(kind, cell, seconds))
+
+
 def simulate(interleave: bool, estimator=SweepEta, adaptive: bool = False):
-    """Replay run_cells' schedule (round-robin over lanes, or one lane after another) on a fake
-    clock, feeding the ETA what the harness reports; return the end time and the ETA read at every
-    event after each group has loaded and measured its first request (its warm-up: a kernel
-    search or a compile, which no other group can predict), with the time it was read."""
+    """Replay run_cells' schedule (every lane prepared two at a time, then round-robin over lanes;
+    or one lane after another) on a fake clock, feeding the ETA what the harness reports; return
+    the end time and the ETA read at every event after each group has loaded and warmed up (a
+    kernel search or a compile, which no other group can predict), with the time it was read."""
     clock, cells = Clock(), _cells(**(ADAPTIVE if adaptive else {}))
     eta = estimator(cells, clock)
     # lanes as run_cells forms them: one per load key (a framework's lengths are two shapes, two loads)
@@ -63,6 +79,8 @@ def simulate(interleave: bool, estimator=SweepEta, adaptive: bool = False):
     state = {lane[0].load_key: {"loaded": False, "warm": False, "done": 0, "repeats": []} for lane in lanes}
     readings = []
     active, waiting = (lanes, []) if interleave else (lanes[:1], lanes[1:])
+    if interleave:
+        prepare(lanes, state, eta, clock)
     while active:
         for lane in list(active):
             cell = lane[0]
@@ -73,7 +91,8 @@ def simulate(interleave: bool, estimator=SweepEta, adaptive: bool = False):
                 st["loaded"] = True
                 eta.loaded(cell, load)
             warm = 0.0
-            if st["done"] == 0:  # a cell's first request warms up; the lane's first also compiles
+            if st["done"] == 0 and not st.pop("prepared", False):  # a cell's first request warms up, unless
+                # it was prepared; the lane's first also compiles
                 warm = per_token * cell.gen_tokens + (first_warm if not st["warm"] else later_warm)
                 st["warm"] = True
             spread = SPREAD[cell.framework] if adaptive else 0.0

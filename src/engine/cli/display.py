@@ -95,9 +95,9 @@ class SweepProgress:
             self.progress.update(self.task, description=" | ".join(self.running.values()))
 
     def report(self, event: Progress) -> None:
-        """A lane loaded its model (a line) or measured a repeat (the ETA learns from it)."""
+        """A lane loaded its model (a line), warmed up or measured a repeat (the ETA learns from them)."""
         if event.kind != "loaded":
-            self.eta.measured(event)
+            (self.eta.warmed if event.kind == "prepared" else self.eta.measured)(event)
             return
         self.eta.loaded(event.cell, event.seconds)
         self.loaded += 1

@@ -125,19 +125,27 @@ class CellRun:
         self.measured_at: list[str] = []
         self.measured_s = 0.0
         self.compile_cache = ""
+        self._compiles_before: int | None = None
+
+    def warm_up(self) -> float:
+        """The cell's warm-up generations, once (a sweep may ask for them before the first repeat,
+        else the first `step` runs them); their seconds, 0 when they had already run."""
+        if self.warm is not None:
+            return 0.0
+        self._compiles_before = self.loaded.compile_mark()
+        self.warm = [_timed(self.engine, self.prompts, self.gen_cfg) for _ in range(self.cell.warmup)]
+        return sum(self.warm)
 
     def step(self) -> bool:
-        """Warm up (first call only), measure one repeat; True when the cell is complete."""
-        first = self.warm is None
-        if first:
-            compiles = self.loaded.compile_mark()
-            self.warm = [_timed(self.engine, self.prompts, self.gen_cfg) for _ in range(self.cell.warmup)]
+        """Warm up (if not yet), measure one repeat; True when the cell is complete."""
+        first = not self.runs
+        self.warm_up()
         self.measured_at.append(utc_now_ms())
         t = time.perf_counter()
         self.runs.append(self.engine.generate_batch(self.prompts, self.gen_cfg))
         self.measured_s += time.perf_counter() - t
         if first:  # through the first repeat too: with --warmup 0 that is where compilation happens
-            self.compile_cache = compile_cache_state(compiles, self.loaded.backend.uncached_compiles())
+            self.compile_cache = compile_cache_state(self._compiles_before, self.loaded.backend.uncached_compiles())
         self.peak_rss_bytes = self.peak.bytes()  # through the timed runs, before any bookkeeping
         n, c = len(self.runs), self.cell
         if n < c.repeats or (self.measured_s < c.min_time_s and n < MAX_REPEATS):

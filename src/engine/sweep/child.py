@@ -23,6 +23,7 @@ import backends
 from engine.measure.cell import Cell
 from engine.measure.memory import ProcessSampler
 from engine.parent_death import PREEXEC
+from engine.sweep.worker import PREPARE
 from engine.paths import cache_dir
 
 THREAD_VARS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "VECLIB_MAXIMUM_THREADS",
@@ -51,15 +52,16 @@ def compile_cache_env(framework: str) -> dict[str, str]:
 
 @dataclass
 class Reply:
-    """What a request came to: `step` (measured, wants more), `done` (rows), `failed` (the worker
-    caught it), `died` (the process ended; status from its exit) or `timeout`."""
+    """What a request came to: `prepared` (loaded and warmed up), `step` (measured, wants more),
+    `done` (rows), `failed` (the worker caught it), `died` (the process ended; status from its
+    exit) or `timeout`."""
 
     kind: str
     rows: list[dict[str, Any]] = field(default_factory=list)
     status: str = ""
     error: str = ""
     repeat_s: float = 0.0  # the measured generation of this request (step, done)
-    warmup_s: float = 0.0  # the warm-up it ran (a cell's first request)
+    warmup_s: float = 0.0  # the warm-up it ran (a cell's first request, or its prepare)
     fields: dict[str, Any] = field(default_factory=dict)  # row columns a failure fills (a refused load's memory)
 
 
@@ -86,10 +88,12 @@ class GroupChild:
         except (BrokenPipeError, OSError):
             return False
 
-    def request(self, cell: Cell, timeout_s: float, on_loaded: Callable[[float, str], None] | None = None) -> Reply:
-        """Ask for the next repeat of `cell`; wait for its answer at most `timeout_s`. The child
-        loads its model within its first request: `on_loaded(load_s, precision)` hears of it then."""
-        if not self._send(cell.cell_id):
+    def request(self, cell: Cell, timeout_s: float, on_loaded: Callable[[float, str], None] | None = None,
+                prepare: bool = False) -> Reply:
+        """Ask for the next repeat of `cell` (or, `prepare`, for its load and warm-up alone: a
+        `prepared` reply); wait for its answer at most `timeout_s`. The child loads its model
+        within its first request: `on_loaded(load_s, precision)` hears of it then."""
+        if not self._send(PREPARE + cell.cell_id if prepare else cell.cell_id):
             return self._died()
         deadline = time.monotonic() + timeout_s
         while True:

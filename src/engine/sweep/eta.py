@@ -7,7 +7,8 @@ lane's last new cell compiled: a new prompt shape recompiles the prefill but not
 every remaining repeat at the seconds a repeat took in that cell (or, before its first, the lane's
 seconds per generated token times the cell's tokens; an adaptive cell's count from its spread so
 far and its bounds: `repeats_wanted`), and the finishing of each cell (fidelity
-pass and rows, once one was measured).
+pass and rows, once one was measured). An interleaved sweep prepares (loads and warms up) two
+lanes at a time before the first repeat, so until every lane is prepared this sum overestimates.
 Events in, seconds out; the clock is injected so a test can replay a whole sweep.
 """
 
@@ -23,9 +24,10 @@ from engine.measure.cell import Cell
 
 @dataclass(frozen=True)
 class Progress:
-    """What a lane reports: `loaded` (its model loaded in `seconds`, at `precision`) or `repeat`
-    (one repeat of `cell` measured: the request took `seconds`, load aside, of which `warmup_s`
-    warming up and `repeat_s` the measured generation; `final` when it was the cell's last)."""
+    """What a lane reports: `loaded` (its model loaded in `seconds`, at `precision`), `prepared`
+    (its first cell warmed up, in `seconds`, before any repeat) or `repeat` (one repeat of `cell`
+    measured: the request took `seconds`, load aside, of which `warmup_s` warming up and `repeat_s`
+    the measured generation; `final` when it was the cell's last)."""
 
     kind: str
     cell: Cell
@@ -48,6 +50,8 @@ class _Lane:
     finished: set[str] = field(default_factory=set)
     per_token_s: list[float] = field(default_factory=list)  # a repeat's seconds per generated token
     warm_excess_s: list[float] = field(default_factory=list)  # each started cell's warm-up beyond steady runs
+    warmed: bool = False  # its first cell was prepared (warmed up) before its first repeat
+    prepared_warmup_s: float | None = None  # that warm-up, until the cell's first repeat tells its steady seconds
 
 
 def repeats_wanted(cell: Cell, done: list[float], repeat_s: float) -> int:
@@ -90,12 +94,21 @@ class SweepEta:
         self.load_s.append(load_s)
         self.last_event = self.clock()
 
+    def warmed(self, p: Progress) -> None:
+        """A lane's first cell was loaded and warmed up (`p.seconds`) ahead of the repeats."""
+        lane = self._lane(p.cell)
+        lane.warmed, lane.prepared_warmup_s = True, p.seconds
+        self.first_warmup_s.append(p.seconds)
+        self.last_event = self.clock()
+
     def measured(self, p: Progress) -> None:
         lane = self._lane(p.cell)
-        if not lane.repeats_done:
-            self.first_warmup_s.append(p.warmup_s)
         if p.cell.cell_id not in lane.repeats_done:
-            lane.warm_excess_s.append(max(0.0, p.warmup_s - p.cell.warmup * p.repeat_s))
+            warm = p.warmup_s if lane.prepared_warmup_s is None else lane.prepared_warmup_s
+            if not lane.repeats_done and not lane.warmed:
+                self.first_warmup_s.append(warm)
+            lane.warm_excess_s.append(max(0.0, warm - p.cell.warmup * p.repeat_s))
+            lane.prepared_warmup_s = None
         # a final request also ran the fidelity pass and built the rows: counted apart, once per cell
         steady = p.repeat_s if p.final else p.seconds - p.warmup_s
         lane.repeats_done.setdefault(p.cell.cell_id, []).append(steady)
@@ -136,7 +149,7 @@ class SweepEta:
         per_token = _mean(lane.per_token_s) if lane.per_token_s else _mean(
             [s for other in self.lanes.values() for s in other.per_token_s])
         left = 0.0 if lane.loaded else _mean(self.load_s)
-        if not lane.repeats_done:  # the lane's first warm-up pays its compile, as other lanes' did
+        if not lane.repeats_done and not lane.warmed:  # the lane's first warm-up pays its compile, as other lanes' did
             left += _mean(self.first_warmup_s)
         for c in todo:
             done = lane.repeats_done.get(c.cell_id, [])

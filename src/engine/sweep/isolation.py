@@ -5,19 +5,25 @@ Cells sharing a load key (which includes the batch and positions that size the l
 lane: one child loads the model once and measures the lane's cells in order, one cell at a time
 (its memory mark is reset per cell). With several lanes and `interleave`, every lane's child
 stays loaded and the repeats are taken round-robin, one measuring at a time (A B C A B C ...):
-the children start together and import their frameworks side by side before the first request,
-and exit together after the last; otherwise lanes run one after another. A child that dies costs
-the cell it was in (a `crash`, `oom` or `timeout` row); the lane goes on in a fresh child.
+the children start together and import their frameworks side by side, then load their models
+and warm up two at a time (`prepare_lanes`), all before the first timed repeat, and exit together
+after the last; otherwise lanes run one after another. A child that dies costs the cell it was in
+(a `crash`, `oom` or `timeout` row); the lane goes on in a fresh child.
 """
 
 from __future__ import annotations
 
 import itertools
+import os
+import threading
+import time
+from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field, replace
 from typing import Callable, Iterator
 
 import psutil
 
+import backends
 from engine.measure.cell import Cell
 from engine.measure.host import HostMonitor
 from engine.measure.runner import failure_row, kv_memory_shortfall, positions_needed
@@ -27,6 +33,8 @@ from engine.sweep.eta import Progress
 
 FREE_MEMORY_SHARE = 0.7  # of the host's available memory that the loaded models may take together
 PER_MODEL_OVERHEAD = 300 * 2**20  # a framework's own footprint beside the weights
+# lanes loading and warming up at once before the first timed repeat (at most one per core)
+PREPARED_SIDE_BY_SIDE = int(os.environ.get("BENCH_PREPARED_SIDE_BY_SIDE", "2"))
 
 
 @dataclass
@@ -36,7 +44,8 @@ class Lane:
     pending: list[Cell]
     child: GroupChild | None = None
     spent_s: dict[str, float] = field(default_factory=dict)  # per cell: time its requests took
-    monitor: HostMonitor | None = None
+    monitor: HostMonitor | None = None  # the host around the current cell's timed requests
+    overlap_s: dict[str, float] = field(default_factory=dict)  # per prepared cell: seconds another lane prepared beside it
 
 
 def run_cells(cells: list[Cell], host_gbps: float, run_id: str, debug: bool = False,
@@ -52,6 +61,9 @@ def run_cells(cells: list[Cell], host_gbps: float, run_id: str, debug: bool = Fa
     try:
         if interleaved:
             start_children(lanes, host_gbps, run_id, debug)
+            for cell, rows in prepare_lanes(lanes, run_id, on_start, on_progress):
+                yield cell, [replace(r, schedule=schedule) for r in rows]
+            active = [lane for lane in lanes if lane.pending]
         while active:
             for lane in list(active):
                 done = _advance(lane, host_gbps, run_id, debug, on_start, on_progress)
@@ -77,6 +89,88 @@ def start_children(lanes: list[Lane], host_gbps: float, run_id: str, debug: bool
         lane.child = GroupChild(lane.pending, host_gbps, run_id, debug)
     for lane in lanes:
         lane.child.wait_ready(lane.pending[0].timeout_s)
+
+
+def prepare_lanes(lanes: list[Lane], run_id: str, on_start: Callable[[Cell], None] | None,
+                  on_progress: Callable[[Progress], None] | None) -> list[tuple[Cell, list[BenchmarkResult]]]:
+    """Load every lane's first cell and warm it up before anything is timed, `PREPARED_SIDE_BY_SIDE`
+    lanes at a time: loads and compiles are mostly one core's Python, so two at once nearly halve
+    the wait, while no repeat runs beside them. A mode that times kernels to choose them (BEAM)
+    prepares alone. Each prepared cell's rows say how long another lane prepared beside it
+    (`load_overlap_s`: its load_s, warmup_s and compile_s shared the host that long). Returns the
+    cells that failed on the way, with their rows."""
+    side_by_side = max(1, min(PREPARED_SIDE_BY_SIDE, os.cpu_count() or 1))
+    queue = sorted((lane for lane in lanes if lane.child is not None and lane.pending), key=_prepares_alone)
+    lock = threading.Lock()
+
+    def heard(p: Progress) -> None:
+        if on_progress is not None:
+            with lock:
+                on_progress(p)
+
+    running: dict = {}  # future -> lane
+    spans: dict[str, tuple[float, float]] = {}  # cell id -> when its prepare ran
+    failed = []
+    pool = ThreadPoolExecutor(side_by_side)
+    try:
+        while queue or running:
+            while queue and _may_start(queue[0], list(running.values()), side_by_side):
+                lane = queue.pop(0)
+                _begin(lane, lane.pending[0], on_start)
+                running[pool.submit(_prepare, lane, heard)] = lane
+            finished, _ = wait(running, return_when=FIRST_COMPLETED)
+            for future in finished:
+                lane, (reply, start, end) = running.pop(future), future.result()
+                cell = lane.pending[0]
+                spans[cell.cell_id] = (start, end)
+                lane.spent_s[cell.cell_id] += end - start
+                if reply.kind == "prepared":
+                    heard(Progress("prepared", cell, reply.warmup_s))
+                else:
+                    failed.append(_finish(lane, cell, reply, run_id))
+    except BaseException:  # Ctrl-C, or something broke: the waiting threads end once their children do
+        for lane in running.values():
+            lane.child.kill()
+        raise
+    finally:
+        pool.shutdown()
+    for lane in lanes:
+        lane.overlap_s = {c: s for c, s in overlaps(spans).items() if c in lane.spent_s}
+    return failed
+
+
+def _prepares_alone(lane: Lane) -> bool:
+    cell = lane.pending[0]
+    return backends.get(cell.framework).times_kernels_on_first_call(dict(cell.options))
+
+
+def _may_start(lane: Lane, running: list[Lane], side_by_side: int) -> bool:
+    if not running:
+        return True
+    return (len(running) < side_by_side and not _prepares_alone(lane)
+            and not any(_prepares_alone(other) for other in running))
+
+
+def _prepare(lane: Lane, heard: Callable[[Progress], None]):
+    """One lane's prepare request (in a worker thread); its reply and when it ran."""
+    cell, start = lane.pending[0], time.monotonic()
+    reply = lane.child.request(cell, max(cell.timeout_s - lane.spent_s[cell.cell_id], 0.001),
+                               lambda load_s, precision: heard(Progress("loaded", cell, load_s, precision=precision)),
+                               prepare=True)
+    return reply, start, time.monotonic()
+
+
+def overlaps(spans: dict[str, tuple[float, float]]) -> dict[str, float]:
+    """Per key, the seconds of its span during which at least one other span was open."""
+    out = {}
+    for key, (start, end) in spans.items():
+        others = sorted((max(s, start), min(e, end)) for k, (s, e) in spans.items() if k != key and s < end and e > start)
+        covered, reach = 0.0, start
+        for s, e in others:
+            covered += max(0.0, e - max(s, reach))
+            reach = max(reach, e)
+        out[key] = covered
+    return out
 
 
 def close_children(lanes: list[Lane]) -> None:
@@ -125,13 +219,10 @@ def _advance(lane: Lane, host_gbps: float, run_id: str, debug: bool, on_start: C
     cell = lane.pending[0]
     if lane.child is None:
         lane.child = GroupChild(lane.pending, host_gbps, run_id, debug)
-    first = cell.cell_id not in lane.spent_s
-    if first:
-        lane.spent_s[cell.cell_id] = 0.0
-        lane.child.memory.reset()
+    if cell.cell_id not in lane.spent_s:
+        _begin(lane, cell, on_start)
+    if lane.monitor is None:
         lane.monitor = HostMonitor(lane.child.proc.pid)
-        if on_start is not None:
-            on_start(cell)
     else:
         lane.monitor.resume()
     loads: list[float] = []
@@ -148,8 +239,22 @@ def _advance(lane: Lane, host_gbps: float, run_id: str, debug: bool, on_start: C
         on_progress(Progress("repeat", cell, wall - sum(loads), reply.repeat_s, reply.warmup_s, reply.kind == "done"))
     if reply.kind == "step":
         return None
+    return _finish(lane, cell, reply, run_id)
+
+
+def _begin(lane: Lane, cell: Cell, on_start: Callable[[Cell], None] | None) -> None:
+    """A cell's start: its time and the memory sampled from here on are its own."""
+    lane.spent_s[cell.cell_id] = 0.0
+    lane.child.memory.reset()
+    if on_start is not None:
+        on_start(cell)
+
+
+def _finish(lane: Lane, cell: Cell, reply: Reply, run_id: str) -> tuple[Cell, list[BenchmarkResult]]:
+    """The cell is complete or failed: its rows; a child that died or cannot go on is dropped."""
     lane.pending.pop(0)
     rows = _rows(cell, reply, lane, run_id)
+    lane.monitor = None
     if reply.kind in ("died", "timeout") or reply.status == "oom":  # the process is gone or unusable
         lane.child.close()
         lane.child = None
@@ -161,7 +266,8 @@ def _rows(cell: Cell, reply: Reply, lane: Lane, run_id: str) -> list[BenchmarkRe
         status = "timeout" if reply.kind == "timeout" else reply.status
         return [failure_row(cell, status, reply.error, run_id, **reply.fields)]
     host, memory = lane.monitor.state(), lane.child.memory
+    overlap = lane.overlap_s.get(cell.cell_id, 0.0)
     return [replace(BenchmarkResult.from_dict(r), sampled_rss_peak_bytes=memory.rss_peak,
                     sampled_uss_peak_bytes=memory.uss_peak, cpu_governor=host.cpu_governor,
-                    load_avg_1m=host.load_avg_1m, other_cpu_frac=host.other_cpu_frac).with_flags(
-                        ("contended",) if host.contended else ()) for r in reply.rows]
+                    load_avg_1m=host.load_avg_1m, other_cpu_frac=host.other_cpu_frac,
+                    load_overlap_s=overlap).with_flags(("contended",) if host.contended else ()) for r in reply.rows]

@@ -1,14 +1,16 @@
 """The child process that measures one load group: `python -m engine.sweep.worker FD`.
 
 Its stdin carries JSON lines: first the job (the group's cells, host bandwidth, run id), then one
-cell id per line, each meaning "measure the next repeat of this cell" (the first also warms up).
+command per line: a cell id, "measure the next repeat of this cell" (the first also warms up
+unless it was prepared), or `prepare ID`, "load for this cell and warm it up, measure nothing".
 It reports on file descriptor FD, one JSON line per event: `ready` (its framework imported,
-before the first request), `start`, `loaded` (the model, with its load_s), `step` (a repeat
-measured, the cell wants more), `done` (with the cell's rows) or
-`failed` (status and error), so whatever a framework prints cannot corrupt the results; `step`
-and `done` carry the repeat's seconds and the cell's warm-up seconds, for the parent's ETA. The model loads on a cell's first command, sized for
-that cell's own batch and positions; the next cells of that shape reuse it. The parent measures
-one cell of a process at a time, so the memory mark reset when a cell starts is that cell's.
+before the first request), `start`, `loaded` (the model, with its load_s), `prepared` (warmed
+up), `step` (a repeat measured, the cell wants more), `done` (with the cell's rows) or `failed`
+(status and error), so whatever a framework prints cannot corrupt the results; `prepared`, `step`
+and `done` carry the warm-up seconds the command ran and the repeat's, for the parent's ETA. The
+model loads on a cell's first command, sized for that cell's own batch and positions; the next
+cells of that shape reuse it. The parent measures one cell of a process at a time, so the memory
+mark reset when a cell starts is that cell's.
 """
 
 from __future__ import annotations
@@ -33,10 +35,7 @@ def _emitter(fd: int) -> Emit:
     return emit
 
 
-def _timing(run) -> dict[str, float]:
-    """What the request just measured: its repeat, and the warm-up a cell's first request ran."""
-    return {"repeat_s": run.runs[-1].total_ns / 1e9, "warmup_s": sum(run.warm) if len(run.runs) == 1 else 0.0}
-
+PREPARE = "prepare "  # the command prefix: load and warm up only
 
 def failure(e: Exception, debug: bool) -> tuple[str, str]:
     """The status and error of a cell that raised `e` (not a MemoryError: the caller ends on that)."""
@@ -67,17 +66,22 @@ class Measuring:
         self.running: dict[str, Any] = {}  # cell id -> its CellRun
         self.peak = PeakRss()
 
-    def command(self, cell_id: str) -> bool:
-        """Measure the next repeat of `cell_id`; False when this process must end (heap unusable)."""
+    def command(self, line: str) -> bool:
+        """Prepare a cell or measure its next repeat; False when this process must end (heap unusable)."""
+        prepare = line.startswith(PREPARE)
+        cell_id = line.removeprefix(PREPARE)
         self.emit("start", cell_id)
         try:
             run = self.running.get(cell_id) or self._start(self.cells[cell_id])
             self.running[cell_id] = run
-            if run.step():
+            warmup_s = run.warm_up()
+            if prepare:
+                self.emit("prepared", cell_id, warmup_s=warmup_s)
+            elif run.step():
                 rows = [r.as_dict() for r in self.running.pop(cell_id).rows()]
-                self.emit("done", cell_id, rows=rows, **_timing(run))
+                self.emit("done", cell_id, rows=rows, repeat_s=run.runs[-1].total_ns / 1e9, warmup_s=warmup_s)
             else:
-                self.emit("step", cell_id, **_timing(run))
+                self.emit("step", cell_id, repeat_s=run.runs[-1].total_ns / 1e9, warmup_s=warmup_s)
         except MemoryError:
             self.emit("failed", cell_id, status="oom", error="out of memory (MemoryError)")
             return False  # let the parent start a fresh process
