@@ -51,27 +51,34 @@ def _complete(cell, repeats_s, measured_s):
     return n >= cell.max_repeats or measured_s >= cell.max_time_s or half <= cell.ci_target
 
 
+def _warm_up(cell, later: bool) -> tuple[float, float]:
+    """A cell's warm-up seconds (the lane's first compiles in full, a later cell its new shape's
+    share) and a repeat's as the warm-up's decode steps show it."""
+    _, first_warm, later_warm, per_token, _ = LANES[cell.framework]
+    return per_token * cell.gen_tokens + (later_warm if later else first_warm), per_token * cell.gen_tokens
+
+
 def prepare(lanes, state, eta, clock):
     """run_cells' prepare phase of an interleaved sweep: every lane's first cell loaded and warmed
     up, two lanes at a time (each pair's events in the order they happen), before any repeat."""
     for pair in (lanes[i:i + 2] for i in range(0, len(lanes), 2)):
         start, events = clock.t, []
         for lane in pair:
-            cell = lane[0]
-            load, first_warm, _, per_token, _ = LANES[cell.framework]
-            warm = per_token * cell.gen_tokens + first_warm
-            events += [(start + load, "loaded", cell, load), (start + load + warm, "prepared", cell, warm)]
+            cell, load = lane[0], LANES[lane[0].framework][0]
+            warm, steady = _warm_up(cell, later=False)
+            events += [(start + load, cell, load, None), (start + load + warm, cell, warm, steady)]
             state[cell.load_key].update(loaded=True, warm=True, prepared=True)
-        for t, kind, cell, seconds in sorted(events, key=lambda e: e[0]):
+        for t, cell, seconds, steady in sorted(events, key=lambda e: e[0]):
             clock.t = t
-            eta.loaded(cell, seconds) if kind == "loaded" else eta.warmed(Progress(kind, cell, seconds))
+            eta.loaded(cell, seconds) if steady is None else eta.warmed(Progress("prepared", cell, seconds, steady))
 
 
 def simulate(interleave: bool, estimator=SweepEta, adaptive: bool = False):
-    """Replay run_cells' schedule (every lane prepared two at a time, then round-robin over lanes;
-    or one lane after another) on a fake clock, feeding the ETA what the harness reports; return
-    the end time and the ETA read at every event after each group has loaded and warmed up (a
-    kernel search or a compile, which no other group can predict), with the time it was read."""
+    """Replay run_cells' schedule (every lane's first cell prepared two at a time, then round-robin
+    over lanes; or one lane after another; a later cell prepared in its turn) on a fake clock,
+    feeding the ETA what the harness reports; return the end time and the ETA read at every event
+    after each group has loaded and warmed up (a kernel search or a compile, which no other group
+    can predict), with the time it was read."""
     clock, cells = Clock(), _cells(**(ADAPTIVE if adaptive else {}))
     eta = estimator(cells, clock)
     # lanes as run_cells forms them: one per load key (a framework's lengths are two shapes, two loads)
@@ -84,25 +91,25 @@ def simulate(interleave: bool, estimator=SweepEta, adaptive: bool = False):
     while active:
         for lane in list(active):
             cell = lane[0]
-            load, first_warm, later_warm, per_token, fidelity = LANES[cell.framework]
+            load, _, _, per_token, fidelity = LANES[cell.framework]
             st = state[cell.load_key]
             if not st["loaded"]:
                 clock.t += load
                 st["loaded"] = True
                 eta.loaded(cell, load)
-            warm = 0.0
-            if st["done"] == 0 and not st.pop("prepared", False):  # a cell's first request warms up, unless
-                # it was prepared; the lane's first also compiles
-                warm = per_token * cell.gen_tokens + (first_warm if not st["warm"] else later_warm)
+            if st["done"] == 0 and not st.pop("prepared", False):  # a new cell is prepared first
+                warm, steady = _warm_up(cell, later=st["warm"])
+                clock.t += warm
                 st["warm"] = True
+                eta.warmed(Progress("prepared", cell, warm, steady))
             spread = SPREAD[cell.framework] if adaptive else 0.0
             repeat = per_token * cell.gen_tokens * (1 + spread * WOBBLE[st["done"] % len(WOBBLE)])
             st["done"] += 1
             st["repeats"].append(repeat)
             final = _complete(cell, st["repeats"], sum(st["repeats"]))
-            seconds = warm + repeat + (fidelity if final else 0.0)
+            seconds = repeat + (fidelity if final else 0.0)
             clock.t += seconds
-            eta.measured(Progress("repeat", cell, seconds, repeat, warm, final))
+            eta.measured(Progress("repeat", cell, seconds, repeat, final))
             if final:
                 eta.cell_done(cell)
                 lane.pop(0)
@@ -148,11 +155,30 @@ def test_eta_counts_down_between_events_and_waits_for_a_first_measurement():
     clock.t = 2.0
     eta.loaded(cells[0], 2.0)
     clock.t = 3.0
-    eta.measured(Progress("repeat", cells[0], 1.0, 0.5, 0.5))
+    eta.warmed(Progress("prepared", cells[0], 0.5, 0.5))
+    eta.measured(Progress("repeat", cells[0], 0.5, 0.5))
     # numpy: 3 repeats of 0.5 s; torch: a load (2 s) + warm-up like numpy's (0.5 s) + 4 repeats of 0.5 s
     assert eta.remaining_s() == pytest.approx(1.5 + 2.0 + 0.5 + 2.0)
     clock.t = 4.0
     assert eta.remaining_s() == pytest.approx(5.0)
+
+
+def test_eta_goes_by_a_prepared_warm_up_until_the_first_repeat():
+    """An interleaved sweep warms every group up before any repeat: the warm-ups' pace gives the
+    ETA a number meanwhile, and the first repeat's pace replaces it."""
+    clock = Clock()
+    cells = [Cell(framework=f, model="m.gguf", repeats=3, gen_tokens=10) for f in ("numpy", "torch")]
+    eta = SweepEta(cells, clock)
+    clock.t = 1.0
+    eta.loaded(cells[0], 1.0)
+    assert eta.remaining_s() is None
+    clock.t = 2.0
+    eta.warmed(Progress("prepared", cells[0], 3.0, 1.0))  # a warm-up (3 s) whose steps predict 1 s a repeat
+    # numpy: 3 repeats of 1 s; torch: a load (1 s), a warm-up like numpy's (3 s) and 3 repeats of 1 s
+    assert eta.remaining_s() == pytest.approx(3.0 + 1.0 + 3.0 + 3.0)
+    clock.t = 2.5
+    eta.measured(Progress("repeat", cells[0], 0.5, 0.5))  # the first repeat: 0.05 s a token
+    assert eta.remaining_s() == pytest.approx(2 * 0.5 + 1.0 + 3.0 + 3 * 0.5)
 
 
 def test_eta_without_lane_reports_goes_by_finished_cells():

@@ -79,7 +79,8 @@ def measure_options(fn: Callable) -> Callable:
         click.option("--warmup", type=click.IntRange(min=0), help="warm-up generations per cell (default 1)"),
         click.option("--min-time", type=float, help="keep repeating until this many seconds are measured"),
         click.option("--seed", type=int, help="seed of the prompt stream and the sampler (default 0)"),
-        click.option("--timeout", type=float, help="seconds a cell may run before it is killed (default 900)"),
+        click.option("--timeout", type=float, help="seconds a cell's load and warm-up, and then its measuring, "
+                                                   "may each take before it is killed (default 900)"),
         click.option("--memory-limit-mb", type=click.IntRange(min=0), help="address-space limit of each run's process"),
         click.option("--output", "-O", help="results CSV (a JSONL with raw samples goes beside it); "
                                             "default results/bench-TIMESTAMP.csv"),

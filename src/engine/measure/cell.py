@@ -40,7 +40,7 @@ class Cell:
     seed: int = 0
     memory_limit_mb: int = 0  # RLIMIT_AS of the child process; 0: none
     options: tuple[tuple[str, Any], ...] = ()  # backend-specific (e.g. beam=2)
-    timeout_s: float = 900.0
+    timeout_s: float = 900.0  # bound on the load and warm-up, then on the repeats and fidelity pass, each
     noise_threshold: float = 0.05  # CoV of decode tok/s above which a cell is flagged `noisy`
     node: str = ""  # a cluster node's name (`bench node ... --name`); '' means any node that can run it
     fidelity: bool = True  # the real-text fidelity pass after the timed runs (--no-check: speed only)

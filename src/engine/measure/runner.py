@@ -126,14 +126,21 @@ class CellRun:
         self.measured_s = 0.0
         self.compile_cache = ""
         self._compiles_before: int | None = None
+        self.steady_s = 0.0  # a repeat's seconds as the warm-up's steady steps predict them (0: unknown)
 
     def warm_up(self) -> float:
         """The cell's warm-up generations, once (a sweep may ask for them before the first repeat,
-        else the first `step` runs them); their seconds, 0 when they had already run."""
+        else the first `step` runs them); their seconds, 0 when they had already run. `steady_s`
+        then estimates a repeat from the last one's decode steps (past any compile on the first)."""
         if self.warm is not None:
             return 0.0
         self._compiles_before = self.loaded.compile_mark()
-        self.warm = [_timed(self.engine, self.prompts, self.gen_cfg) for _ in range(self.cell.warmup)]
+        self.warm = []
+        for _ in range(self.cell.warmup):
+            t = time.perf_counter()
+            gen = self.engine.generate_batch(self.prompts, self.gen_cfg)
+            self.warm.append(time.perf_counter() - t)
+            self.steady_s = self.cell.gen_tokens * percentile(gen.itl_s, 50) if gen.itl_s else 0.0
         return sum(self.warm)
 
     def step(self) -> bool:
@@ -203,12 +210,6 @@ def with_fidelity(row: BenchmarkResult, checked: PassResult) -> BenchmarkResult:
                   rms_dp=f.rms_dp, fidelity_positions=f.positions, fidelity_s=checked.seconds,
                   kl_vs_reference=f.kld_mean, top1_agreement=f.same_top_p, match_tokens=checked.match_tokens)
     return row.with_flags(("diverged",)) if 0 <= checked.match_tokens < row.gen_tokens else row
-
-
-def _timed(engine: InferenceEngine, prompts: list[list[int]], cfg: GenerationConfig) -> float:
-    t = time.perf_counter()
-    engine.generate_batch(prompts, cfg)
-    return time.perf_counter() - t
 
 
 def build_rows(cell: Cell, loaded: LoadedModel, prompts: list[list[int]], runs: list[Generation], warmup_s: float,

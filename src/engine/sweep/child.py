@@ -61,7 +61,7 @@ class Reply:
     status: str = ""
     error: str = ""
     repeat_s: float = 0.0  # the measured generation of this request (step, done)
-    warmup_s: float = 0.0  # the warm-up it ran (a cell's first request, or its prepare)
+    warmup_s: float = 0.0  # the warm-up it ran (a cell's prepare)
     fields: dict[str, Any] = field(default_factory=dict)  # row columns a failure fills (a refused load's memory)
 
 

@@ -7,8 +7,9 @@ lane's last new cell compiled: a new prompt shape recompiles the prefill but not
 every remaining repeat at the seconds a repeat took in that cell (or, before its first, the lane's
 seconds per generated token times the cell's tokens; an adaptive cell's count from its spread so
 far and its bounds: `repeats_wanted`), and the finishing of each cell (fidelity
-pass and rows, once one was measured). An interleaved sweep prepares (loads and warms up) two
-lanes at a time before the first repeat, so until every lane is prepared this sum overestimates.
+pass and rows, once one was measured). Every cell is prepared (loaded where it needs it, warmed
+up) before its first repeat; an interleaved sweep prepares its lanes' first cells two at a time
+before any repeat, so until every lane is prepared this sum overestimates.
 Events in, seconds out; the clock is injected so a test can replay a whole sweep.
 """
 
@@ -25,15 +26,15 @@ from engine.measure.cell import Cell
 @dataclass(frozen=True)
 class Progress:
     """What a lane reports: `loaded` (its model loaded in `seconds`, at `precision`), `prepared`
-    (its first cell warmed up, in `seconds`, before any repeat) or `repeat` (one repeat of `cell`
-    measured: the request took `seconds`, load aside, of which `warmup_s` warming up and `repeat_s`
-    the measured generation; `final` when it was the cell's last)."""
+    (a cell warmed up, in `seconds`, before its first repeat; `repeat_s`, a repeat as the warm-up's
+    steady decode steps predict it, 0 if unknown) or `repeat` (one repeat of `cell` measured: the
+    request took `seconds`, of which `repeat_s` the measured generation; `final` when it was the
+    cell's last, whose request also ran the fidelity pass and built the rows)."""
 
     kind: str
     cell: Cell
     seconds: float
     repeat_s: float = 0.0
-    warmup_s: float = 0.0
     final: bool = False
     precision: str = ""
 
@@ -50,8 +51,9 @@ class _Lane:
     finished: set[str] = field(default_factory=set)
     per_token_s: list[float] = field(default_factory=list)  # a repeat's seconds per generated token
     warm_excess_s: list[float] = field(default_factory=list)  # each started cell's warm-up beyond steady runs
-    warmed: bool = False  # its first cell was prepared (warmed up) before its first repeat
-    prepared_warmup_s: float | None = None  # that warm-up, until the cell's first repeat tells its steady seconds
+    warmed: bool = False  # a cell of it has warmed up
+    prepared: str = ""  # the cell warmed up last, until its first repeat
+    provisional: bool = False  # per_token_s holds only the warm-up's steady pace, no repeat's yet
 
 
 def repeats_wanted(cell: Cell, done: list[float], repeat_s: float) -> int:
@@ -95,26 +97,26 @@ class SweepEta:
         self.last_event = self.clock()
 
     def warmed(self, p: Progress) -> None:
-        """A lane's first cell was loaded and warmed up (`p.seconds`) ahead of the repeats."""
+        """A cell was loaded (where it needed a load) and warmed up (`p.seconds`) ahead of its repeats."""
         lane = self._lane(p.cell)
-        lane.warmed, lane.prepared_warmup_s = True, p.seconds
-        self.first_warmup_s.append(p.seconds)
+        if not lane.warm_excess_s:  # the lane's first warm-up: where its compile lands
+            self.first_warmup_s.append(p.seconds)
+        lane.warmed, lane.prepared = True, p.cell.cell_id
+        lane.warm_excess_s.append(max(0.0, p.seconds - p.cell.warmup * p.repeat_s))
+        if p.repeat_s > 0 and not lane.per_token_s:  # the warm-up's steady pace, until the lane's first repeat
+            lane.per_token_s, lane.provisional = [p.repeat_s / p.cell.gen_tokens], True
         self.last_event = self.clock()
 
     def measured(self, p: Progress) -> None:
         lane = self._lane(p.cell)
-        if p.cell.cell_id not in lane.repeats_done:
-            warm = p.warmup_s if lane.prepared_warmup_s is None else lane.prepared_warmup_s
-            if not lane.repeats_done and not lane.warmed:
-                self.first_warmup_s.append(warm)
-            lane.warm_excess_s.append(max(0.0, warm - p.cell.warmup * p.repeat_s))
-            lane.prepared_warmup_s = None
+        lane.prepared = ""
+        if lane.provisional:
+            lane.per_token_s, lane.provisional = [], False
         # a final request also ran the fidelity pass and built the rows: counted apart, once per cell
-        steady = p.repeat_s if p.final else p.seconds - p.warmup_s
-        lane.repeats_done.setdefault(p.cell.cell_id, []).append(steady)
+        lane.repeats_done.setdefault(p.cell.cell_id, []).append(p.repeat_s if p.final else p.seconds)
         lane.per_token_s.append(p.repeat_s / p.cell.gen_tokens)
         if p.final:
-            self.finish_s.append(max(0.0, p.seconds - p.warmup_s - p.repeat_s))
+            self.finish_s.append(max(0.0, p.seconds - p.repeat_s))
         self.last_event = self.clock()
 
     def cell_done(self, cell: Cell) -> None:
@@ -149,7 +151,7 @@ class SweepEta:
         per_token = _mean(lane.per_token_s) if lane.per_token_s else _mean(
             [s for other in self.lanes.values() for s in other.per_token_s])
         left = 0.0 if lane.loaded else _mean(self.load_s)
-        if not lane.repeats_done and not lane.warmed:  # the lane's first warm-up pays its compile, as other lanes' did
+        if not lane.warmed:  # the lane's first warm-up pays its compile, as other lanes' did
             left += _mean(self.first_warmup_s)
         for c in todo:
             done = lane.repeats_done.get(c.cell_id, [])
@@ -157,6 +159,8 @@ class SweepEta:
             wanted = repeats_wanted(c, done, repeat)
             # a later cell's warm-up: steady runs plus half what the lane's last new cell compiled (a new
             # prompt shape recompiles the prefill, not the decode step: tinygrad measured 5.5 s then 2.8 s)
-            warm = 0.0 if done or not lane.repeats_done else c.warmup * repeat + lane.warm_excess_s[-1] / 2
+            # (no cell of the lane warmed up yet: its first warm-up is counted above, a later one's unknown)
+            warmed = done or c.cell_id == lane.prepared or not lane.warm_excess_s
+            warm = 0.0 if warmed else c.warmup * repeat + lane.warm_excess_s[-1] / 2
             left += warm + max(0, wanted - len(done)) * repeat + (_mean(self.finish_s) if self.finish_s else 0.0)
         return left

@@ -123,9 +123,8 @@ def prepare_lanes(lanes: list[Lane], run_id: str, on_start: Callable[[Cell], Non
                 lane, (reply, start, end) = running.pop(future), future.result()
                 cell = lane.pending[0]
                 spans[cell.cell_id] = (start, end)
-                lane.spent_s[cell.cell_id] += end - start
                 if reply.kind == "prepared":
-                    heard(Progress("prepared", cell, reply.warmup_s))
+                    heard(Progress("prepared", cell, reply.warmup_s, repeat_s=reply.repeat_s))
                 else:
                     failed.append(_finish(lane, cell, reply, run_id))
     except BaseException:  # Ctrl-C, or something broke: the waiting threads end once their children do
@@ -152,9 +151,11 @@ def _may_start(lane: Lane, running: list[Lane], side_by_side: int) -> bool:
 
 
 def _prepare(lane: Lane, heard: Callable[[Progress], None]):
-    """One lane's prepare request (in a worker thread); its reply and when it ran."""
+    """The lane's current cell loaded (where it needs a load) and warmed up, within a `timeout_s`
+    of its own: a cold compile or kernel search on a slow host leaves the timed repeats and the
+    fidelity pass their whole budget. Its reply and when it ran (called in a worker thread too)."""
     cell, start = lane.pending[0], time.monotonic()
-    reply = lane.child.request(cell, max(cell.timeout_s - lane.spent_s[cell.cell_id], 0.001),
+    reply = lane.child.request(cell, cell.timeout_s,
                                lambda load_s, precision: heard(Progress("loaded", cell, load_s, precision=precision)),
                                prepare=True)
     return reply, start, time.monotonic()
@@ -215,28 +216,27 @@ def estimated_bytes(cell: Cell) -> int:
 
 def _advance(lane: Lane, host_gbps: float, run_id: str, debug: bool, on_start: Callable[[Cell], None] | None,
              on_progress: Callable[[Progress], None] | None) -> tuple[Cell, list[BenchmarkResult]] | None:
-    """One repeat of the lane's current cell; (cell, rows) once the cell is complete or failed."""
+    """One repeat of the lane's current cell (prepared first if it is new); (cell, rows) once the
+    cell is complete or failed."""
     cell = lane.pending[0]
     if lane.child is None:
         lane.child = GroupChild(lane.pending, host_gbps, run_id, debug)
     if cell.cell_id not in lane.spent_s:
         _begin(lane, cell, on_start)
+        reply, _, _ = _prepare(lane, on_progress or (lambda p: None))
+        if reply.kind != "prepared":
+            return _finish(lane, cell, reply, run_id)
+        if on_progress is not None:
+            on_progress(Progress("prepared", cell, reply.warmup_s, repeat_s=reply.repeat_s))
     if lane.monitor is None:
         lane.monitor = HostMonitor(lane.child.proc.pid)
     else:
         lane.monitor.resume()
-    loads: list[float] = []
-
-    def loaded(load_s: float, precision: str) -> None:
-        loads.append(load_s)
-        if on_progress is not None:
-            on_progress(Progress("loaded", cell, load_s, precision=precision))
-
-    reply = lane.child.request(cell, max(cell.timeout_s - lane.spent_s[cell.cell_id], 0.001), loaded)
+    reply = lane.child.request(cell, max(cell.timeout_s - lane.spent_s[cell.cell_id], 0.001))
     wall = lane.monitor.pause()
     lane.spent_s[cell.cell_id] += wall
     if on_progress is not None and reply.kind in ("step", "done"):
-        on_progress(Progress("repeat", cell, wall - sum(loads), reply.repeat_s, reply.warmup_s, reply.kind == "done"))
+        on_progress(Progress("repeat", cell, wall, reply.repeat_s, reply.kind == "done"))
     if reply.kind == "step":
         return None
     return _finish(lane, cell, reply, run_id)

@@ -1,13 +1,15 @@
 """The child process that measures one load group: `python -m engine.sweep.worker FD`.
 
 Its stdin carries JSON lines: first the job (the group's cells, host bandwidth, run id), then one
-command per line: a cell id, "measure the next repeat of this cell" (the first also warms up
-unless it was prepared), or `prepare ID`, "load for this cell and warm it up, measure nothing".
+command per line: `prepare ID`, "load for this cell (where it needs a load) and warm it up,
+measure nothing", then the cell id alone for each repeat, "measure the next repeat of this cell"
+(a cell never prepared warms up in its first).
 It reports on file descriptor FD, one JSON line per event: `ready` (its framework imported,
 before the first request), `start`, `loaded` (the model, with its load_s), `prepared` (warmed
 up), `step` (a repeat measured, the cell wants more), `done` (with the cell's rows) or `failed`
-(status and error), so whatever a framework prints cannot corrupt the results; `prepared`, `step`
-and `done` carry the warm-up seconds the command ran and the repeat's, for the parent's ETA. The
+(status and error), so whatever a framework prints cannot corrupt the results; `prepared`
+carries the warm-up's seconds and a repeat's as its decode steps predict it, `step` and `done`
+the repeat's, for the parent's ETA. The
 model loads on a cell's first command, sized for that cell's own batch and positions; the next
 cells of that shape reuse it. The parent measures one cell of a process at a time, so the memory
 mark reset when a cell starts is that cell's.
@@ -74,14 +76,13 @@ class Measuring:
         try:
             run = self.running.get(cell_id) or self._start(self.cells[cell_id])
             self.running[cell_id] = run
-            warmup_s = run.warm_up()
             if prepare:
-                self.emit("prepared", cell_id, warmup_s=warmup_s)
+                self.emit("prepared", cell_id, warmup_s=run.warm_up(), repeat_s=run.steady_s)
             elif run.step():
                 rows = [r.as_dict() for r in self.running.pop(cell_id).rows()]
-                self.emit("done", cell_id, rows=rows, repeat_s=run.runs[-1].total_ns / 1e9, warmup_s=warmup_s)
+                self.emit("done", cell_id, rows=rows, repeat_s=run.runs[-1].total_ns / 1e9)
             else:
-                self.emit("step", cell_id, repeat_s=run.runs[-1].total_ns / 1e9, warmup_s=warmup_s)
+                self.emit("step", cell_id, repeat_s=run.runs[-1].total_ns / 1e9)
         except MemoryError:
             self.emit("failed", cell_id, status="oom", error="out of memory (MemoryError)")
             return False  # let the parent start a fresh process
