@@ -11,7 +11,9 @@ command -v "$PYTHON" >/dev/null 2>&1 || PYTHON=python3
 # (backends/mlx_blas.py) instead of the reference BLAS its Linux wheel bundles
 apt_missing=""
 command -v clang >/dev/null 2>&1 || apt_missing=" clang"
-if [ "$(uname -s)" = Linux ] && ! ldconfig -p 2>/dev/null | grep -q 'libopenblas\.so\.0'; then
+# (grep reads the whole list: `grep -q` exits at the first match, and under pipefail the SIGPIPE
+# it leaves ldconfig with made the check fail now and then, reinstalling on a set-up host)
+if [ "$(uname -s)" = Linux ] && ! ldconfig -p 2>/dev/null | grep 'libopenblas\.so\.0' >/dev/null; then
   apt_missing="$apt_missing libopenblas0-pthread"
 fi
 if [ -n "$apt_missing" ]; then

@@ -60,22 +60,19 @@ def _warm_up(cell, later: bool) -> tuple[float, float]:
 
 def prepare(lanes, state, eta, clock):
     """run_cells' prepare phase of an interleaved sweep: every lane's first cell loaded and warmed
-    up, two lanes at a time (each pair's events in the order they happen), before any repeat."""
-    for pair in (lanes[i:i + 2] for i in range(0, len(lanes), 2)):
-        start, events = clock.t, []
-        for lane in pair:
-            cell, load = lane[0], LANES[lane[0].framework][0]
-            warm, steady = _warm_up(cell, later=False)
-            events += [(start + load, cell, load, None), (start + load + warm, cell, warm, steady)]
-            state[cell.load_key].update(loaded=True, warm=True, prepared=True)
-        for t, cell, seconds, steady in sorted(events, key=lambda e: e[0]):
-            clock.t = t
-            eta.loaded(cell, seconds) if steady is None else eta.warmed(Progress("prepared", cell, seconds, steady))
+    up, one lane after another, before any repeat."""
+    for lane in lanes:
+        cell, load = lane[0], LANES[lane[0].framework][0]
+        warm, steady = _warm_up(cell, later=False)
+        clock.t += load
+        eta.loaded(cell, load)
+        clock.t += warm
+        eta.warmed(Progress("prepared", cell, warm, steady))
+        state[cell.load_key].update(loaded=True, warm=True, prepared=True)
 
 
 def simulate(interleave: bool, estimator=SweepEta, adaptive: bool = False):
-    """Replay run_cells' schedule (every lane's first cell prepared two at a time, then round-robin
-    over lanes; or one lane after another; a later cell prepared in its turn) on a fake clock,
+    """Replay run_cells' schedule (every lane's first cell prepared, then round-robin over lanes; or one lane after another; a later cell prepared in its turn) on a fake clock,
     feeding the ETA what the harness reports; return the end time and the ETA read at every event
     after each group has loaded and warmed up (a kernel search or a compile, which no other group
     can predict), with the time it was read."""

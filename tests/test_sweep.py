@@ -252,20 +252,32 @@ def test_interleaved_children_start_together_before_any_measuring_and_exit_toget
     assert _workers() == [], "and all of them are gone once the sweep ends"
 
 
-def test_groups_load_and_warm_up_two_at_a_time_and_their_rows_say_so(tiny_f32, tmp_path):
-    """Interleaved: every group is loaded and warmed up before the first timed repeat, two at a
-    time, and each cell's rows say how long another group prepared beside it; sequential: alone."""
-    # two groups (9 and 10 positions a sequence), each warm-up six 60 ms steps
-    args = ("run", "-f", "paced_apart", "-m", tiny_f32, "--prompt-tokens", "4", "-n", "5", "-n", "6", "-r", "2",
-            "--warmup", "1", "-o", "step_ms=60")
+def test_every_group_is_prepared_before_the_first_timed_repeat(tiny_f32):
+    from engine.sweep.isolation import run_cells
+
+    cells = [Cell(framework="numpy", model=tiny_f32, prompt_tokens=4, gen_tokens=n, repeats=2, warmup=1)
+             for n in (5, 6, 7)]  # three load groups
+    events = []
+    for _ in run_cells(cells, 30.0, "t", on_progress=lambda p: events.append((p.kind, p.cell.gen_tokens))):
+        pass
+    kinds = [k for k, _ in events]
+    assert kinds[:6] == ["loaded", "prepared"] * 3 and set(kinds[6:]) == {"repeat"}, events
+    assert [n for k, n in events if k == "repeat"] == [5, 6, 7, 5, 6, 7], "the repeats round-robin"
+
+
+def test_a_cells_load_and_warm_up_have_a_timeout_of_their_own(tiny_f32, tmp_path):
+    """A warm-up (1.6 s) and a repeat (1.6 s) each within --timeout 2.5, together beyond it: the cell
+    completes; a warm-up beyond it is a `timeout` row."""
     paced = backend_module_env("paced_backend")
-    side, alone = tmp_path / "side.csv", tmp_path / "alone.csv"
-    assert bench(*args, "-O", str(side), env=paced).returncode == 0
-    assert bench(*args, "--no-interleave", "-O", str(alone), env=paced).returncode == 0
-    df = pd.read_csv(side)
-    assert (df.schedule == "interleaved").all() and (df.load_overlap_s > 0.25).all(), df.load_overlap_s
-    assert (df.load_overlap_s < df.warmup_s + 1.0).all(), "the overlap lies within the cell's load and warm-up"
-    assert (pd.read_csv(alone).load_overlap_s == 0).all()
+    args = ("run", "-f", "paced_apart", "-m", tiny_f32, "--prompt-tokens", "4", "-n", "4", "-r", "1", "--warmup", "1",
+            "--no-check", "-o", "step_ms=400")
+    ok, slow = tmp_path / "ok.csv", tmp_path / "slow.csv"
+    r = bench(*args, "--timeout", "2.5", "-O", str(ok), env=paced)
+    assert r.returncode == 0, r.stderr
+    assert pd.read_csv(ok).status.tolist() == ["ok"]
+    r = bench(*args, "--timeout", "1.0", "-O", str(slow), env=paced)
+    assert r.returncode == 1
+    assert pd.read_csv(slow).status.tolist() == ["timeout"]
 
 
 def test_a_group_failing_while_it_prepares_costs_its_cell_only(tiny_f32, monkeypatch):
@@ -281,23 +293,6 @@ def test_a_group_failing_while_it_prepares_costs_its_cell_only(tiny_f32, monkeyp
     got = sorted((c.framework, rows[0].status, len(rows)) for c, rows in run_cells(cells, 30.0, "t"))
     assert got == [("faulty", "crash", 1), ("faulty", "timeout", 1), ("numpy", "ok", 2)], got
     assert _workers() == []
-
-
-def test_overlaps_count_each_span_covered_by_any_other():
-    from engine.sweep.isolation import overlaps
-
-    spans = {"a": (0.0, 10.0), "b": (2.0, 4.0), "c": (3.0, 6.0), "d": (20.0, 21.0)}
-    assert overlaps(spans) == {"a": 4.0, "b": 2.0, "c": 3.0, "d": 0.0}
-
-
-def test_a_kernel_searching_mode_prepares_alone():
-    from engine.sweep.isolation import Lane, _may_start
-
-    beam2, beam0 = (Lane([Cell(framework="tinygrad", model="m.gguf", options=(("beam", b),))]) for b in (2, 0))
-    numpy = Lane([Cell(framework="numpy", model="m.gguf")])
-    assert _may_start(numpy, [beam0], 2) and not _may_start(numpy, [beam0, beam0], 2)
-    assert not _may_start(beam2, [numpy], 2) and not _may_start(numpy, [beam2], 2)
-    assert _may_start(beam2, [], 2)
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL])

@@ -15,8 +15,7 @@ from typing import Any
 import numpy as np
 
 from backends.base import ArrayLlamaBackend, LoadInfo, LoadOptions, float_load_info
-from backends.tinygrad_llama import (TINYGRAD, TINYGRAD_RUNTIME, ShapeJits, TinygradBackend, TinyOps, beam_width,
-                                     cache_entries)
+from backends.tinygrad_llama import TINYGRAD, TINYGRAD_RUNTIME, ShapeJits, TinygradBackend, TinyOps, cache_entries
 from backends.torch_llama import TORCH, TORCH_RUNTIME, TorchOps, enter_inference
 from engine.model.footprint import float_bytes, fused_rows_bytes, kv_bytes
 from engine.model.spec import LayerWeights
@@ -63,10 +62,6 @@ class HybridBackend(ArrayLlamaBackend):
     @classmethod
     def compiles_on_first_call(cls, compile, options):
         return True  # the tinygrad segments capture their TinyJit on the first calls
-
-    @classmethod
-    def times_kernels_on_first_call(cls, options):
-        return beam_width(options) > 0  # its segments search as tinygrad does under BEAM
 
     def build(self, spec, opts: LoadOptions) -> LoadInfo:
         import torch

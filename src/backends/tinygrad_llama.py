@@ -175,10 +175,6 @@ class TinygradBackend(ArrayLlamaBackend):
         return True  # TinyJit captures (and BEAM searches) on the first calls of every shape
 
     @classmethod
-    def times_kernels_on_first_call(cls, options):
-        return beam_width(options) > 0
-
-    @classmethod
     def resolve_device(cls, device: str) -> str:
         from tinygrad import Device
 
@@ -250,11 +246,3 @@ def cache_entries() -> int | None:
     db = db_connection()
     tables = [name for (name,) in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")]
     return sum(db.execute(f"SELECT count(*) FROM '{name}'").fetchone()[0] for name in tables)
-
-
-def beam_width(options) -> int:
-    """The BEAM search width a mode runs with: its `beam` option, else the environment's BEAM
-    (read without importing tinygrad: the parent schedules by it)."""
-    import os
-
-    return int(options.get("beam", os.environ.get("BEAM", "0") or 0))

@@ -231,12 +231,6 @@ class Backend(ABC):
         return False
 
     @classmethod
-    def times_kernels_on_first_call(cls, options: Mapping[str, Any]) -> bool:
-        """Whether the first calls choose kernels by timing them (a BEAM search): a sweep then warms
-        this mode up alone, since a core taken by a neighbour would skew the choice, which is cached."""
-        return False
-
-    @classmethod
     def check_batch_size(cls, n: int) -> None:
         if n != 1 and not cls.batched:
             raise UnavailableError(f"framework {cls.name} cannot decode a batch of {n} sequences in one step")

@@ -86,7 +86,6 @@ class BenchmarkResult(TypedRow):
     warmup_s: float = math.nan
     compile_s: float = math.nan
     compile_cache: str = ""  # cold, cached, or empty (the mode compiles nothing)
-    load_overlap_s: float = 0.0  # of this cell's load and warm-up, the seconds another lane prepared beside it
     ttft_s: float = math.nan
     prefill_tps: float = math.nan
     decode_tps: float = math.nan  # every sequence of the batch together

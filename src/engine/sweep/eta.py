@@ -8,8 +8,8 @@ every remaining repeat at the seconds a repeat took in that cell (or, before its
 seconds per generated token times the cell's tokens; an adaptive cell's count from its spread so
 far and its bounds: `repeats_wanted`), and the finishing of each cell (fidelity
 pass and rows, once one was measured). Every cell is prepared (loaded where it needs it, warmed
-up) before its first repeat; an interleaved sweep prepares its lanes' first cells two at a time
-before any repeat, so until every lane is prepared this sum overestimates.
+up) before its first repeat; an interleaved sweep prepares every lane's first cell before any
+repeat, and until a lane's first repeat its pace is the one its warm-up's decode steps showed.
 Events in, seconds out; the clock is injected so a test can replay a whole sweep.
 """
 

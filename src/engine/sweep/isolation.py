@@ -6,24 +6,20 @@ lane: one child loads the model once and measures the lane's cells in order, one
 (its memory mark is reset per cell). With several lanes and `interleave`, every lane's child
 stays loaded and the repeats are taken round-robin, one measuring at a time (A B C A B C ...):
 the children start together and import their frameworks side by side, then load their models
-and warm up two at a time (`prepare_lanes`), all before the first timed repeat, and exit together
-after the last; otherwise lanes run one after another. A child that dies costs the cell it was in
+and warm up one after another (`prepare_lanes`), all before the first timed repeat, and exit
+together after the last; otherwise lanes run one after another. Every cell is prepared (loaded
+where it needs a load, warmed up) before its first repeat, on a timeout budget of its own. A child that dies costs the cell it was in
 (a `crash`, `oom` or `timeout` row); the lane goes on in a fresh child.
 """
 
 from __future__ import annotations
 
 import itertools
-import os
-import threading
-import time
-from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field, replace
 from typing import Callable, Iterator
 
 import psutil
 
-import backends
 from engine.measure.cell import Cell
 from engine.measure.host import HostMonitor
 from engine.measure.runner import failure_row, kv_memory_shortfall, positions_needed
@@ -33,8 +29,6 @@ from engine.sweep.eta import Progress
 
 FREE_MEMORY_SHARE = 0.7  # of the host's available memory that the loaded models may take together
 PER_MODEL_OVERHEAD = 300 * 2**20  # a framework's own footprint beside the weights
-# lanes loading and warming up at once before the first timed repeat (at most one per core)
-PREPARED_SIDE_BY_SIDE = int(os.environ.get("BENCH_PREPARED_SIDE_BY_SIDE", "2"))
 
 
 @dataclass
@@ -45,7 +39,6 @@ class Lane:
     child: GroupChild | None = None
     spent_s: dict[str, float] = field(default_factory=dict)  # per cell: time its requests took
     monitor: HostMonitor | None = None  # the host around the current cell's timed requests
-    overlap_s: dict[str, float] = field(default_factory=dict)  # per prepared cell: seconds another lane prepared beside it
 
 
 def run_cells(cells: list[Cell], host_gbps: float, run_id: str, debug: bool = False,
@@ -92,86 +85,20 @@ def start_children(lanes: list[Lane], host_gbps: float, run_id: str, debug: bool
 
 
 def prepare_lanes(lanes: list[Lane], run_id: str, on_start: Callable[[Cell], None] | None,
-                  on_progress: Callable[[Progress], None] | None) -> list[tuple[Cell, list[BenchmarkResult]]]:
-    """Load every lane's first cell and warm it up before anything is timed, `PREPARED_SIDE_BY_SIDE`
-    lanes at a time: loads and compiles are mostly one core's Python, so two at once nearly halve
-    the wait, while no repeat runs beside them. A mode that times kernels to choose them (BEAM)
-    prepares alone. Each prepared cell's rows say how long another lane prepared beside it
-    (`load_overlap_s`: its load_s, warmup_s and compile_s shared the host that long). Returns the
-    cells that failed on the way, with their rows."""
-    side_by_side = max(1, min(PREPARED_SIDE_BY_SIDE, os.cpu_count() or 1))
-    queue = sorted((lane for lane in lanes if lane.child is not None and lane.pending), key=_prepares_alone)
-    lock = threading.Lock()
-
-    def heard(p: Progress) -> None:
-        if on_progress is not None:
-            with lock:
-                on_progress(p)
-
-    running: dict = {}  # future -> lane
-    spans: dict[str, tuple[float, float]] = {}  # cell id -> when its prepare ran
-    failed = []
-    pool = ThreadPoolExecutor(side_by_side)
-    try:
-        while queue or running:
-            while queue and _may_start(queue[0], list(running.values()), side_by_side):
-                lane = queue.pop(0)
-                _begin(lane, lane.pending[0], on_start)
-                running[pool.submit(_prepare, lane, heard)] = lane
-            finished, _ = wait(running, return_when=FIRST_COMPLETED)
-            for future in finished:
-                lane, (reply, start, end) = running.pop(future), future.result()
-                cell = lane.pending[0]
-                spans[cell.cell_id] = (start, end)
-                if reply.kind == "prepared":
-                    heard(Progress("prepared", cell, reply.warmup_s, repeat_s=reply.repeat_s))
-                else:
-                    failed.append(_finish(lane, cell, reply, run_id))
-    except BaseException:  # Ctrl-C, or something broke: the waiting threads end once their children do
-        for lane in running.values():
-            lane.child.kill()
-        raise
-    finally:
-        pool.shutdown()
+                  on_progress: Callable[[Progress], None] | None) -> Iterator[tuple[Cell, list[BenchmarkResult]]]:
+    """Load every lane's first cell and warm it up, one lane at a time, before anything is timed:
+    the round-robin of repeats then runs in one stretch, and the ETA knows every lane's pace.
+    (Two lanes at a time saved about 30 s of the 436 s main job, but a warm-up beside another
+    took up to 15x its time alone, llama.cpp's 11.2 s against 0.7 s, and `load_s`, `warmup_s`
+    and `compile_s` are numbers of the rows.) Yields the cells that failed on the way."""
     for lane in lanes:
-        lane.overlap_s = {c: s for c, s in overlaps(spans).items() if c in lane.spent_s}
-    return failed
-
-
-def _prepares_alone(lane: Lane) -> bool:
-    cell = lane.pending[0]
-    return backends.get(cell.framework).times_kernels_on_first_call(dict(cell.options))
-
-
-def _may_start(lane: Lane, running: list[Lane], side_by_side: int) -> bool:
-    if not running:
-        return True
-    return (len(running) < side_by_side and not _prepares_alone(lane)
-            and not any(_prepares_alone(other) for other in running))
-
-
-def _prepare(lane: Lane, heard: Callable[[Progress], None]):
-    """The lane's current cell loaded (where it needs a load) and warmed up, within a `timeout_s`
-    of its own: a cold compile or kernel search on a slow host leaves the timed repeats and the
-    fidelity pass their whole budget. Its reply and when it ran (called in a worker thread too)."""
-    cell, start = lane.pending[0], time.monotonic()
-    reply = lane.child.request(cell, cell.timeout_s,
-                               lambda load_s, precision: heard(Progress("loaded", cell, load_s, precision=precision)),
-                               prepare=True)
-    return reply, start, time.monotonic()
-
-
-def overlaps(spans: dict[str, tuple[float, float]]) -> dict[str, float]:
-    """Per key, the seconds of its span during which at least one other span was open."""
-    out = {}
-    for key, (start, end) in spans.items():
-        others = sorted((max(s, start), min(e, end)) for k, (s, e) in spans.items() if k != key and s < end and e > start)
-        covered, reach = 0.0, start
-        for s, e in others:
-            covered += max(0.0, e - max(s, reach))
-            reach = max(reach, e)
-        out[key] = covered
-    return out
+        if lane.child is None or not lane.pending:
+            continue
+        cell = lane.pending[0]
+        _begin(lane, cell, on_start)
+        reply = _prepare(lane, on_progress)
+        if reply.kind != "prepared":
+            yield _finish(lane, cell, reply, run_id)
 
 
 def close_children(lanes: list[Lane]) -> None:
@@ -223,11 +150,9 @@ def _advance(lane: Lane, host_gbps: float, run_id: str, debug: bool, on_start: C
         lane.child = GroupChild(lane.pending, host_gbps, run_id, debug)
     if cell.cell_id not in lane.spent_s:
         _begin(lane, cell, on_start)
-        reply, _, _ = _prepare(lane, on_progress or (lambda p: None))
+        reply = _prepare(lane, on_progress)
         if reply.kind != "prepared":
             return _finish(lane, cell, reply, run_id)
-        if on_progress is not None:
-            on_progress(Progress("prepared", cell, reply.warmup_s, repeat_s=reply.repeat_s))
     if lane.monitor is None:
         lane.monitor = HostMonitor(lane.child.proc.pid)
     else:
@@ -240,6 +165,20 @@ def _advance(lane: Lane, host_gbps: float, run_id: str, debug: bool, on_start: C
     if reply.kind == "step":
         return None
     return _finish(lane, cell, reply, run_id)
+
+
+def _prepare(lane: Lane, on_progress: Callable[[Progress], None] | None) -> Reply:
+    """The lane's current cell loaded (where it needs a load) and warmed up, within a `timeout_s`
+    of its own: a cold compile or kernel search on a slow host leaves the timed repeats and the
+    fidelity pass their whole budget (a cold BEAM=2 search took 840 s here)."""
+    cell = lane.pending[0]
+    heard = on_progress or (lambda p: None)
+    reply = lane.child.request(cell, cell.timeout_s,
+                               lambda load_s, precision: heard(Progress("loaded", cell, load_s, precision=precision)),
+                               prepare=True)
+    if reply.kind == "prepared":
+        heard(Progress("prepared", cell, reply.warmup_s, repeat_s=reply.repeat_s))
+    return reply
 
 
 def _begin(lane: Lane, cell: Cell, on_start: Callable[[Cell], None] | None) -> None:
@@ -266,8 +205,7 @@ def _rows(cell: Cell, reply: Reply, lane: Lane, run_id: str) -> list[BenchmarkRe
         status = "timeout" if reply.kind == "timeout" else reply.status
         return [failure_row(cell, status, reply.error, run_id, **reply.fields)]
     host, memory = lane.monitor.state(), lane.child.memory
-    overlap = lane.overlap_s.get(cell.cell_id, 0.0)
     return [replace(BenchmarkResult.from_dict(r), sampled_rss_peak_bytes=memory.rss_peak,
                     sampled_uss_peak_bytes=memory.uss_peak, cpu_governor=host.cpu_governor,
-                    load_avg_1m=host.load_avg_1m, other_cpu_frac=host.other_cpu_frac,
-                    load_overlap_s=overlap).with_flags(("contended",) if host.contended else ()) for r in reply.rows]
+                    load_avg_1m=host.load_avg_1m, other_cpu_frac=host.other_cpu_frac).with_flags(
+                        ("contended",) if host.contended else ()) for r in reply.rows]
