@@ -266,15 +266,16 @@ def test_every_group_is_prepared_before_the_first_timed_repeat(tiny_f32):
 
 
 def test_a_cells_load_and_warm_up_have_a_timeout_of_their_own(tiny_f32, tmp_path):
-    """A warm-up (1.6 s) and a repeat (1.6 s) each within --timeout 2.5, together beyond it: the cell
-    completes; a warm-up beyond it is a `timeout` row."""
+    """The child's start, load and warm-up (about 2 s of 500 ms steps after the imports) and the three
+    repeats (6 s) each within --timeout 8, together beyond it: the cell completes; a warm-up beyond
+    the timeout is a `timeout` row."""
     paced = backend_module_env("paced_backend")
-    args = ("run", "-f", "paced_apart", "-m", tiny_f32, "--prompt-tokens", "4", "-n", "4", "-r", "1", "--warmup", "1",
-            "--no-check", "-o", "step_ms=400")
+    args = ("run", "-f", "paced_apart", "-m", tiny_f32, "--prompt-tokens", "4", "-n", "4", "-r", "3", "--warmup", "1",
+            "--no-check", "-o", "step_ms=500")
     ok, slow = tmp_path / "ok.csv", tmp_path / "slow.csv"
-    r = bench(*args, "--timeout", "2.5", "-O", str(ok), env=paced)
+    r = bench(*args, "--timeout", "8", "-O", str(ok), env=paced)
     assert r.returncode == 0, r.stderr
-    assert pd.read_csv(ok).status.tolist() == ["ok"]
+    assert pd.read_csv(ok).status.tolist() == ["ok"] * 3
     r = bench(*args, "--timeout", "1.0", "-O", str(slow), env=paced)
     assert r.returncode == 1
     assert pd.read_csv(slow).status.tolist() == ["timeout"]
