@@ -51,7 +51,6 @@ class _Lane:
     finished: set[str] = field(default_factory=set)
     per_token_s: list[float] = field(default_factory=list)  # a repeat's seconds per generated token
     warm_excess_s: list[float] = field(default_factory=list)  # each started cell's warm-up beyond steady runs
-    warmed: bool = False  # a cell of it has warmed up
     prepared: str = ""  # the cell warmed up last, until its first repeat
     provisional: bool = False  # per_token_s holds only the warm-up's steady pace, no repeat's yet
 
@@ -101,7 +100,7 @@ class SweepEta:
         lane = self._lane(p.cell)
         if not lane.warm_excess_s:  # the lane's first warm-up: where its compile lands
             self.first_warmup_s.append(p.seconds)
-        lane.warmed, lane.prepared = True, p.cell.cell_id
+        lane.prepared = p.cell.cell_id
         lane.warm_excess_s.append(max(0.0, p.seconds - p.cell.warmup * p.repeat_s))
         if p.repeat_s > 0 and not lane.per_token_s:  # the warm-up's steady pace, until the lane's first repeat
             lane.per_token_s, lane.provisional = [p.repeat_s / p.cell.gen_tokens], True
@@ -151,7 +150,7 @@ class SweepEta:
         per_token = _mean(lane.per_token_s) if lane.per_token_s else _mean(
             [s for other in self.lanes.values() for s in other.per_token_s])
         left = 0.0 if lane.loaded else _mean(self.load_s)
-        if not lane.warmed:  # the lane's first warm-up pays its compile, as other lanes' did
+        if not lane.warm_excess_s:  # nothing warmed up yet: its first warm-up pays its compile as others did
             left += _mean(self.first_warmup_s)
         for c in todo:
             done = lane.repeats_done.get(c.cell_id, [])

@@ -8,8 +8,9 @@ stays loaded and the repeats are taken round-robin, one measuring at a time (A B
 the children start together and import their frameworks side by side, then load their models
 and warm up one after another (`prepare_lanes`), all before the first timed repeat, and exit
 together after the last; otherwise lanes run one after another. Every cell is prepared (loaded
-where it needs a load, warmed up) before its first repeat, on a timeout budget of its own. A child that dies costs the cell it was in
-(a `crash`, `oom` or `timeout` row); the lane goes on in a fresh child.
+where it needs a load, warmed up) before its first repeat, on a timeout budget of its own. A
+child that dies costs the cell it was in (a `crash`, `oom` or `timeout` row); the lane goes on
+in a fresh child.
 """
 
 from __future__ import annotations
@@ -92,13 +93,10 @@ def prepare_lanes(lanes: list[Lane], run_id: str, on_start: Callable[[Cell], Non
     took up to 15x its time alone, llama.cpp's 11.2 s against 0.7 s, and `load_s`, `warmup_s`
     and `compile_s` are numbers of the rows.) Yields the cells that failed on the way."""
     for lane in lanes:
-        if lane.child is None or not lane.pending:
-            continue
-        cell = lane.pending[0]
-        _begin(lane, cell, on_start)
-        reply = _prepare(lane, on_progress)
-        if reply.kind != "prepared":
-            yield _finish(lane, cell, reply, run_id)
+        if lane.child is not None and lane.pending:
+            failed = _start(lane, run_id, on_start, on_progress)
+            if failed is not None:
+                yield failed
 
 
 def close_children(lanes: list[Lane]) -> None:
@@ -149,10 +147,9 @@ def _advance(lane: Lane, host_gbps: float, run_id: str, debug: bool, on_start: C
     if lane.child is None:
         lane.child = GroupChild(lane.pending, host_gbps, run_id, debug)
     if cell.cell_id not in lane.spent_s:
-        _begin(lane, cell, on_start)
-        reply = _prepare(lane, on_progress)
-        if reply.kind != "prepared":
-            return _finish(lane, cell, reply, run_id)
+        failed = _start(lane, run_id, on_start, on_progress)
+        if failed is not None:
+            return failed
     if lane.monitor is None:
         lane.monitor = HostMonitor(lane.child.proc.pid)
     else:
@@ -165,6 +162,15 @@ def _advance(lane: Lane, host_gbps: float, run_id: str, debug: bool, on_start: C
     if reply.kind == "step":
         return None
     return _finish(lane, cell, reply, run_id)
+
+
+def _start(lane: Lane, run_id: str, on_start: Callable[[Cell], None] | None,
+           on_progress: Callable[[Progress], None] | None) -> tuple[Cell, list[BenchmarkResult]] | None:
+    """Start the lane's current cell and prepare it; its failure's (cell, rows), None when prepared."""
+    cell = lane.pending[0]
+    _begin(lane, cell, on_start)
+    reply = _prepare(lane, on_progress)
+    return None if reply.kind == "prepared" else _finish(lane, cell, reply, run_id)
 
 
 def _prepare(lane: Lane, on_progress: Callable[[Progress], None] | None) -> Reply:
