@@ -11,7 +11,7 @@ import pytest
 from conftest import bench
 from engine.analysis import frames
 from engine.measure.cell import Cell
-from engine.measure.runner import LoadedModel, cell_prompts, measure, positions_needed
+from engine.measure.runner import CellRun, LoadedModel, cell_prompts, measure, positions_needed
 from engine.model.spec import ModelSpec
 from engine.results.modes import mode_label
 from engine.results.rows import BenchmarkResult
@@ -150,3 +150,29 @@ def test_a_number_that_rounds_to_zero_prints_without_a_sign():
     # an exact match's KLD read back from float16 log-probabilities comes out at -3e-6
     assert [fmt(-3e-6, ".4f"), fmt(-0.04, ".1f"), fmt(-0.5, ".1f"), fmt(-2e-9, ".1e"), fmt(math.nan)] == \
         ["0.0000", "0.0", "-0.5", "-2.0e-09", "-"]
+
+
+def test_a_warm_up_runs_the_prompt_and_its_first_tokens_and_compile_s_is_its_excess(tiny_f32):
+    """As llama-bench warms up on its prompt and a token: every shape the repeats call, not a
+    whole repeat; compile_s compares it with the same tokens of a steady repeat."""
+    from engine.measure.cell import WARMUP_TOKENS
+    from engine.measure.runner import warmup_share
+
+    cell = Cell(framework="numpy", model=tiny_f32, prompt_tokens=4, gen_tokens=WARMUP_TOKENS + 4, repeats=2, warmup=1)
+    spec = ModelSpec.open(tiny_f32)
+    loaded = LoadedModel(cell, spec, positions_needed(spec, cell))
+    steps = []
+    decode = loaded.backend.decode_batch
+    loaded.backend.decode_batch = lambda tokens: steps.append(len(tokens)) or decode(tokens)
+    try:
+        run = CellRun(cell, loaded, cell_prompts(spec, cell), 10.0, "t")
+        run.warm_up()
+        assert len(steps) == WARMUP_TOKENS - 1  # the prefill gave the first token
+        while not run.step():
+            pass
+        assert len(steps) == WARMUP_TOKENS - 1 + 2 * (cell.gen_tokens - 1)
+        share = warmup_share(run.runs, WARMUP_TOKENS)
+        assert 0 < share < min(r.total_ns for r in run.runs) / 1e9
+        assert run.rows()[0].compile_s == pytest.approx(max(0.0, run.warm[0] - share))
+    finally:
+        loaded.close()

@@ -15,7 +15,8 @@ from typing import Any
 import numpy as np
 
 from backends.base import ArrayLlamaBackend, LoadInfo, LoadOptions, float_load_info
-from backends.tinygrad_llama import TINYGRAD, TINYGRAD_RUNTIME, ShapeJits, TinygradBackend, TinyOps, cache_entries
+from backends.tinygrad_caches import cache_entries, restore_programs
+from backends.tinygrad_llama import TINYGRAD, TINYGRAD_RUNTIME, ShapeJits, TinygradBackend, TinyOps
 from backends.torch_llama import TORCH, TORCH_RUNTIME, TorchOps, enter_inference
 from engine.model.footprint import float_bytes, fused_rows_bytes, kv_bytes
 from engine.model.spec import LayerWeights
@@ -68,6 +69,7 @@ class HybridBackend(ArrayLlamaBackend):
         from tinygrad import UOp
 
         enter_inference(opts.threads)
+        restored = restore_programs()
         self._cache_rows_at_load = cache_entries()
         cfg = spec.config
         self.weights = spec.load_weights(lambda a: torch.from_numpy(a))  # the one copy
@@ -92,10 +94,11 @@ class HybridBackend(ArrayLlamaBackend):
                 seg.decode = ShapeJits(lambda x, start, _seg=seg: self._run_tiny(_seg, x, start))
                 seg.prefill = ShapeJits(lambda x, _seg=seg: self._run_tiny(_seg, x, 0))
         self._start_var = UOp.variable("start", 1, opts.max_seq_len - 1)
-        return float_load_info(spec, "f32", "cpu", fallback_blocks=len(self.fallbacks),
+        return float_load_info(spec, "f32", "cpu", fallback_blocks=len(self.fallbacks), programs_restored=restored,
                                fallback_errors=list(self.fallbacks.values())[:3])
 
-    uncached_compiles = TinygradBackend.uncached_compiles  # its segments' kernels go to tinygrad's cache
+    uncached_compiles = TinygradBackend.uncached_compiles  # its segments' kernels go to tinygrad's caches
+    close = TinygradBackend.close
 
     def threads_used(self) -> tuple[int, str]:
         import torch

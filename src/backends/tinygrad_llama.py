@@ -14,6 +14,7 @@ import numpy as np
 
 from backends.base import (ArrayLlamaBackend, BackendOption, LoadInfo, LoadOptions, Mode, Requirement, float_load_info,
                            pip_extra)
+from backends.tinygrad_caches import CACHE_SUBDIR, cache_entries, restore_programs, save_programs
 from engine.model.footprint import float_need
 from engine.model.forward import SeparateProjections, forward, layer_rope_tables
 
@@ -152,7 +153,7 @@ class TinygradBackend(ArrayLlamaBackend):
     description = "tinygrad Llama, decode step under TinyJit with a symbolic KV position"
     requires = (TINYGRAD,)
     devices = ("cuda", "metal", "amd", "gpu", "cpu")
-    compile_caches = {"CACHEDB": "tinygrad/cache.db"}  # compiled kernels and BEAM choices (sqlite)
+    compile_caches = {"CACHEDB": f"{CACHE_SUBDIR}/cache.db"}  # compiled kernels and BEAM choices (sqlite)
     options = (BackendOption("beam", int, "BEAM kernel-search width: 0 off, 2 typical", choices=tuple(range(0, 9))),)
     runtime_bytes = TINYGRAD_RUNTIME
 
@@ -197,6 +198,7 @@ class TinygradBackend(ArrayLlamaBackend):
         if "beam" in opts.options:  # tinygrad read BEAM from the environment at import: set the live value
             BEAM.value = int(opts.options["beam"])
 
+        restored = restore_programs()
         self._cache_rows_at_load = cache_entries()
         self.dev = opts.device.upper()
         dtype = {"f32": dtypes.float32, "f16": dtypes.float16}[opts.precision]
@@ -211,11 +213,15 @@ class TinygradBackend(ArrayLlamaBackend):
         self._token_vars = [UOp.variable(f"token{b}", 0, spec.config.vocab_size - 1) for b in range(opts.max_batch)]
         self._Tensor, self._int32 = Tensor, dtypes.int32
         return float_load_info(spec, opts.precision, opts.device, every_expert=bool(spec.config.n_experts),
-                               beam=BEAM.value, kernel_cache=CACHEDB)  # every expert: TinyOps.moe
+                               beam=BEAM.value, kernel_cache=CACHEDB,  # every expert: TinyOps.moe
+                               programs_restored=restored)
 
     def uncached_compiles(self) -> int | None:
         rows = cache_entries()
         return None if rows is None else rows - self._cache_rows_at_load
+
+    def close(self) -> None:
+        save_programs()  # for the next process (backends.tinygrad_caches)
 
     def threads_used(self) -> tuple[int, str]:
         if self.dev in ("CPU", "CLANG", "LLVM"):
@@ -234,15 +240,3 @@ class TinygradBackend(ArrayLlamaBackend):
         if start:  # appending to a conversation: lengths and positions vary, run unjitted
             return self._step(ids(), start, batch, n).numpy()
         return self._prefill((batch, n), lambda: (ids(),)).numpy()
-
-
-def cache_entries() -> int | None:
-    """Rows in tinygrad's on-disk cache: it adds one for each kernel it compiles or BEAM-searches
-    itself and reads the rest back. None when caching is off (CACHELEVEL=0)."""
-    from tinygrad.helpers import CACHELEVEL, db_connection
-
-    if CACHELEVEL.value < 1:
-        return None
-    db = db_connection()
-    tables = [name for (name,) in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")]
-    return sum(db.execute(f"SELECT count(*) FROM '{name}'").fetchone()[0] for name in tables)

@@ -13,6 +13,11 @@ def cache_dir() -> Path:
     return Path(os.environ.get("BENCH_CACHE_DIR") or Path.home() / ".cache" / "llm-bench")
 
 
+def compile_cache_dir() -> Path:
+    """Where the frameworks' compile caches live (Backend.compile_caches names paths under it)."""
+    return cache_dir() / "compile"
+
+
 LLAMA_CPP_VERSION = "0.3.36"  # the llama-cpp-python sdist whose vendored llama.cpp scripts/setup.sh builds
 
 

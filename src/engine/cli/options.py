@@ -76,7 +76,7 @@ def measure_options(fn: Callable) -> Callable:
                           f"(default {DEFAULT_MAX_TIME_S:g} with the default repeats)"),
         click.option("--ci-target", type=click.FloatRange(min=0, min_open=True),
                      help="relative half-width of the 95% CI that ends an adaptive cell (default 0.05)"),
-        click.option("--warmup", type=click.IntRange(min=0), help="warm-up generations per cell (default 1)"),
+        click.option("--warmup", type=click.IntRange(min=0), help="warm-up generations per cell, each the prompt and 8 tokens (default 1)"),
         click.option("--min-time", type=float, help="keep repeating until this many seconds are measured"),
         click.option("--seed", type=int, help="seed of the prompt stream and the sampler (default 0)"),
         click.option("--timeout", type=float, help="seconds a cell's load and warm-up, and then its measuring, "

@@ -19,6 +19,9 @@ def physical_cores() -> int:
     return psutil.cpu_count(logical=False) or os.cpu_count() or 1
 
 
+WARMUP_TOKENS = 8  # a warm-up's tokens: the prefill and 7 decode steps (a compiled decode may recompile once)
+
+
 @dataclass(frozen=True)
 class Cell:
     framework: str
@@ -44,6 +47,12 @@ class Cell:
     noise_threshold: float = 0.05  # CoV of decode tok/s above which a cell is flagged `noisy`
     node: str = ""  # a cluster node's name (`bench node ... --name`); '' means any node that can run it
     fidelity: bool = True  # the real-text fidelity pass after the timed runs (--no-check: speed only)
+
+    @property
+    def warmup_tokens(self) -> int:
+        """Tokens a warm-up generates: the cell's prompt and its first decode steps, which is every
+        shape the timed runs call, as llama-bench warms up with its prompt and one token."""
+        return min(self.gen_tokens, WARMUP_TOKENS)
 
     def __post_init__(self) -> None:
         for name in ("prompt_tokens", "gen_tokens", "batch_size", "repeats"):

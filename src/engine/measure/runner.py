@@ -136,9 +136,10 @@ class CellRun:
             return 0.0
         self._compiles_before = self.loaded.compile_mark()
         self.warm = []
+        short = replace(self.gen_cfg, max_new_tokens=self.cell.warmup_tokens)
         for _ in range(self.cell.warmup):
             t = time.perf_counter()
-            gen = self.engine.generate_batch(self.prompts, self.gen_cfg)
+            gen = self.engine.generate_batch(self.prompts, short)
             self.warm.append(time.perf_counter() - t)
             self.steady_s = self.cell.gen_tokens * percentile(gen.itl_s, 50) if gen.itl_s else 0.0
         return sum(self.warm)
@@ -163,9 +164,9 @@ class CellRun:
     def rows(self) -> list[BenchmarkResult]:
         loaded, runs, warm = self.loaded, self.runs, self.warm or []
         device_mem = loaded.backend.memory()
-        # first-call overhead (JIT capture, kernel compilation, allocator growth) beyond a steady run;
+        # first-call overhead (JIT capture, kernel compilation, allocator growth) beyond the same tokens of a steady run;
         # only the first use of a loaded model pays it
-        steady = sorted(r.total_ns / 1e9 for r in runs)[len(runs) // 2]
+        steady = warmup_share(runs, self.cell.warmup_tokens)
         compile_s = loaded.info.compile_s + (max(0.0, warm[0] - steady) if warm and not loaded.used else 0.0)
         load_s = 0.0 if loaded.used else loaded.load_s  # on the row that paid it
         loaded.used = True
@@ -180,6 +181,12 @@ class CellRun:
         return [with_fidelity(replace(r, measured_at=at, peak_rss_scope=self.peak.scope, load=loaded.load,
                                       compile_cache=self.compile_cache), checked)
                 for r, at in zip(rows, self.measured_at)]
+
+
+def warmup_share(runs: list[Generation], tokens: int) -> float:
+    """Seconds a steady run takes to its `tokens`-th token (the median over `runs`): what a warm-up
+    of that length costs without its first-call overhead."""
+    return sorted((r.ttft_ns + sum(r.itl_ns[:tokens - 1])) / 1e9 for r in runs)[len(runs) // 2]
 
 
 def compile_cache_state(before: int | None, after: int | None) -> str:

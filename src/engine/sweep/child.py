@@ -24,7 +24,7 @@ from engine.measure.cell import Cell
 from engine.measure.memory import ProcessSampler
 from engine.parent_death import PREEXEC
 from engine.sweep.worker import PREPARE
-from engine.paths import cache_dir
+from engine.paths import compile_cache_dir
 
 THREAD_VARS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "VECLIB_MAXIMUM_THREADS",
                "NUMEXPR_NUM_THREADS")
@@ -46,7 +46,7 @@ def compile_cache_env(framework: str) -> dict[str, str]:
     """The framework's compile caches under the project's cache directory, so a later run (a fresh
     process, a reboot) reads back what an earlier one compiled, and BENCH_CACHE_DIR keeps a test's
     compiles out of the user's caches."""
-    root = cache_dir() / "compile"
+    root = compile_cache_dir()
     return {var: str(root / where) for var, where in backends.get(framework).compile_caches.items()}
 
 

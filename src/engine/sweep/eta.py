@@ -101,7 +101,7 @@ class SweepEta:
         if not lane.warm_excess_s:  # the lane's first warm-up: where its compile lands
             self.first_warmup_s.append(p.seconds)
         lane.prepared = p.cell.cell_id
-        lane.warm_excess_s.append(max(0.0, p.seconds - p.cell.warmup * p.repeat_s))
+        lane.warm_excess_s.append(max(0.0, p.seconds - warm_steady_s(p.cell, p.repeat_s)))
         if p.repeat_s > 0 and not lane.per_token_s:  # the warm-up's steady pace, until the lane's first repeat
             lane.per_token_s, lane.provisional = [p.repeat_s / p.cell.gen_tokens], True
         self.last_event = self.clock()
@@ -160,6 +160,11 @@ class SweepEta:
             # prompt shape recompiles the prefill, not the decode step: tinygrad measured 5.5 s then 2.8 s)
             # (no cell of the lane warmed up yet: its first warm-up is counted above, a later one's unknown)
             warmed = done or c.cell_id == lane.prepared or not lane.warm_excess_s
-            warm = 0.0 if warmed else c.warmup * repeat + lane.warm_excess_s[-1] / 2
+            warm = 0.0 if warmed else warm_steady_s(c, repeat) + lane.warm_excess_s[-1] / 2
             left += warm + max(0, wanted - len(done)) * repeat + (_mean(self.finish_s) if self.finish_s else 0.0)
         return left
+
+
+def warm_steady_s(cell: Cell, repeat_s: float) -> float:
+    """A cell's warm-ups without their compile: each the share of a repeat its tokens are."""
+    return cell.warmup * repeat_s * cell.warmup_tokens / cell.gen_tokens
