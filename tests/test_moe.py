@@ -59,7 +59,7 @@ def test_routing_picks_and_renormalises(arch_models):
 @pytest.mark.parametrize("arch,name", [(a, n) for a in MOE_ARCHS for n in RUNS_MOE[:5]])
 def test_backends_match_reference(arch_models, arch, name):
     """torch (eager: expert by expert), transformers' Qwen3MoeForCausalLM and MixtralForCausalLM,
-    hybrid (its blocks fall back to torch), MLX (gather_mm over the stacked experts), tinygrad
+    hybrid (its blocks run tinygrad's op on torch's buffers), MLX (gather_mm over the stacked experts), tinygrad
     (every expert, the unrouted ones weighted 0)."""
     path = arch_models[arch]
     ref, b = load_backend("numpy", path), load_backend(name, path, "f32")
@@ -92,13 +92,31 @@ def test_batched_logits_equal_unbatched(arch_models, name):
             assert rel_err(batched[step][s], alone[step]) < 1e-4, f"sequence {s}, step {step}"
 
 
-def test_tinygrad_counts_every_expert_it_reads(arch_models):
-    """tinygrad computes all experts each step: its bytes_per_token counts them all, and says so."""
+@pytest.mark.parametrize("name", ["tinygrad", "hybrid"])
+def test_tinygrad_blocks_count_every_expert_they_read(arch_models, name):
+    """tinygrad's op computes all experts each step (and so do hybrid's blocks, which run it):
+    bytes_per_token counts them all, and says so."""
     spec = ModelSpec.open(arch_models["qwen3moe"])
-    info = backends.open_backend("tinygrad", spec, "f32", max_seq_len=64).info
+    b = backends.open_backend(name, spec, "f32", max_seq_len=64)
     f32 = float_bytes(spec, "f32")
-    assert info.decode_bytes == spec.decode_read_bytes(f32, every_expert=True) > spec.decode_read_bytes(f32)
-    assert info.details["experts_read"] == "all"
+    assert b.info.decode_bytes == spec.decode_read_bytes(f32, every_expert=True) > spec.decode_read_bytes(f32)
+    assert b.info.details["experts_read"] == "all"
+    if name == "hybrid":
+        assert b.info.details["fallback_blocks"] == 0 and sorted(b.backend.tiny_layers) == list(range(spec.config.n_layers))
+
+
+def test_every_expert_counted_in_the_layers_named(arch_models):
+    """A backend reading every expert in some layers only (hybrid with blocks fallen back to torch):
+    those layers' experts whole, the others' routed share."""
+    spec = ModelSpec.open(arch_models["qwen3moe"])
+    experts = lambda i: sum(spec.file_bytes(n) for n in spec.tensor_names  # noqa: E731
+                            if n.startswith(f"blk.{i}.") and n.endswith("_exps.weight"))
+    routed = spec.decode_read_bytes(spec.file_bytes)
+    assert spec.decode_read_bytes(spec.file_bytes, every_expert=[0]) == routed + experts(0) - experts(0) // 2
+    assert spec.decode_read_bytes(spec.file_bytes, every_expert=range(spec.config.n_layers)) == \
+        spec.decode_read_bytes(spec.file_bytes, every_expert=True)
+    info = backends.base.float_load_info(spec, "f32", "cpu", every_expert=[0])
+    assert info.details["experts_read"] == f"all in 1 of {spec.config.n_layers} layers"
 
 
 def test_moe_run_writes_a_row_per_backend(arch_models, tmp_path):

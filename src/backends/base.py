@@ -5,7 +5,7 @@ re-exported here, so a backend module imports everything it needs from one place
 from __future__ import annotations
 
 from abc import abstractmethod
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Any, Collection, Sequence
 
 import numpy as np
 
@@ -62,13 +62,15 @@ class ArrayLlamaBackend(Backend):
         self.pos = 0  # cache entries past `pos` are masked out, so nothing needs clearing
 
 
-def float_load_info(spec: "ModelSpec", precision: str, device: str, every_expert: bool = False,
+def float_load_info(spec: "ModelSpec", precision: str, device: str, every_expert: bool | Collection[int] = False,
                     **details: Any) -> LoadInfo:
     """LoadInfo for a backend holding every weight as floats of `precision` (and reading every
-    expert of a mixture each step where `every_expert`, which its details say)."""
+    expert of a mixture each step where `every_expert`: in every layer, or in the layers it names;
+    its details say which)."""
     held = float_bytes(spec, precision)
     if every_expert:
-        details["experts_read"] = "all"
+        some = every_expert is not True and len(every_expert) < spec.config.n_layers
+        details["experts_read"] = f"all in {len(every_expert)} of {spec.config.n_layers} layers" if some else "all"
     return LoadInfo(
         precision=precision, device=device,
         weight_bytes=sum(held(n) for n in spec.tensor_names),

@@ -94,8 +94,10 @@ class HybridBackend(ArrayLlamaBackend):
                 seg.decode = ShapeJits(lambda x, start, _seg=seg: self._run_tiny(_seg, x, start))
                 seg.prefill = ShapeJits(lambda x, _seg=seg: self._run_tiny(_seg, x, 0))
         self._start_var = UOp.variable("start", 1, opts.max_seq_len - 1)
-        return float_load_info(spec, "f32", "cpu", fallback_blocks=len(self.fallbacks), programs_restored=restored,
-                               fallback_errors=list(self.fallbacks.values())[:3])
+        # tinygrad's mixture-of-experts op computes every expert (TinyOps.moe); torch's reads the routed ones
+        every_expert = sorted(self.tiny_layers) if cfg.n_experts else False
+        return float_load_info(spec, "f32", "cpu", every_expert, fallback_blocks=len(self.fallbacks),
+                               programs_restored=restored, fallback_errors=list(self.fallbacks.values())[:3])
 
     uncached_compiles = TinygradBackend.uncached_compiles  # its segments' kernels go to tinygrad's caches
     close = TinygradBackend.close

@@ -13,7 +13,7 @@ import functools
 import os
 from dataclasses import dataclass, field
 from functools import cached_property
-from typing import Any, Callable, Generic, Iterator, TypeVar
+from typing import Any, Callable, Collection, Generic, Iterator, TypeVar
 
 import numpy as np
 
@@ -179,12 +179,14 @@ class ModelSpec:
     def file_bytes(self, name: str) -> int:
         return int(self._tensors[name].n_bytes)
 
-    def decode_read_bytes(self, bytes_of: Callable[[str], int], every_expert: bool = False) -> int:
+    def decode_read_bytes(self, bytes_of: Callable[[str], int], every_expert: bool | Collection[int] = False) -> int:
         """Weight bytes one decode step of one sequence reads: every matrix once (of a mixture of
-        experts, the experts it is routed to, or all of them for a backend that computes `every_expert`),
-        the output head once, and one embedding row (a lookup reads a row, not the table)."""
+        experts, the experts it is routed to, or all of them for a backend that computes `every_expert`:
+        True for every layer, or the indices of the layers that do), the output head once, and one
+        embedding row (a lookup reads a row, not the table)."""
         c = self.config
-        routed = lambda n: n.endswith("_exps.weight") and not every_expert  # noqa: E731
+        layers = range(c.n_layers) if every_expert is True else every_expert or ()
+        routed = lambda n: n.endswith("_exps.weight") and int(n.split(".")[1]) not in layers  # noqa: E731
         share = lambda n: c.n_experts_used / c.n_experts if routed(n) else 1  # noqa: E731
         total = sum(int(bytes_of(n) * share(n)) for n in self._tensors if n != "token_embd.weight")
         embd = bytes_of("token_embd.weight")
