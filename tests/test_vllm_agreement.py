@@ -42,6 +42,27 @@ def test_bench_serve_agrees_with_vllm_bench_serve(tiny_f32, tmp_path, concurrenc
         assert [table[k][1] for k in keys] == pytest.approx([table[k][0] for k in keys], rel=rel), keys
 
 
+def test_a_vllm_run_that_lost_requests_is_run_again_on_fresh_prompts(monkeypatch, tmp_path, capsys):
+    """Both clients must do the same work: a `vllm bench serve` run with failed requests is
+    replaced by one on fresh prompts (a seed no other run uses), and three such runs are an error."""
+    from engine.serve import agreement
+
+    seeds, completed = [], iter([14, 15, 16])
+    monkeypatch.setattr(agreement, "run_vllm_client", lambda python, url, served, tok, w, out: (
+        seeds.append(w.seed) or {"completed": next(completed), "errors": ["Traceback ...\nServerDisconnectedError: x"]}))
+    w = Workload(4, requests=16, seed=4002)
+    assert agreement.run_vllm_client_complete("py", "url", "m", "tok", w, tmp_path)["completed"] == 16
+    assert seeds == [4002, 4502, 4602]
+    err = capsys.readouterr().err
+    assert "lost 2 of 16 requests (ServerDisconnectedError: x); running it again on fresh prompts" in err
+    completed = iter([15, 15, 15])
+    with pytest.raises(RuntimeError, match="lost requests in 3 runs in a row at c=4"):
+        agreement.run_vllm_client_complete("py", "url", "m", "tok", w, tmp_path)
+    # every alternation's own seeds (up to 3 rounds) stay clear of the retries'
+    assert not {4000 + i for i in range(6)} & {4000 + 2 * r + agreement.RETRY_SEED + 100 * k
+                                               for r in range(3) for k in range(2)}
+
+
 @pytest.mark.slow
 def test_three_alternations_on_llama_server_agree_within_ten_percent(default_model, tmp_path):
     """The issue's real-server check: one llama-server, `vllm bench serve` and `bench serve --url`

@@ -37,6 +37,9 @@ class Workload:
     seed: int = 0  # a fresh seed per run: no prompt is served twice from a prefix cache
 
 
+RETRY_SEED = 500  # retry k of a run seeded s is seeded s + 500 + 100 k: clear of every run's own seed
+
+
 def vllm_python() -> str:
     from engine.serve.servers import VllmServer
 
@@ -82,6 +85,24 @@ def run_vllm_client(python: str, url: str, served: str, tokenizer: str, w: Workl
     return json.loads((out_dir / name).read_text())
 
 
+def run_vllm_client_complete(python: str, url: str, served: str, tokenizer: str, w: Workload, out_dir: Path,
+                             tries: int = 3) -> dict[str, Any]:
+    """`vllm bench serve` until a run completes every request (fresh prompts each try), so both
+    clients' runs are the same work: vLLM's client fails a request sent on a kept-alive connection
+    the server has closed (`ServerDisconnectedError`, seen on llama-server, whose cpp-httplib closes
+    connections idle for 5 s), where this harness's client sends it again on a fresh one."""
+    for k in range(tries):
+        run = replace(w, seed=w.seed + RETRY_SEED + 100 * (k - 1)) if k else w
+        theirs = run_vllm_client(python, url, served, tokenizer, run, out_dir)
+        lost = w.requests - int(theirs["completed"])
+        if not lost:
+            return theirs
+        first = next((e.strip().splitlines()[-1] for e in theirs.get("errors", []) if e), "no error text")
+        print(f"vllm bench serve lost {lost} of {w.requests} requests ({first[:120]}); "
+              f"{'running it again on fresh prompts' if k + 1 < tries else 'giving up'}", file=sys.stderr)
+    raise RuntimeError(f"vllm bench serve lost requests in {tries} runs in a row at c={w.concurrency}")
+
+
 def run_our_client(url: str, model: str, w: Workload, out_dir: Path) -> dict[str, Any]:
     """`bench serve --url` on the workload (this checkout's sources); its row, requests included."""
     out = out_dir / f"ours-c{w.concurrency}-s{w.seed}.csv"
@@ -110,7 +131,7 @@ def alternate(url: str, served: str, model: str, tokenizer: str, python: str, w:
     results = []
     for r in range(rounds):
         theirs, mine = replace(w, seed=w.seed + 2 * r), replace(w, seed=w.seed + 2 * r + 1)
-        clients = [lambda: run_vllm_client(python, url, served, tokenizer, theirs, out_dir),
+        clients = [lambda: run_vllm_client_complete(python, url, served, tokenizer, theirs, out_dir),
                    lambda: run_our_client(url, model, mine, out_dir)]
         done = {i: clients[i]() for i in ((0, 1) if r % 2 == 0 else (1, 0))}
         results.append(shared_metrics(done[0], done[1]))
