@@ -2,7 +2,7 @@
 back-to-back alternations per concurrency, then a markdown table of the medians.
 
     PYTHONPATH=src python scripts/serve_agreement.py -s llama-server [-s vllm] [-m default]
-        [-c 1 -c 4] [--requests 16] [--prompt-tokens 64] [-n 32] [--rounds 3] [--out DIR]
+        [-c 1 -c 4] [--requests 16] [--prompt-tokens 64] [-n 32] [--rounds 5] [--out DIR]
 
 Each server is started once (`--parallel` = the highest concurrency for llama-server), every run
 gets prompts no other run used, and the server is stopped (its whole process group) at the end.
@@ -30,7 +30,7 @@ def main() -> int:
     p.add_argument("--requests", type=int, default=16)
     p.add_argument("--prompt-tokens", type=int, default=64)
     p.add_argument("-n", "--gen-tokens", type=int, default=32)
-    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--rounds", type=int, default=5)  # medians of 3 swing by ~10% at c=4 on 2 cores
     p.add_argument("--out", default="")
     a = p.parse_args()
     model = resolve_model(a.model)

@@ -34,9 +34,12 @@ def test_bench_serve_agrees_with_vllm_bench_serve(tiny_f32, tmp_path, concurrenc
           file=sys.stderr)
     assert theirs["completed"] == row["requests_ok"] == 16
     assert theirs["total_output_tokens"] == row["output_tokens_total"] == 16 * 16
-    # c=1: every metric within 2% (measured: all within 0.9%); c=4: this client's request starts cost
-    # more event-loop time than vLLM's aiohttp client (measured: mean TTFT +1.4..2.8%, p99 ITL +4..5%)
-    central, tail = (0.02, 0.02) if concurrency == 1 else (0.03, 0.08)
+    # c=1: means and medians within 2% (measured: all within 1%). A p99 of 16 requests is about their
+    # largest, and vLLM's client alone puts a few ms of its own on single requests: on this mock's fixed
+    # 150 ms its TTFTs read 151.7-156.6 ms in one run (ours 151.0-152.1), and its p99 TTFT read
+    # 1.6-3.2% above ours in four runs. c=4: this client's request starts cost more event-loop time than vLLM's aiohttp
+    # client (measured: mean TTFT +1.4..2.8%, p99 ITL +4..5%)
+    central, tail = (0.02, 0.05) if concurrency == 1 else (0.03, 0.08)
     for keys, rel in ((k for k in table if not k.startswith("p99")), central), ((k for k in table if k.startswith("p99")), tail):
         keys = list(keys)
         assert [table[k][1] for k in keys] == pytest.approx([table[k][0] for k in keys], rel=rel), keys
@@ -64,10 +67,14 @@ def test_a_vllm_run_that_lost_requests_is_run_again_on_fresh_prompts(monkeypatch
 
 
 @pytest.mark.slow
-def test_three_alternations_on_llama_server_agree_within_ten_percent(default_model, tmp_path):
+def test_alternations_on_llama_server_agree_within_ten_percent(default_model, tmp_path):
     """The issue's real-server check: one llama-server, `vllm bench serve` and `bench serve --url`
-    back to back three times (who goes first alternating), 64-token prompts, 32 forced tokens,
-    16 requests at c=1 and c=4: the medians agree within 10%."""
+    back to back (who goes first alternating), 64-token prompts, 32 forced tokens, 16 requests at
+    c=1 and c=4: the medians agree within 10%. Five alternations, not three: single c=4 runs of one
+    client on this 2-core host spread 13% in output tok/s (57.8-65.6), and one request of a round
+    sent a few ms before the others is prefilled alone (TTFT ~0.3 s against ~1 s): in two runs of the
+    same code the medians of three were within 8.2% on every checked metric, then 10.7% apart on
+    output tok/s and 14% on p99 TTFT."""
     import psutil
 
     from engine.serve.agreement import Workload, alternate, medians, start_server, table
@@ -79,7 +86,7 @@ def test_three_alternations_on_llama_server_agree_within_ten_percent(default_mod
     server, served = start_server("llama-server", default_model, 4, 64 + 32, tmp_path)
     try:
         meds = {c: medians(alternate(server.url, served, default_model, tokenizer, python,
-                                     Workload(c, 16, 64, 32, seed=1000 * c), 3, tmp_path)) for c in (1, 4)}
+                                     Workload(c, 16, 64, 32, seed=1000 * c), 5, tmp_path)) for c in (1, 4)}
     finally:
         server.stop()
     print(table([("llama-server", c, m) for c, m in meds.items()]), file=sys.stderr)
