@@ -1,7 +1,9 @@
 """`bench serve --url` against vLLM's own client (`vllm bench serve`, from the environment
 scripts/setup-vllm.sh makes) on one deterministic mock server: every chunk due at a fixed time
 after its request arrived (sleep-until-deadline, so no delay accumulates), chunks of two tokens,
-usage reported. At c=1 every shared metric, p99s included, agrees within 2%; at c=4 see below."""
+usage reported. Means, medians and throughputs agree within 2% at c=1 (3% at c=4), or ours is
+the one within that of the mock's own schedule; no p99 of ours is above vLLM's client's, and no
+latency reads shorter than the mock's schedule."""
 
 import sys
 
@@ -21,8 +23,10 @@ def test_bench_serve_agrees_with_vllm_bench_serve(tiny_f32, tmp_path, concurrenc
     from engine.serve.export import export_checkpoint
 
     python, tokenizer = vllm_python(), str(export_checkpoint(tiny_f32))
-    server = fake(tmp_path, "--ttft", "0.15", "--itl", "0.03", "--tokens", "16", "--chunk-tokens", "2")
-    w = Workload(concurrency, requests=16, prompt_tokens=16, gen_tokens=16)
+    ttft, gap, tokens, per_chunk = 0.15, 0.03, 16, 2
+    server = fake(tmp_path, "--ttft", str(ttft), "--itl", str(gap), "--tokens", str(tokens),
+                  "--chunk-tokens", str(per_chunk))
+    w = Workload(concurrency, requests=16, prompt_tokens=16, gen_tokens=tokens)
     server.start(timeout_s=30)
     try:
         theirs = run_vllm_client(python, server.url, "fake", tokenizer, w, tmp_path)
@@ -34,15 +38,26 @@ def test_bench_serve_agrees_with_vllm_bench_serve(tiny_f32, tmp_path, concurrenc
           file=sys.stderr)
     assert theirs["completed"] == row["requests_ok"] == 16
     assert theirs["total_output_tokens"] == row["output_tokens_total"] == 16 * 16
-    # c=1: means and medians within 2% (measured: all within 1%). A p99 of 16 requests is about their
-    # largest, and vLLM's client alone puts a few ms of its own on single requests: on this mock's fixed
-    # 150 ms its TTFTs read 151.7-156.6 ms in one run (ours 151.0-152.1), and its p99 TTFT read
-    # 1.6-3.2% above ours in four runs. c=4: this client's request starts cost more event-loop time than vLLM's aiohttp
-    # client (measured: mean TTFT +1.4..2.8%, p99 ITL +4..5%)
-    central, tail = (0.02, 0.05) if concurrency == 1 else (0.03, 0.08)
-    for keys, rel in ((k for k in table if not k.startswith("p99")), central), ((k for k in table if k.startswith("p99")), tail):
-        keys = list(keys)
-        assert [table[k][1] for k in keys] == pytest.approx([table[k][0] for k in keys], rel=rel), keys
+    # what the mock sends, in ms: the latencies a client without any delay of its own would read
+    e2el = ttft + gap * (tokens // per_chunk - 1)
+    truth = {"ttft": ttft, "itl": gap, "tpot": (e2el - ttft) / (tokens - 1), "e2el": e2el}
+    central, tail = (0.02, 0.02) if concurrency == 1 else (0.03, 0.08)
+    for k, (vllm, ours) in table.items():
+        if k.endswith("_throughput"):
+            assert ours == pytest.approx(vllm, rel=central), k
+            continue
+        t = truth[k.split("_")[1]] * 1e3
+        assert ours >= t * 0.999, f"{k}: {ours:.2f} ms, before the mock sent it ({t:.2f} ms)"
+        if k.startswith("p99"):
+            # a p99 of 16 requests is about their largest, and a client's own delay on one request
+            # only raises it (vLLM's client, on the fixed 150 ms TTFT: 151.7-156.6 ms in one run, its
+            # p99 ITL 39 ms against our 34 on 30 ms gaps in another): ours no higher than vLLM's
+            assert ours <= vllm * (1 + tail), f"{k}: {ours:.2f} ms against vLLM's client's {vllm:.2f}"
+        else:
+            # the same figure by both definitions; where vLLM's client reads further above the
+            # mock's schedule than ours, ours must be the one within the bar of it
+            closer = vllm > ours and ours <= t * (1 + central)
+            assert closer or ours == pytest.approx(vllm, rel=central), f"{k}: {ours:.2f} against {vllm:.2f} ms"
 
 
 def test_a_vllm_run_that_lost_requests_is_run_again_on_fresh_prompts(monkeypatch, tmp_path, capsys):

@@ -89,8 +89,8 @@ def run_vllm_client_complete(python: str, url: str, served: str, tokenizer: str,
                              tries: int = 3) -> dict[str, Any]:
     """`vllm bench serve` until a run completes every request (fresh prompts each try), so both
     clients' runs are the same work: vLLM's client fails a request sent on a kept-alive connection
-    the server has closed (`ServerDisconnectedError`, seen on llama-server, whose cpp-httplib closes
-    connections idle for 5 s), where this harness's client sends it again on a fresh one."""
+    the server has closed (`ServerDisconnectedError`, "Can not write request body"; on llama-server
+    in about one run in three, at c=1 too), where this harness's client sends it again on a fresh one."""
     for k in range(tries):
         run = replace(w, seed=w.seed + RETRY_SEED + 100 * (k - 1)) if k else w
         theirs = run_vllm_client(python, url, served, tokenizer, run, out_dir)
