@@ -67,7 +67,8 @@ def test_a_vllm_run_that_lost_requests_is_run_again_on_fresh_prompts(monkeypatch
 
     seeds, completed = [], iter([14, 15, 16])
     monkeypatch.setattr(agreement, "run_vllm_client", lambda python, url, served, tok, w, out: (
-        seeds.append(w.seed) or {"completed": next(completed), "errors": ["Traceback ...\nServerDisconnectedError: x"]}))
+        seeds.append(w.seed) or {"completed": next(completed),
+                                 "errors": ["Traceback ...\nServerDisconnectedError: x"]}))
     w = Workload(4, requests=16, seed=4002)
     assert agreement.run_vllm_client_complete("py", "url", "m", "tok", w, tmp_path)["completed"] == 16
     assert seeds == [4002, 4502, 4602]
