@@ -1,5 +1,5 @@
 """Start one server and compare `vllm bench serve` with `bench serve --url` on it: `--rounds`
-back-to-back alternations per concurrency, then a markdown table of the medians.
+back-to-back alternations per concurrency, then a markdown table of the medians and the paired ratios.
 
     PYTHONPATH=src python scripts/serve_agreement.py -s llama-server [-s vllm] [-m default]
         [-c 1 -c 4] [--requests 16] [--prompt-tokens 64] [-n 32] [--rounds 5] [--out DIR]
@@ -18,7 +18,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from engine.model.catalog import resolve_model  # noqa: E402
 from engine.model.spec import ModelSpec  # noqa: E402
-from engine.serve.agreement import Workload, alternate, medians, start_server, table, vllm_python  # noqa: E402
+from engine.serve.agreement import Workload, alternate, start_server, summarize, table, vllm_python  # noqa: E402
 from engine.serve.export import export_checkpoint  # noqa: E402
 
 
@@ -48,7 +48,7 @@ def main() -> int:
                 w = Workload(c, a.requests, a.prompt_tokens, a.gen_tokens, seed=1000 * c)
                 runs = alternate(server.url, served, model, tokenizer, python, w, a.rounds, runs_dir)
                 (runs_dir / f"c{c}.json").write_text(json.dumps(runs))
-                rows.append((name, c, medians(runs)))
+                rows.append((name, c, summarize(runs)))
                 print(table(rows[-1:]), file=sys.stderr)
         finally:
             server.stop()

@@ -1,8 +1,8 @@
 """`bench serve --url` side by side with vLLM's own client, `vllm bench serve` (run from the
 environment scripts/setup-vllm.sh makes) on one server: the same workload (random prompts of the
 same length, a forced output length, the same concurrency and request count), the metrics both
-report, and the medians of several alternations. tests/test_vllm_agreement.py and
-scripts/serve_agreement.py use it.
+report, and the medians of several alternations with their paired ratios.
+tests/test_vllm_agreement.py and scripts/serve_agreement.py use it.
 """
 
 from __future__ import annotations
@@ -138,16 +138,26 @@ def alternate(url: str, served: str, model: str, tokenizer: str, python: str, w:
     return results
 
 
-def medians(results: list[dict[str, tuple[float, float]]]) -> dict[str, tuple[float, float]]:
-    return {k: (statistics.median(r[k][0] for r in results), statistics.median(r[k][1] for r in results))
-            for k in results[0]}
+def summarize(results: list[dict[str, tuple[float, float]]]) -> dict[str, tuple[float, float, float]]:
+    """Per metric: vLLM's median, ours, and the median of the alternations' own ratios (ours over
+    vLLM's, each pair back to back). The paired ratio is the agreement figure: the host drifts
+    between alternations (single c=1 runs of one client on llama-server spread 39-63 out tok/s in
+    one hour on two cores), and two medians taken apart can come from different alternations."""
+    def ratio(a: float, b: float) -> float:
+        return b / a if a else float("nan")
+
+    return {k: (statistics.median(r[k][0] for r in results), statistics.median(r[k][1] for r in results),
+                statistics.median(ratio(*r[k]) for r in results)) for k in results[0]}
 
 
-def table(rows: list[tuple[str, int, dict[str, tuple[float, float]]]]) -> str:
-    """A markdown table: per (server, concurrency) and metric, vLLM's median, ours, the difference."""
-    lines = ["| server | c | metric | vllm bench serve | bench serve | diff |", "|---|---|---|---|---|---|"]
-    for server, conc, med in rows:
-        for k, (theirs, ours) in med.items():
+def table(rows: list[tuple[str, int, dict[str, tuple[float, float, float]]]]) -> str:
+    """A markdown table: per (server, concurrency) and metric, vLLM's median, ours, the difference
+    of the medians and the median of the paired differences."""
+    lines = ["| server | c | metric | vllm bench serve | bench serve | diff of medians | paired diff |",
+             "|---|---|---|---|---|---|---|"]
+    for server, conc, summary in rows:
+        for k, (theirs, ours, paired) in summary.items():
             diff = (ours / theirs - 1) * 100 if theirs else float("nan")
-            lines.append(f"| {server} | {conc} | {k} | {theirs:.2f} | {ours:.2f} | {diff:+.1f}% |")
+            lines.append(f"| {server} | {conc} | {k} | {theirs:.2f} | {ours:.2f} | {diff:+.1f}% | "
+                         f"{(paired - 1) * 100:+.1f}% |")
     return "\n".join(lines)
