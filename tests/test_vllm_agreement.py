@@ -77,9 +77,9 @@ def test_a_vllm_run_that_lost_requests_is_run_again_on_fresh_prompts(monkeypatch
     completed = iter([15, 15, 15])
     with pytest.raises(RuntimeError, match="lost requests in 3 runs in a row at c=4"):
         agreement.run_vllm_client_complete("py", "url", "m", "tok", w, tmp_path)
-    # every alternation's own seeds (up to 3 rounds) stay clear of the retries'
-    assert not {4000 + i for i in range(6)} & {4000 + 2 * r + agreement.RETRY_SEED + 100 * k
-                                               for r in range(3) for k in range(2)}
+    # every alternation's own seeds (up to 5 rounds) stay clear of the retries'
+    retries = {agreement.retry_seed(4000 + 2 * r, k) for r in range(5) for k in range(2)}
+    assert len(retries) == 10 and not {4000 + i for i in range(10)} & retries
 
 
 @pytest.mark.slow

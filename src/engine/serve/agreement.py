@@ -37,7 +37,10 @@ class Workload:
     seed: int = 0  # a fresh seed per run: no prompt is served twice from a prefix cache
 
 
-RETRY_SEED = 500  # retry k of a run seeded s is seeded s + 500 + 100 k: clear of every run's own seed
+def retry_seed(seed: int, retry: int) -> int:
+    """The seed of a run's `retry`-th rerun (from 0): clear of every alternation's own seeds
+    (seed + 0, 1, 2, ... for up to 250 alternations) and of the other runs' reruns."""
+    return seed + 500 + 100 * retry
 
 
 def vllm_python() -> str:
@@ -92,7 +95,7 @@ def run_vllm_client_complete(python: str, url: str, served: str, tokenizer: str,
     the server has closed (`ServerDisconnectedError`, "Can not write request body"; on llama-server
     in about one run in three, at c=1 too), where this harness's client sends it again on a fresh one."""
     for k in range(tries):
-        run = replace(w, seed=w.seed + RETRY_SEED + 100 * (k - 1)) if k else w
+        run = replace(w, seed=retry_seed(w.seed, k - 1)) if k else w
         theirs = run_vllm_client(python, url, served, tokenizer, run, out_dir)
         lost = w.requests - int(theirs["completed"])
         if not lost:
@@ -143,11 +146,12 @@ def summarize(results: list[dict[str, tuple[float, float]]]) -> dict[str, tuple[
     vLLM's, each pair back to back). The paired ratio is the agreement figure: the host drifts
     between alternations (single c=1 runs of one client on llama-server spread 39-63 out tok/s in
     one hour on two cores), and two medians taken apart can come from different alternations."""
-    def ratio(a: float, b: float) -> float:
-        return b / a if a else float("nan")
-
     return {k: (statistics.median(r[k][0] for r in results), statistics.median(r[k][1] for r in results),
-                statistics.median(ratio(*r[k]) for r in results)) for k in results[0]}
+                statistics.median(_ratio(*r[k]) for r in results)) for k in results[0]}
+
+
+def _ratio(theirs: float, ours: float) -> float:
+    return ours / theirs if theirs else float("nan")
 
 
 def table(rows: list[tuple[str, int, dict[str, tuple[float, float, float]]]]) -> str:
@@ -157,7 +161,7 @@ def table(rows: list[tuple[str, int, dict[str, tuple[float, float, float]]]]) ->
              "|---|---|---|---|---|---|---|"]
     for server, conc, summary in rows:
         for k, (theirs, ours, paired) in summary.items():
-            diff = (ours / theirs - 1) * 100 if theirs else float("nan")
-            lines.append(f"| {server} | {conc} | {k} | {theirs:.2f} | {ours:.2f} | {diff:+.1f}% | "
+            apart = (_ratio(theirs, ours) - 1) * 100
+            lines.append(f"| {server} | {conc} | {k} | {theirs:.2f} | {ours:.2f} | {apart:+.1f}% | "
                          f"{(paired - 1) * 100:+.1f}% |")
     return "\n".join(lines)
