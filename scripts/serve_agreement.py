@@ -16,6 +16,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
+from engine.errors import BenchError  # noqa: E402
 from engine.model.catalog import resolve_model  # noqa: E402
 from engine.model.spec import ModelSpec  # noqa: E402
 from engine.serve.agreement import Workload, alternate, start_server, summarize, table, vllm_python  # noqa: E402
@@ -39,19 +40,23 @@ def main() -> int:
     python, tokenizer = vllm_python(), str(export_checkpoint(model))
     concurrencies = a.concurrency or [1, 4]
     rows = []
-    for name in a.server:
-        runs_dir = out / name  # each server's runs apart: both clients' files are named by level and seed
-        runs_dir.mkdir(exist_ok=True)
-        server, served = start_server(name, model, max(concurrencies), a.prompt_tokens + a.gen_tokens, runs_dir)
-        try:
-            for c in concurrencies:
-                w = Workload(c, a.requests, a.prompt_tokens, a.gen_tokens, seed=1000 * c)
-                runs = alternate(server.url, served, model, tokenizer, python, w, a.rounds, runs_dir)
-                (runs_dir / f"c{c}.json").write_text(json.dumps(runs))
-                rows.append((name, c, summarize(runs)))
-                print(table(rows[-1:]), file=sys.stderr)
-        finally:
-            server.stop()
+    try:
+        for name in a.server:
+            runs_dir = out / name  # each server's runs apart: both clients' files are named by level and seed
+            runs_dir.mkdir(exist_ok=True)
+            server, served = start_server(name, model, max(concurrencies), a.prompt_tokens + a.gen_tokens, runs_dir)
+            try:
+                for c in concurrencies:
+                    w = Workload(c, a.requests, a.prompt_tokens, a.gen_tokens, seed=1000 * c)
+                    runs = alternate(server.url, served, model, tokenizer, python, w, a.rounds, runs_dir)
+                    (runs_dir / f"c{c}.json").write_text(json.dumps(runs))
+                    rows.append((name, c, summarize(runs)))
+                    print(table(rows[-1:]), file=sys.stderr)
+            finally:
+                server.stop()
+    except (BenchError, RuntimeError) as e:  # a client that failed, or lost requests run after run
+        print(f"error: {str(e).splitlines()[0]} (levels done: {len(rows)}; raw runs in {out})", file=sys.stderr)
+        return 1
     print(f"model {ModelSpec.open(model).name}, {a.requests} requests, {a.prompt_tokens}-token prompts, "
           f"{a.gen_tokens} forced output tokens, medians of {a.rounds} alternations (raw runs in {out})")
     print(table(rows))
