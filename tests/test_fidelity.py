@@ -115,6 +115,33 @@ def test_the_pass_is_computed_once_per_mode(tiny_f32, tmp_path, monkeypatch):
     loaded.close()
 
 
+def test_the_caches_follow_the_file_content_not_its_path(tiny_f32, tmp_path, monkeypatch):
+    """A fresh clone's environment holds the same model bytes at a new path (and mtime): its
+    passes and reference answers are found; a file whose bytes differ is computed afresh."""
+    import shutil
+
+    monkeypatch.setenv("BENCH_CACHE_DIR", str(tmp_path / "cache"))
+    calls = []
+    real = fidelity.teacher_forced
+    monkeypatch.setattr(fidelity, "teacher_forced", lambda b, w: calls.append(1) or real(b, w))
+    prompt = [5, 9, 12, 40]
+    cell, loaded = _loaded(tiny_f32)
+    first = fidelity_pass.run_pass(cell, loaded)
+    tokens = reference.greedy_tokens(tiny_f32, prompt, 5, lambda: loaded.backend)
+    loaded.close()
+    moved = tmp_path / "clone" / "model.gguf"
+    moved.parent.mkdir()
+    shutil.copyfile(tiny_f32, moved)  # a new path and a new mtime
+    cell, loaded = _loaded(str(moved))
+    assert fidelity_pass.run_pass(cell, loaded).fidelity == first.fidelity and calls == [1]
+    assert reference.greedy_tokens(str(moved), prompt, 5) == tokens
+    loaded.close()
+    changed = bytearray(moved.read_bytes())
+    changed[-1] ^= 1  # the last byte of the last tensor's data
+    moved.write_bytes(bytes(changed))
+    assert reference.greedy_tokens(str(moved), prompt, 5) is None, "other bytes must not match"
+
+
 def test_a_mode_measured_before_any_reference_is_computed_later(tiny_f32, tmp_path, monkeypatch):
     monkeypatch.setenv("BENCH_CACHE_DIR", str(tmp_path))
     cell, loaded = _loaded(tiny_f32)

@@ -3,8 +3,9 @@ tokens per (model file, prompt ids, length), and its teacher-forced log-probabil
 fidelity corpus per model file. The sweep, the measuring children and `bench serve` all read them
 here, so every check compares with the same reference run.
 
-Files are keyed by the model file's identity (path, size, mtime: a changed file never matches),
-what was asked, and `VERSION`, bumped when the computation changes.
+Files are keyed by the model file's content (size and sha256: a changed file never matches, the
+same bytes at another path, as in a fresh clone's environment, do), what was asked, and `VERSION`,
+bumped when the computation changes.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import numpy as np
 
 from engine.generate.backend import Backend
 from engine.measure import corpus
+from engine.model.digest import content_identity
 from engine.paths import cache_dir
 
 VERSION = 2  # 2: distributions over the natural-text corpus (1: along a greedy path after random tokens)
@@ -27,8 +29,7 @@ Opener = Callable[[], Backend]  # opens the reference backend when a missing ans
 
 
 def model_identity(model_path: str) -> list:
-    st = os.stat(model_path)
-    return [os.path.realpath(model_path), st.st_size, st.st_mtime_ns]
+    return content_identity(model_path)
 
 
 def keyed_file(kind: str, key: list, suffix: str) -> Path:

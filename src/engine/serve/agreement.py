@@ -22,8 +22,12 @@ SRC = Path(__file__).resolve().parents[2]
 VLLM_BENCH_SERVE = ("import sys; from vllm.benchmarks.serve import add_cli_args, main; "
                     "from vllm.utils.argparse_utils import FlexibleArgumentParser; "
                     "p = FlexibleArgumentParser(); add_cli_args(p); main(p.parse_args(sys.argv[1:]))")
-# vLLM's result key -> this harness's row column and the factor from its unit (vLLM: ms)
+# vLLM's result key -> this harness's row column and the factor from its unit (vLLM: ms). The
+# output token totals show how each client counted: vLLM's reads `usage` only from a message
+# without choices, so on llama-server it re-tokenizes the text (493-499 of 512 tokens in one run),
+# and its output throughput reads that much lower than ours, which takes the server's count
 SHARED = {"output_throughput": ("output_tps", 1.0), "request_throughput": ("request_throughput_rps", 1.0),
+          "total_output_tokens": ("output_tokens_total", 1.0),
           **{f"{stat}_{m}_ms": (f"{m}_{col}_s", 1e3) for m in ("ttft", "tpot", "itl", "e2el")
              for stat, col in (("mean", "mean"), ("median", "p50"), ("p99", "p99"))}}
 

@@ -6,26 +6,18 @@ the config and the tokenizer built from the file, cached by the file's hash. Bui
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
 from pathlib import Path
 
 from engine.errors import UnavailableError
+from engine.model.digest import file_sha256
 from engine.model.spec import ModelSpec
 from engine.model.tokenizer import Tokenizer
 from engine.paths import cache_dir
 
 EXPORT_VERSION = 2  # bump when the layout written here changes
-
-
-def file_sha256(path: str | os.PathLike) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def checkpoint_dir(gguf_path: str | os.PathLike) -> Path:
