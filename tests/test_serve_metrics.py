@@ -8,7 +8,7 @@ import pytest
 
 from engine.serve.client import Chunk, RequestRecord
 from engine.serve.findmax import FindMax, find_max
-from engine.serve.metrics import Slo, level_fields, request_sample, server_token_at
+from engine.serve.metrics import Slo, level_fields, reference_answer, request_sample, server_token_at
 
 WORDS = lambda text: len(text.split())  # noqa: E731  (the fixed logs' tokens are words)
 
@@ -135,6 +135,21 @@ def test_a_near_tie_is_counted_apart_from_a_divergence():
     s[0]["divergence_gap"], s[1]["divergence_gap"], s[2]["divergence_gap"] = 0.1, 0.49, 2.0  # s[3]: gap unknown
     f = level_fields(s, 1.0, 3, Slo())
     assert f["checked_requests"] == 4 and f["near_tie_requests"] == 2 and f["diverged_requests"] == 2
+
+
+def test_the_reference_answer_ends_at_its_first_stop_token():
+    """Past the reference's EOS, llama-server under ignore_eos had forbidden the token and taken
+    another (SmolLM2: the reference's 21st token was <|im_end|>): a server equal to the reference up
+    to there has not diverged, though it matched 20 of 32 tokens."""
+    assert reference_answer([5, 6, 2, 7, 1], (1, 2)) == [5, 6]
+    assert reference_answer([5, 6], (2,)) == [5, 6] and reference_answer([2, 5], (2,)) == []
+    tok = WordTokens()
+    whole = record(0, [0.1, 0.2], ["a b ", "d "], 0.3, {"completion_tokens": 3})
+    s = [request_sample(whole, WORDS, tok.decode, reference_answer([0, 1, 9, 2], (9,))),
+         request_sample(whole, WORDS, tok.decode, [0, 1, 2])]
+    assert [(x["match_tokens"], x["reference_tokens"]) for x in s] == [(2, 2), (2, 3)]
+    f = level_fields(s, 1.0, 3, Slo())
+    assert f["checked_requests"] == 2 and f["diverged_requests"] == 1 and f["near_tie_requests"] == 0
 
 
 @pytest.mark.parametrize("profile,limit,expected_best,expected_tried", [

@@ -22,7 +22,7 @@ from engine.results.rows import provenance
 from engine.serve.capacity import client_capacity
 from engine.serve.findmax import FindMax, find_max
 from engine.serve.load import Level, LevelRun, LoadSpec, run_level
-from engine.serve.metrics import Slo, level_fields, request_sample, server_token_at
+from engine.serve.metrics import Slo, level_fields, reference_answer, request_sample, server_token_at
 from engine.serve.process import ManagedServer, ServerFailed
 from engine.serve.prompts import PromptSource
 from engine.serve.reference import Reference
@@ -224,7 +224,7 @@ def _samples(ctx: Context, s: Session, index: int, run: LevelRun) -> list[dict[s
         checked = ref is not None and rec.prompt_index < ctx.plan.check_prompts
         p = ctx.prompts.get(index, rec.prompt_index) if checked else None
         ids = (p.ids if s.token_ids else tok.encode(p.text)) if p is not None else None
-        expected = ref.tokens(ids) if ids is not None else None
+        expected = reference_answer(ref.tokens(ids), tok.stop_ids) if ids is not None else None
         sample = request_sample(rec, lambda t: len(tok.encode(t, add_bos=False)), tok.decode, expected)
         k = sample["match_tokens"]
         if expected is not None and 0 <= k < min(len(expected), sample["client_tokens"]):
