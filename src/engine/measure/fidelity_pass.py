@@ -23,6 +23,7 @@ from engine.generate.backend import Backend
 from engine.measure import corpus, fidelity, reference
 from engine.measure.fidelity import NOT_COMPARED, Fidelity
 from engine.measure.fit import MemoryShortfall, admit
+from engine.model.digest import content_identity
 
 if TYPE_CHECKING:
     from engine.measure.cell import Cell
@@ -42,7 +43,7 @@ UNCHECKED = PassResult(NOT_COMPARED, -1, 0.0)  # a cell run with --no-check
 
 
 def mode_file(cell: "Cell", loaded: "LoadedModel"):
-    key = [VERSION, *reference.model_identity(cell.model), cell.framework, loaded.version, loaded.precision,
+    key = [VERSION, *content_identity(cell.model), cell.framework, loaded.version, loaded.precision,
            cell.compile, sorted(dict(cell.options).items()), loaded.info.device, corpus.corpus_sha(),
            corpus.WINDOW, corpus.N_WINDOWS]
     return reference.keyed_file("fidelity", key, ".json")

@@ -28,10 +28,6 @@ VERSION = 2  # 2: distributions over the natural-text corpus (1: along a greedy 
 Opener = Callable[[], Backend]  # opens the reference backend when a missing answer must be computed
 
 
-def model_identity(model_path: str) -> list:
-    return content_identity(model_path)
-
-
 def keyed_file(kind: str, key: list, suffix: str) -> Path:
     digest = hashlib.sha1(json.dumps([VERSION, *key]).encode()).hexdigest()[:20]
     return cache_dir() / kind / f"{digest}{suffix}"
@@ -46,7 +42,7 @@ def write_atomically(path: Path, write: Callable[[Path], None]) -> None:
 
 
 def greedy_file(model_path: str, prompt: Sequence[int], n_tokens: int) -> Path:
-    return keyed_file("reference", [*model_identity(model_path), list(map(int, prompt)), n_tokens], ".json")
+    return keyed_file("reference", [*content_identity(model_path), list(map(int, prompt)), n_tokens], ".json")
 
 
 def greedy_tokens(model_path: str, prompt: Sequence[int], n_tokens: int, open_reference: Opener | None = None
@@ -78,7 +74,7 @@ def save_greedy(model_path: str, prompt: Sequence[int], n_tokens: int, tokens: S
 
 
 def distributions_file(model_path: str) -> Path:
-    key = [*model_identity(model_path), corpus.corpus_sha(), corpus.WINDOW, corpus.N_WINDOWS]
+    key = [*content_identity(model_path), corpus.corpus_sha(), corpus.WINDOW, corpus.N_WINDOWS]
     return keyed_file("reference", key, ".npy")
 
 

@@ -183,8 +183,8 @@ def level_fields(samples: list[dict[str, Any]], duration_s: float, gen_tokens: i
                  goodput_frac=good / (len(samples) + not_sent) if samples or not_sent else math.nan)
     checked = [s for s in ok if s["match_tokens"] >= 0]
     if checked:
-        left = [s for s in checked
-                if s["match_tokens"] < min(gen_tokens, s["client_tokens"], s.get("reference_tokens", gen_tokens))]
+        # the reference's answer is gen_tokens long, or shorter where it reached its EOS
+        left = [s for s in checked if s["match_tokens"] < min(s["client_tokens"], s["reference_tokens"])]
         near = [s for s in left if s.get("divergence_gap", math.inf) < NEAR_TIE_NATS]
         f.update(checked_requests=len(checked), match_tokens=min(s["match_tokens"] for s in checked),
                  near_tie_requests=len(near), diverged_requests=len(left) - len(near))
